@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` (set up + run the pipeline on the embedded default) and
+# `make test` (set up + run the default test suite). Everything the project needs is installed from here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.t2p-setup-done
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYSPARK_PYTHON := $(abspath $(BIN))/python
+
+.PHONY: setup demo test test-all bench clean-data
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/t2p setup
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/t2p run all --config conf/local.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean-data:
+	rm -rf data

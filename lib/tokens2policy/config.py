@@ -1,0 +1,252 @@
+"""Typed run configuration.
+
+One YAML profile (``conf/local.yaml``, ``conf/cluster.yaml``, ``conf/databricks.yaml``) plus ``--set a.b=c``
+overrides resolves to one :class:`Config`. Every section is a pydantic model with ``extra="forbid"`` so a typo is
+a one-line error naming the key, not a silently ignored setting. ``data_dir`` roots everything a local run writes
+(lakehouse, MLflow store, reports), so ``--set data_dir=/new/dir`` gives a fresh, isolated run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PROFILE = REPO_ROOT / "conf" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed as one line, never as a stack trace."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkConfig(Section):
+    master: str = "local[2]"
+    app_name: str = "tokens2policy"
+    # "auto": reuse an active session (Databricks, notebooks), else build one. "create": always build.
+    session: Literal["auto", "create", "existing"] = "auto"
+    shuffle_partitions: int = 4
+    driver_memory: str = "4g"
+    # Extra Spark conf, e.g. {"spark.executor.memory": "8g"}.
+    conf: Dict[str, str] = Field(default_factory=dict)
+    # "cache": Delta jars from the local cache filled by setup (no network at run time);
+    # "packages": resolve io.delta coordinates through spark.jars.packages (clusters with Maven access);
+    # "provided": the platform ships Delta (Databricks).
+    delta_jars: Literal["cache", "packages", "provided"] = "cache"
+
+
+class LakehouseConfig(Section):
+    # "path": Delta tables at <data_dir>/lakehouse/<schema>/<table>; "catalog": catalog.schema.table (Unity Catalog).
+    mode: Literal["path", "catalog"] = "path"
+    catalog: Optional[str] = None
+    schema_: str = Field("tokens2policy", alias="schema")
+    root: Optional[str] = None  # defaults to <data_dir>/lakehouse
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TrackingConfig(Section):
+    tracking_uri: Optional[str] = None  # defaults to sqlite:///<data_dir>/mlflow/mlflow.db
+    registry_uri: Optional[str] = None
+    artifact_root: Optional[str] = None  # defaults to <data_dir>/mlflow/artifacts
+    experiment_name: str = "tokens2policy"
+
+
+class SourceConfig(Section):
+    """Where the experiment logs come from and how their columns map to the units contract."""
+
+    kind: Literal["demo", "delta", "parquet", "csv", "json"] = "demo"
+    path: Optional[str] = None
+    experiment_id_col: str = "experiment_id"
+    unit_id_col: str = "unit_id"
+    treatment_col: str = "treatment"
+    treatment_labels: List[Any] = Field(default_factory=lambda: [0, 1])  # [control, treated]
+    outcome_cols: List[str] = Field(default_factory=lambda: ["outcome"])
+    text_cols: List[str] = Field(default_factory=lambda: ["text"])
+    covariate_cols: List[str] = Field(default_factory=list)
+    cluster_col: Optional[str] = None
+    assigned_at_col: Optional[str] = None
+    measured_at_col: Optional[str] = None
+    experiment_id: Optional[str] = None  # constant experiment id when the logs hold one experiment without the column
+
+
+class DemoConfig(Section):
+    experiment_id: str = "bbc_news_feature"
+    n_units: int = 20000
+    seed: int = 7
+    base_effect: float = 0.5
+    effect_scale: float = 1.0  # multiplies every topic modifier coefficient
+    modifiers: Dict[str, float] = Field(default_factory=lambda: {"sport": 1.5, "politics": -1.0})
+    topic_main_effects: Dict[str, float] = Field(
+        default_factory=lambda: {"business": 0.2, "entertainment": 0.1, "politics": -0.1, "sport": 0.3, "tech": 0.0}
+    )
+    noise_sd: float = 1.0
+    treated_share: float = 0.5
+    n_clusters: int = 200
+
+
+class IngestConfig(Section):
+    n_folds: int = 5
+    fold_seed: int = 17
+    smd_warn: float = 0.1
+    share_tolerance_sd: float = 4.0  # warn when the treated share is this many binomial SDs off the configured share
+    expected_treated_share: Optional[float] = None
+    # on a changed row for an existing key: "update" (latest ingest wins) or "keep" (first ingest wins)
+    on_changed_row: Literal["update", "keep"] = "update"
+
+
+class EmbedConfig(Section):
+    model: str = "default"
+    max_tokens: int = 128
+    long_text: Literal["truncate", "chunk_mean"] = "truncate"
+    batch_tokens: int = 16384
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    token_sample_rate: float = 0.1
+    token_states_per_unit: int = 64
+    max_text_chars: int = 100000
+    # "text" (built in) or "package.module:function" returning a tokens2policy.embed.models.EmbeddingModel
+    loader: str = "text"
+    max_chunks: int = 16  # long_text=chunk_mean: at most this many windows per text (status "truncated" beyond)
+    max_batch_size: int = 512  # items per forward pass, whatever the token budget
+    cpu_threads: Optional[int] = None  # torch threads per Python worker; None: cores / concurrent tasks
+    partitions: Optional[int] = None  # None: max(default parallelism, texts / 20000)
+    load_log: Optional[str] = None  # diagnostics: append one JSON line per model load (pid, seconds, device)
+
+
+class RepresentConfig(Section):
+    kind: Literal["sae", "raw", "pca"] = "sae"
+    train_on: Literal["tokens", "documents", "both"] = "documents"
+    expansion: int = 8
+    n_latents: Optional[int] = None
+    k: int = 32
+    epochs: int = 20
+    batch_size: int = 512
+    lr: float = 1e-3
+    backend: Literal["local", "torch", "horovod"] = "local"
+    num_processes: int = 1
+    use_gpu: bool = False
+    redact: bool = True
+    n_examples: int = 5
+    register_model: bool = True
+
+
+class IdentifyConfig(Section):
+    alpha: float = 0.05
+    test: Literal["linear", "hc1", "cluster", "gcm"] = "hc1"
+    adjust: Optional[Literal["FWER", "FDR"]] = "FWER"
+    rho: Optional[float] = 0.5
+    backward: bool = True
+    nuisance: Literal["poly2", "lgbm"] = "poly2"
+    max_rounds: int = 20
+    min_active: int = 20  # neurons active in fewer units are skipped (recorded in the trace)
+    use_covariates: bool = True
+
+
+class EffectsConfig(Section):
+    se: Literal["hc1", "cluster"] = "hc1"
+    propensity: Optional[float] = None  # None: the randomization share from the data
+    nuisance: Literal["ridge", "lgbm", "forest"] = "ridge"
+    n_bootstrap: int = 200
+
+
+class PolicyConfig(Section):
+    cost: float = 0.0
+    budget: float = 0.3
+    tree_depth: int = 2
+    register_model: bool = True
+
+
+class ReportConfig(Section):
+    out_dir: Optional[str] = None  # defaults to <data_dir>/reports
+    n_examples: int = 3
+
+
+class Config(Section):
+    data_dir: str = "data"
+    seed: int = 0
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    lakehouse: LakehouseConfig = Field(default_factory=LakehouseConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    represent: RepresentConfig = Field(default_factory=RepresentConfig)
+    identify: IdentifyConfig = Field(default_factory=IdentifyConfig)
+    effects: EffectsConfig = Field(default_factory=EffectsConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @property
+    def data_path(self) -> Path:
+        """``data_dir`` as an absolute path (relative paths resolve against the working directory)."""
+        return Path(os.path.expanduser(self.data_dir)).resolve()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: ``3`` → int, ``true`` → bool, ``[a, b]`` → list, ``null`` → None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(data: Dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if e["type"] == "missing":
+        return f"missing required config value '{key}'"
+    return f"config key '{key}': {e['msg']} (got {e.get('input')!r})"
+
+
+def load_config(path: Optional[os.PathLike | str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load a YAML profile (default ``conf/local.yaml``) and apply ``a.b=c`` overrides.
+
+    Raises :class:`ConfigError` with one line naming the offending key for every user error.
+    """
+    data: Dict[str, Any] = {}
+    profile = Path(path) if path is not None else DEFAULT_PROFILE
+    if path is not None or profile.exists():
+        if not profile.exists():
+            raise ConfigError(f"config file not found: {profile}")
+        try:
+            loaded = yaml.safe_load(profile.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"config file {profile} is not valid YAML{where}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {profile} must hold a mapping at the top level")
+        data = loaded
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None

@@ -1,0 +1,99 @@
+"""Delta Lake jars: resolved once from Maven Central at setup, then used from a local cache.
+
+delta-spark's pip package holds only Python; its JVM half (``io.delta:delta-spark_<spark>_<scala>`` and
+``io.delta:delta-storage``) lives on Maven Central. ``t2p setup`` resolves the coordinates that
+:func:`delta.configure_spark_with_delta_pip` would ask for through Spark's own Ivy resolver into the cache, so
+that no job or test downloads anything mid-run.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+
+def delta_coordinates() -> List[str]:
+    """Maven coordinates matching the installed delta-spark and pyspark (same rule as configure_spark_with_delta_pip)."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
+    return [f"io.delta:delta-spark_{spark_mm}_2.13:{version('delta_spark')}"]
+
+
+def jar_cache_dir() -> Path:
+    return Path(os.environ.get("T2P_JAR_CACHE", Path.home() / ".cache" / "tokens2policy" / "jars"))
+
+
+def _ivy_dir() -> Path:
+    return jar_cache_dir() / "ivy"
+
+
+def _artifact(jar_path: str) -> str:
+    """``org.apache.parquet_parquet-column-1.16.0.jar`` → ``parquet-column``."""
+    name = os.path.basename(jar_path).rsplit(".jar", 1)[0].split("_", 1)[-1]
+    parts = name.split("-")
+    while parts and parts[-1][:1].isdigit():
+        parts.pop()
+    return "-".join(parts)
+
+
+def _spark_provided_artifacts() -> set:
+    import pyspark
+
+    return {_artifact(j) for j in glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "jars", "*.jar"))}
+
+
+def cached_jars() -> List[str]:
+    """Cached jars for the installed Delta version that Spark does not already ship ([] before setup).
+
+    Ivy also resolves Delta's transitive dependencies (parquet, hadoop, jackson, ...) that pyspark already holds
+    in newer versions; adding the older copies would shadow Spark's own classes, so only the rest is used.
+    """
+    marker = jar_cache_dir() / (delta_coordinates()[0].replace(":", "_") + ".ok")
+    if not marker.exists():
+        return []
+    provided = _spark_provided_artifacts()
+    return sorted(j for j in glob.glob(str(_ivy_dir() / "jars" / "*.jar")) if _artifact(j) not in provided)
+
+
+_RESOLVE_SCRIPT = """
+import sys
+from pyspark.sql import SparkSession
+s = (SparkSession.builder.master("local[1]").appName("t2p-fetch-delta-jars")
+     .config("spark.jars.packages", sys.argv[1]).config("spark.jars.ivy", sys.argv[2])
+     .config("spark.ui.enabled", "false").getOrCreate())
+s.stop()
+"""
+
+
+def fetch_delta_jars(verbose: bool = True) -> List[str]:
+    """Resolve the Delta jars from Maven Central into the cache (idempotent); return their paths."""
+    jars = cached_jars()
+    if jars:
+        return jars
+    coords = ",".join(delta_coordinates())
+    ivy = _ivy_dir()
+    ivy.mkdir(parents=True, exist_ok=True)
+    if verbose:
+        print(f"fetching Delta jars {coords} from Maven Central into {ivy} ...", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_SCRIPT, coords, str(ivy)], capture_output=True, text=True
+    )
+    found = sorted(glob.glob(str(ivy / "jars" / "*.jar")))
+    if proc.returncode != 0 or not any("delta-spark" in j for j in found):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"could not resolve {coords} from Maven Central: " + " | ".join(tail))
+    (jar_cache_dir() / (delta_coordinates()[0].replace(":", "_") + ".ok")).write_text("\n".join(found) + "\n")
+    jars = cached_jars()
+    if verbose:
+        print(f"cached {len(jars)} jars: " + ", ".join(os.path.basename(j) for j in jars), flush=True)
+    return jars
+
+
+if __name__ == "__main__":
+    fetch_delta_jars()

@@ -1,0 +1,68 @@
+"""The one place a SparkSession is made (or reused)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from tokens2policy.config import Config, ConfigError
+from tokens2policy.lakehouse.jars import cached_jars, delta_coordinates
+
+_DELTA_CONF = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def get_spark(config: Config) -> SparkSession:
+    """A Delta-enabled SparkSession for this config.
+
+    On Databricks, or whenever a session is already active and ``spark.session`` is ``auto``/``existing``, the active
+    session is reused — never a second one. Otherwise a session is built for ``spark.master`` (``local[2]`` by
+    default) with the Delta jars from the setup cache, a warehouse under ``data_dir`` and Arrow enabled.
+    """
+    sc = config.spark
+    active = SparkSession.getActiveSession()
+    if active is not None and (sc.session != "create" or on_databricks()):
+        return active
+    if sc.session == "existing" or on_databricks():
+        if active is None:
+            raise ConfigError("spark.session=existing but there is no active Spark session; use spark.session=auto")
+        return active
+
+    # Python workers must run the same interpreter (the project's venv) as the driver.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    data = config.data_path
+    builder = (
+        SparkSession.builder.master(sc.master)
+        .appName(sc.app_name)
+        .config("spark.sql.warehouse.dir", str(data / "warehouse"))
+        .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
+        .config("spark.driver.memory", sc.driver_memory)
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={data / 'derby'}")
+        .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
+    )
+    for key, value in _DELTA_CONF.items():
+        builder = builder.config(key, value)
+    if sc.delta_jars == "cache":
+        jars = cached_jars()
+        if not jars:
+            raise ConfigError(
+                "Delta jars are not cached yet: run `t2p setup` (or `make setup`) once with access to Maven Central"
+            )
+        builder = builder.config("spark.jars", ",".join(jars))
+    elif sc.delta_jars == "packages":
+        builder = builder.config("spark.jars.packages", ",".join(delta_coordinates()))
+    for key, value in sc.conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

@@ -1,0 +1,168 @@
+"""The pipeline's stages, what each reads and writes, and the rule that skips an up-to-date stage.
+
+A stage is up to date when its last successful run (recorded in the ``stage_runs`` Delta table) saw the same Delta
+versions of its input tables and the same config sections, and its outputs still exist. ``--force STAGE`` reruns
+it anyway. Each stage's code is ``tokens2policy.<stage>.job.run(spark, config) -> dict``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from tokens2policy.config import Config
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    sections: Tuple[str, ...]  # config sections whose change makes the stage stale
+
+
+STAGES: Tuple[Stage, ...] = (
+    Stage("ingest", (), ("units", "quarantine"), ("source", "demo", "ingest")),
+    Stage("embed", ("units",), ("embeddings", "token_states"), ("embed",)),
+    Stage("represent", ("embeddings", "token_states"), ("neurons", "neuron_stats", "neuron_labels"), ("represent",)),
+    Stage("identify", ("units", "neurons"), ("modifiers", "selection_trace", "marginal_screen"), ("identify",)),
+    Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"), ("effects",)),
+    Stage("policy", ("units", "neurons", "modifiers", "effects"), ("policy_rules", "policy_value", "assignments"),
+          ("policy", "effects")),
+    Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",)),
+)
+STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in STAGES)
+RUNS_TABLE = "stage_runs"
+
+
+class StageNotBuilt(RuntimeError):
+    """The stage's job module does not exist yet."""
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage '{name}'; choose one of: {', '.join(STAGE_NAMES)} or all")
+
+
+def stage_function(name: str) -> Callable:
+    try:
+        module = importlib.import_module(f"tokens2policy.{name}.job")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"tokens2policy.{name}.job":
+            raise StageNotBuilt(f"stage '{name}' is not built yet") from None
+        raise
+    return module.run
+
+
+def config_fingerprint(config: Config, stage: Stage) -> str:
+    cfg = config.to_dict()
+    payload = {s: cfg.get(s) for s in stage.sections}
+    payload["seed"] = cfg.get("seed")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, Optional[int]]:
+    from tokens2policy.lakehouse import table_version
+
+    return {t: table_version(spark, config, t) for t in stage.inputs}
+
+
+def _last_success(spark, config: Config, stage: Stage) -> Optional[dict]:
+    from pyspark.sql import functions as F
+
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    if not table_exists(spark, config, RUNS_TABLE):
+        return None
+    row = (
+        read_table(spark, config, RUNS_TABLE)
+        .where((F.col("stage") == stage.name) & (F.col("status") == "success"))
+        .orderBy(F.col("finished_at").desc())
+        .limit(1)
+        .collect()
+    )
+    return row[0].asDict() if row else None
+
+
+def is_up_to_date(spark, config: Config, stage: Stage) -> bool:
+    from tokens2policy.lakehouse import table_exists
+
+    last = _last_success(spark, config, stage)
+    if last is None or last["config_hash"] != config_fingerprint(config, stage):
+        return False
+    if json.loads(last["input_versions"]) != {k: v for k, v in _input_versions(spark, config, stage).items()}:
+        return False
+    return all(table_exists(spark, config, t) for t in stage.outputs)
+
+
+def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float, error: str = ""):
+    from pyspark.sql.types import StringType, StructField, StructType, TimestampType, DoubleType
+
+    from tokens2policy.lakehouse import write_table
+
+    schema = StructType(
+        [
+            StructField("stage", StringType(), False),
+            StructField("status", StringType(), False),
+            StructField("config_hash", StringType(), False),
+            StructField("input_versions", StringType(), False),
+            StructField("summary", StringType(), True),
+            StructField("error", StringType(), True),
+            StructField("seconds", DoubleType(), False),
+            StructField("finished_at", TimestampType(), False),
+        ]
+    )
+    row = (
+        stage.name,
+        status,
+        config_fingerprint(config, stage),
+        json.dumps(inputs, sort_keys=True),
+        json.dumps(summary or {}, default=str)[:20000],
+        error[:2000],
+        float(time.time() - started),
+        _dt.datetime.now(),
+    )
+    write_table(spark.createDataFrame([row], schema), config, RUNS_TABLE, mode="append")
+
+
+def run_stages(
+    spark,
+    config: Config,
+    names: Sequence[str],
+    force: Sequence[str] = (),
+    skip_up_to_date: bool = True,
+    echo: Callable[[str], None] = print,
+) -> List[dict]:
+    """Run stages in pipeline order; skip those up to date; record every outcome in ``stage_runs``.
+
+    A failing stage is recorded and re-raised, leaving every earlier output intact; the next run resumes there
+    because the stages before it are up to date.
+    """
+    results = []
+    force_all = "all" in force
+    for stage in STAGES:
+        if stage.name not in names:
+            continue
+        fn = stage_function(stage.name)
+        if skip_up_to_date and not force_all and stage.name not in force and is_up_to_date(spark, config, stage):
+            echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
+            results.append({"stage": stage.name, "skipped": True})
+            continue
+        inputs = _input_versions(spark, config, stage)
+        echo(f"[t2p] {stage.name}: running")
+        started = time.time()
+        try:
+            summary = fn(spark, config) or {}
+        except BaseException as exc:
+            _record(spark, config, stage, "failed", inputs, None, started, f"{type(exc).__name__}: {exc}")
+            raise
+        _record(spark, config, stage, "success", inputs, summary, started)
+        echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
+        results.append({"stage": stage.name, "skipped": False, "seconds": time.time() - started, **summary})
+    return results

