@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 
 class SparkConfig(Section):
-    master: str = "local[2]"
+    master: Optional[str] = "local[2]"  # ignored under spark-submit (its --master wins); null: Spark's default
     app_name: str = "tokens2policy"
     # "auto": reuse an active session (Databricks, notebooks), else build one. "create": always build.
     session: Literal["auto", "create", "existing"] = "auto"

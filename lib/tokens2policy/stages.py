@@ -67,10 +67,34 @@ def config_fingerprint(config: Config, stage: Stage) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, Optional[int]]:
+def source_fingerprint(spark, config: Config) -> str:
+    """What identifies the experiment logs' current content: a Delta version, or file names/sizes/mtimes."""
+    src = config.source
+    if src.kind == "demo" or not src.path:
+        return src.kind
+    if src.kind == "delta":
+        from delta.tables import DeltaTable
+
+        is_path = "/" in src.path or ":" in src.path
+        table = DeltaTable.forPath(spark, src.path) if is_path else DeltaTable.forName(spark, src.path)
+        return f"delta@{table.history(1).select('version').first()[0]}"
+    import os
+
+    entries = []
+    for root, _, files in os.walk(src.path) if os.path.isdir(src.path) else [("", [], [src.path])]:
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            entries.append((os.path.join(root, f), st.st_size, int(st.st_mtime)))
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+
+
+def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
     from tokens2policy.lakehouse import table_version
 
-    return {t: table_version(spark, config, t) for t in stage.inputs}
+    versions: Dict[str, object] = {t: table_version(spark, config, t) for t in stage.inputs}
+    if stage.name == "ingest":
+        versions["source"] = source_fingerprint(spark, config)
+    return versions
 
 
 def _last_success(spark, config: Config, stage: Stage) -> Optional[dict]:

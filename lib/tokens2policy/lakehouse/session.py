@@ -19,6 +19,16 @@ def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def _launcher_conf() -> dict:
+    """Spark properties given by spark-submit (empty for a plain Python launch)."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()
+    return dict(SparkConf().getAll())
+
+
 def get_spark(config: Config) -> SparkSession:
     """A Delta-enabled SparkSession for this config.
 
@@ -39,9 +49,13 @@ def get_spark(config: Config) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     data = config.data_path
+    launched = _launcher_conf()
+    builder = SparkSession.builder.appName(sc.app_name)
+    # spark-submit's --master wins over the profile; a profile's master applies to a plain `python`/`t2p` launch.
+    if sc.master and "spark.master" not in launched:
+        builder = builder.master(sc.master)
     builder = (
-        SparkSession.builder.master(sc.master)
-        .appName(sc.app_name)
+        builder
         .config("spark.sql.warehouse.dir", str(data / "warehouse"))
         .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
         .config("spark.driver.memory", sc.driver_memory)
@@ -58,7 +72,8 @@ def get_spark(config: Config) -> SparkSession:
             raise ConfigError(
                 "Delta jars are not cached yet: run `t2p setup` (or `make setup`) once with access to Maven Central"
             )
-        builder = builder.config("spark.jars", ",".join(jars))
+        given = [j for j in launched.get("spark.jars", "").split(",") if j]
+        builder = builder.config("spark.jars", ",".join(given + [j for j in jars if j not in given]))
     elif sc.delta_jars == "packages":
         builder = builder.config("spark.jars.packages", ",".join(delta_coordinates()))
     for key, value in sc.conf.items():
