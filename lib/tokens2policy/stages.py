@@ -162,6 +162,8 @@ def run_stages(
     force: Sequence[str] = (),
     skip_up_to_date: bool = True,
     echo: Callable[[str], None] = print,
+    stages: Sequence[Stage] = STAGES,
+    resolve: Callable[[str], Callable] = None,
 ) -> List[dict]:
     """Run stages in pipeline order; skip those up to date; record every outcome in ``stage_runs``.
 
@@ -170,16 +172,15 @@ def run_stages(
     """
     results = []
     force_all = "all" in force
-    for stage in STAGES:
-        if stage.name not in names:
-            continue
-        fn = stage_function(stage.name)
+    selected = [s for s in stages if s.name in names]
+    for position, stage in enumerate(selected, start=1):
+        fn = (resolve or stage_function)(stage.name)
         if skip_up_to_date and not force_all and stage.name not in force and is_up_to_date(spark, config, stage):
             echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
             results.append({"stage": stage.name, "skipped": True})
             continue
         inputs = _input_versions(spark, config, stage)
-        echo(f"[t2p] {stage.name}: running")
+        echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running")
         started = time.time()
         try:
             summary = fn(spark, config) or {}
