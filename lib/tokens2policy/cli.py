@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from tokens2policy.config import ConfigError, load_config
-from tokens2policy.stages import STAGE_NAMES, StageNotBuilt
+from tokens2policy.stages import EXTRA_STAGES, STAGE_NAMES, STAGES, StageNotBuilt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
     run = sub.add_parser("run", help="run one stage or the whole pipeline")
-    run.add_argument("stage", choices=[*STAGE_NAMES, "all"], help="stage to run, or 'all' for the pipeline")
+    run.add_argument("stage", choices=[*STAGE_NAMES, "all", *(s.name for s in EXTRA_STAGES)],
+                     help="stage to run, 'all' for the pipeline, or 'validate' for the validation study")
     run.add_argument("--config", "-c", default=None, help="YAML profile (default conf/local.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set data_dir=/tmp/run1 --set identify.alpha=0.01")
@@ -61,11 +62,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             if name not in (*STAGE_NAMES, "all"):
                 raise ConfigError(f"--force {name}: unknown stage; choose one of {', '.join(STAGE_NAMES)}")
         names = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
+        stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
         spark = get_spark(config)
         ui = spark.sparkContext.uiWebUrl
         print(f"[t2p] Spark {spark.version} master={spark.sparkContext.master} UI: {ui or 'disabled'}")
         print(f"[t2p] data_dir={config.data_path}")
-        results = run_stages(spark, config, names, force=args.force)
+        results = run_stages(spark, config, names, force=args.force, stages=stages)
     except (ConfigError, MissingTableError, StageNotBuilt) as exc:
         return _fail(str(exc))
     if args.stage == "all" or args.stage == "report":
