@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROFILE = REPO_ROOT / "conf" / "local.yaml"
@@ -57,8 +57,17 @@ class TrackingConfig(Section):
     experiment_name: str = "tokens2policy"
 
 
+DEMO_TOPICS = ("business", "entertainment", "politics", "sport", "tech")  # the BBC News corpus' five topics
+
+
 class SourceConfig(Section):
-    """Where the experiment logs come from and how their columns map to the units contract."""
+    """Where the experiment logs come from and how their columns map to the ``units`` contract (docs/ingest.md).
+
+    The defaults map the bundled demo experiment's logs. ``treatment_labels`` are ``[control, treated]``: numbers
+    compare numerically (``1`` matches ``1``, ``1.0`` and ``"1"``), strings compare after trimming. A timestamp pair
+    (``assigned_at_col``, ``measured_at_col``) enables the post-treatment-covariate check; ``kind: demo`` uses the
+    demo's own ``assigned_at``/``measured_at`` when they are not set.
+    """
 
     kind: Literal["demo", "delta", "parquet", "csv", "json"] = "demo"
     path: Optional[str] = None
@@ -66,18 +75,36 @@ class SourceConfig(Section):
     unit_id_col: str = "unit_id"
     treatment_col: str = "treatment"
     treatment_labels: List[Any] = Field(default_factory=lambda: [0, 1])  # [control, treated]
-    outcome_cols: List[str] = Field(default_factory=lambda: ["outcome"])
+    outcome_cols: List[str] = Field(default_factory=lambda: ["engagement"])
     text_cols: List[str] = Field(default_factory=lambda: ["text"])
-    covariate_cols: List[str] = Field(default_factory=list)
-    cluster_col: Optional[str] = None
+    text_separator: str = "\n\n"  # joins several text fields into the one ``text`` column
+    covariate_cols: List[str] = Field(default_factory=lambda: ["tenure_days", "prior_sessions"])
+    cluster_col: Optional[str] = "community"
     assigned_at_col: Optional[str] = None
     measured_at_col: Optional[str] = None
     experiment_id: Optional[str] = None  # constant experiment id when the logs hold one experiment without the column
+    csv_header: bool = True  # kind csv: first line holds the column names
+
+    @field_validator("treatment_labels")
+    @classmethod
+    def _two_labels(cls, v: List[Any]) -> List[Any]:
+        if len(v) != 2 or str(v[0]) == str(v[1]):
+            raise ValueError("needs exactly two distinct labels [control, treated]")
+        return v
+
+    @field_validator("outcome_cols", "text_cols")
+    @classmethod
+    def _not_empty(cls, v: List[str]) -> List[str]:
+        if not v:
+            raise ValueError("needs at least one column")
+        return v
 
 
 class DemoConfig(Section):
+    """The bundled semi-synthetic experiment on the real BBC News corpus (docs/ingest.md, "The demo experiment")."""
+
     experiment_id: str = "bbc_news_feature"
-    n_units: int = 20000
+    n_units: int = Field(20000, ge=10)
     seed: int = 7
     base_effect: float = 0.5
     effect_scale: float = 1.0  # multiplies every topic modifier coefficient
@@ -85,18 +112,30 @@ class DemoConfig(Section):
     topic_main_effects: Dict[str, float] = Field(
         default_factory=lambda: {"business": 0.2, "entertainment": 0.1, "politics": -0.1, "sport": 0.3, "tech": 0.0}
     )
-    noise_sd: float = 1.0
-    treated_share: float = 0.5
-    n_clusters: int = 200
+    noise_sd: float = Field(1.0, ge=0.0)
+    treated_share: float = Field(0.5, gt=0.0, lt=1.0)
+    n_clusters: int = Field(200, ge=1)
+    community_sd: float = Field(0.3, ge=0.0)  # sd of the community random intercept (why cluster-robust SEs matter)
+    bad_rows: bool = True  # append a handful of deliberately broken log rows (exercises the quarantine)
+
+    @field_validator("modifiers", "topic_main_effects")
+    @classmethod
+    def _known_topics(cls, v: Dict[str, float]) -> Dict[str, float]:
+        unknown = sorted(set(v) - set(DEMO_TOPICS))
+        if unknown:
+            raise ValueError(f"unknown topic(s) {unknown}; the BBC topics are {list(DEMO_TOPICS)}")
+        return v
 
 
 class IngestConfig(Section):
-    n_folds: int = 5
+    n_folds: int = Field(5, ge=2)
     fold_seed: int = 17
-    smd_warn: float = 0.1
-    share_tolerance_sd: float = 4.0  # warn when the treated share is this many binomial SDs off the configured share
-    expected_treated_share: Optional[float] = None
-    # on a changed row for an existing key: "update" (latest ingest wins) or "keep" (first ingest wins)
+    smd_warn: float = 0.1  # |standardized mean difference| above this ...
+    smd_tolerance_sd: float = 4.0  # ... and this many standard errors from 0 → broken-randomization warning
+    share_tolerance_sd: float = 4.0  # warn when the treated share is this many binomial SDs off the expected share
+    expected_treated_share: Optional[float] = Field(None, gt=0.0, lt=1.0)  # None: demo.treated_share for the demo
+    # on a changed row for an existing key: "update" (latest ingest wins) or "keep" (first ingest wins; the new
+    # row goes to the quarantine as `conflicts_with_stored`)
     on_changed_row: Literal["update", "keep"] = "update"
 
 
@@ -150,20 +189,48 @@ class IdentifyConfig(Section):
 class EffectsConfig(Section):
     se: Literal["hc1", "cluster"] = "hc1"
     propensity: Optional[float] = None  # None: the randomization share from the data
-    nuisance: Literal["ridge", "lgbm", "forest"] = "ridge"
+    nuisance: Literal["ridge", "lgbm", "hgb", "forest"] = "ridge"  # lgbm = hgb: sklearn histogram boosting
     n_bootstrap: int = 200
+    alpha: float = Field(0.05, gt=0, lt=1)
+    propensity_model: bool = False  # True: logistic-regression propensity (non-randomized data) instead of the share
+    propensity_clip: float = Field(0.01, ge=0, lt=0.5)
+    nuisance_neurons: int = Field(64, ge=0)  # most frequently active neurons added to the nuisance features
+    full_final: Literal["ridge", "hgb", "forest"] = "ridge"  # final stage of the full-feature comparison learners
+    modifier_encoding: Literal["value", "indicator"] = "indicator"  # sparse neurons: active indicator or activation
+    n_quantile_groups: int = Field(5, ge=2)
+    max_levels: int = Field(10, ge=2)  # numeric covariates with at most this many values split per level
 
 
 class PolicyConfig(Section):
     cost: float = 0.0
-    budget: float = 0.3
-    tree_depth: int = 2
+    budget: float = Field(0.3, ge=0, le=1)
+    tree_depth: int = Field(2, ge=0, le=3)
     register_model: bool = True
+    learner: str = "dr_selected"  # which effects learner's CATE the threshold/budget rules use
+    min_leaf_size: int = Field(20, ge=1)
+    max_candidates: int = Field(32, ge=1)  # split candidates per tree feature (quantiles when more values)
+    recommended: Literal["tree", "threshold", "budget"] = "tree"
+    alpha: float = Field(0.05, gt=0, lt=1)
 
 
 class ReportConfig(Section):
     out_dir: Optional[str] = None  # defaults to <data_dir>/reports
     n_examples: int = 3
+    experiment_id: Optional[str] = None  # None: a section per experiment in the lakehouse
+    example_chars: int = 400  # top examples are cut to this many characters
+    max_trace_rows: int = 200  # NEXIS trace rows shown (the full trace stays in the table)
+    max_forest_rows: int = 40  # GATE rows in the forest plot
+    alpha: float = 0.05  # level of the marginal-screening comparison (raw / Bonferroni / BH)
+    log_to_mlflow: bool = True
+
+
+class ValidateConfig(Section):
+    """The validation study (docs/validation.md): simulation repetitions run as Spark tasks."""
+
+    size: Literal["ci", "full"] = "ci"
+    repetitions: Optional[int] = None  # None: the size's default
+    null_repetitions: Optional[int] = None
+    alpha: float = 0.05
 
 
 class Config(Section):
@@ -181,6 +248,8 @@ class Config(Section):
     effects: EffectsConfig = Field(default_factory=EffectsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @property
     def data_path(self) -> Path:
