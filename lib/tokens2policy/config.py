@@ -172,6 +172,15 @@ class RepresentConfig(Section):
     redact: bool = True
     n_examples: int = 5
     register_model: bool = True
+    # represent stage additions (docs/represent.md)
+    experiment_id: Optional[str] = None  # None: one dictionary over every experiment's vectors
+    model_hash: Optional[str] = None  # None: the embedding model version with the most vectors
+    aux_k: int = 64  # dead latents in the TopK auxiliary loss (0: off)
+    num_threads: Optional[int] = None  # torch CPU threads for local training
+    pca_components: Optional[int] = None  # kind=pca
+    label_top_docs: int = 20  # documents whose words are contrasted with the corpus for a label
+    label_max_docs: int = 20000  # units sampled (deterministically) for labelling
+    label_max_tokens: int = 50000  # token states encoded for top tokens
 
 
 class IdentifyConfig(Section):
@@ -208,6 +217,7 @@ class PolicyConfig(Section):
     register_model: bool = True
     learner: str = "dr_selected"  # which effects learner's CATE the threshold/budget rules use
     min_leaf_size: int = Field(20, ge=1)
+    min_leaf_share: float = Field(0.05, ge=0, lt=0.5)  # tree leaves keep >= this share of the training units too
     max_candidates: int = Field(32, ge=1)  # split candidates per tree feature (quantiles when more values)
     recommended: Literal["tree", "threshold", "budget"] = "tree"
     alpha: float = Field(0.05, gt=0, lt=1)
@@ -228,9 +238,38 @@ class ValidateConfig(Section):
     """The validation study (docs/validation.md): simulation repetitions run as Spark tasks."""
 
     size: Literal["ci", "full"] = "ci"
-    repetitions: Optional[int] = None  # None: the size's default
-    null_repetitions: Optional[int] = None
-    alpha: float = 0.05
+    repetitions: Optional[int] = Field(None, ge=1)  # None: the size's default (every override below likewise)
+    null_repetitions: Optional[int] = Field(None, ge=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    cells: Optional[List[str]] = None  # "design:outcome", design in linear|quadratic, outcome in gaussian|binary
+    n_values: Optional[List[int]] = None  # sample sizes of the sweep
+    effects: Optional[List[float]] = None  # heterogeneity scales of the sweep
+    m: Optional[int] = Field(None, ge=0)  # leaky proxies per representation
+    null_outcomes: Optional[List[Literal["gaussian", "binary"]]] = None  # null (no heterogeneity) designs; [] none
+    null_n: Optional[int] = Field(None, ge=20)
+    coverage_n: Optional[int] = None  # CI coverage is computed at this n of the sweep (and on the null design)
+    coverage: bool = True
+    methods: Optional[List[str]] = None  # subset of tokens2policy.validate.study.METHOD_NAMES; None: all
+    policy_cost: float = 0.2  # per-unit treatment cost of the learned policy whose value CI is checked
+    n_truth: Optional[int] = Field(None, ge=1000)  # fresh draws for Monte-Carlo true values
+    tasks_per_partition: int = Field(1, ge=1)  # Spark: 1 = one task per (design point, repetition)
+    figures: bool = True
+    out_dir: Optional[str] = None  # figures + summary CSVs; None: <data_dir>/validation (docs use docs/figures)
+    text: Optional[bool] = None  # design 2 (BBC corpus -> embed -> SAE); None: the size's default (full: on)
+    text_n_values: Optional[List[int]] = None
+    text_effects: Optional[List[float]] = None
+    text_min_active: int = Field(20, ge=0)  # as identify.min_active: neurons active in fewer units are skipped
+    text_epochs: Optional[int] = Field(None, ge=1)  # SAE epochs for the study's representation; None: represent.epochs
+    text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
+
+    @field_validator("cells")
+    @classmethod
+    def _cells(cls, v: Optional[List[str]]) -> Optional[List[str]]:
+        for c in v or []:
+            kind, _, outcome = str(c).partition(":")
+            if kind not in ("linear", "quadratic") or outcome not in ("gaussian", "binary"):
+                raise ValueError(f"cell {c!r} must be 'linear|quadratic:gaussian|binary'")
+        return v
 
 
 class Config(Section):

@@ -1,0 +1,111 @@
+"""Benchmarks of the NEXIS engine against the straightforward dense oracle (tests/identify/oracle.py).
+
+Same-run ratios; the oracle runs where it can (dense cases). Not a test: numbers for docs/benchmarks.md.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case dense
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case sparse
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case gcm
+
+Each case prints one JSON line. Peak memory is the process's max RSS (data generation included), so run one
+case per process when the memory number matters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "identify"))
+
+from tokens2policy.identify import nexis  # noqa: E402
+
+
+def dense_problem(n, m, seed, planted=(11, 222, 3333, 1717, 900), effects=(0.5, -0.4, 0.35, 0.3, -0.25)):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, m))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = 0.5 * t + Z[:, :8].sum(1) * 0.3 + rng.normal(size=n)
+    for j, b in zip(planted, effects):
+        y += b * t * Z[:, j]
+    return y, t, Z, set(planted)
+
+
+def sparse_problem(n, m, active, seed, planted=(5, 77, 1234, 9999, 16000), effects=(0.5, -0.4, 0.3, 0.3, -0.25)):
+    rng = np.random.default_rng(seed)
+    cols = rng.integers(0, m, size=(n, active)).astype(np.int32)
+    vals = rng.exponential(1.0, size=(n, active))
+    indptr = np.arange(0, n * active + 1, active, dtype=np.int64)
+    Z = sp.csr_matrix((vals.ravel(), cols.ravel(), indptr), shape=(n, m))
+    Z.sum_duplicates()
+    del cols, vals
+    t = (rng.random(n) < 0.5).astype(float)
+    beta_main = np.zeros(m)
+    beta_main[:50] = 0.2
+    beta_mod = np.zeros(m)
+    beta_mod[list(planted)] = effects
+    y = 0.5 * t + Z @ beta_main + t * (Z @ beta_mod) + rng.normal(size=n)
+    return y, t, Z, set(planted)
+
+
+def peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run_case(case, oracle, seed):
+    from oracle import oracle_nexis
+
+    rec = {"case": case}
+    if case == "dense":
+        n, m = 20000, 4096
+        y, t, Z, planted = dense_problem(n, m, seed)
+        kw = dict(test="linear")
+    elif case == "gcm":
+        n, m = 20000, 4096
+        y, t, Z, planted = dense_problem(n, m, seed)
+        kw = dict(test="gcm", nuisance="poly2")
+    elif case == "sparse":
+        n, m = 1_000_000, 16_384
+        y, t, Z, planted = sparse_problem(n, m, 32, seed)
+        kw = dict(test="linear")
+        oracle = False
+    else:
+        raise SystemExit(f"unknown case {case}")
+    rec.update(n=n, m=m, nnz=int(Z.nnz) if sp.issparse(Z) else n * m, test=kw["test"],
+               data_gb=round((Z.data.nbytes + Z.indices.nbytes) / 1e9 if sp.issparse(Z) else Z.nbytes / 1e9, 3))
+    res, secs = timed(lambda: nexis(y, t, Z, **kw))
+    rec.update(engine_s=round(secs, 3), selected=res.selected.tolist(), planted=sorted(planted),
+               recovered=sorted(set(res.selected.tolist()) & planted))
+    if oracle:
+        o, osecs = timed(lambda: oracle_nexis(y, t, Z, **kw))
+        rec.update(oracle_s=round(osecs, 2), same_selection=o["selected"].tolist() == res.selected.tolist(),
+                   max_rel_p=float(np.max(np.abs(res.pvalues / o["pvalues"] - 1))) if len(res.pvalues) else 0.0,
+                   speedup=round(osecs / secs, 1))
+    rec["peak_rss_gb"] = round(peak_gb(), 2)
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=["dense", "sparse", "gcm"], required=True)
+    ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(json.dumps(run_case(a.case, not a.no_oracle, a.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

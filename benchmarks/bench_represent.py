@@ -1,0 +1,109 @@
+"""Benchmarks of the represent stage's numerical core.
+
+  .venv/bin/python benchmarks/bench_represent.py                  # SAE throughput + encode + planted recovery
+  .venv/bin/python benchmarks/bench_represent.py --ddp            # + 1 vs 2 process TorchDistributor (needs Spark)
+  .venv/bin/python benchmarks/bench_represent.py --bbc            # + BBC/MiniLM quality and label hits
+
+Prints one JSON line per case.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "represent"))
+
+
+def planted(n, d, atoms, active, seed=0):
+    from _synthetic import planted_sparse
+
+    return planted_sparse(n=n, d=d, n_atoms=atoms, active=active, seed=seed)
+
+
+def case_train(n=20000, d=384, expansion=8, k=32, epochs=2, threads=None):
+    from tokens2policy.represent.sae import SparseAutoencoder
+
+    x, _, _ = planted(n, d, 4 * d, 16)
+    sae = SparseAutoencoder(expansion=expansion, k=k, epochs=epochs, batch_size=512, lr=1e-3, num_threads=threads)
+    t = time.perf_counter()
+    sae.fit(x)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    z = sae.encode(x)
+    enc_s = time.perf_counter() - t
+    m = sae.metrics(x)
+    return {"case": "sae_train", "n": n, "d": d, "n_latents": sae.n_latents_, "k": k, "epochs": epochs,
+            "fit_s": round(fit_s, 2), "train_rows_per_s": round(n * epochs / fit_s),
+            "encode_rows_per_s": round(n / enc_s), **{k_: round(v, 4) for k_, v in m.items()}}
+
+
+def case_planted():
+    from tokens2policy.represent.sae import SparseAutoencoder
+
+    x, atoms, _ = planted(20000, 64, 128, 4, seed=1)
+    t = time.perf_counter()
+    sae = SparseAutoencoder(n_latents=512, k=4, epochs=10, batch_size=256, lr=4e-3, num_threads=1).fit(x)
+    best = (atoms @ sae.dictionary_.T).max(1)
+    return {"case": "planted_recovery", "d": 64, "atoms": 128, "n_latents": 512, "fit_s": round(time.perf_counter() - t, 2),
+            "min_cos": round(float(best.min()), 4), "share_atoms_cos_ge_0.9": round(float((best >= 0.9).mean()), 4)}
+
+
+def case_ddp():
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse import get_spark
+    from tokens2policy.represent.distributed import ArraySource, train_distributed
+    from tokens2policy.represent.sae import SAEParams
+
+    spark = get_spark(load_config(None, ["data_dir=/tmp/t2p_bench_represent", "spark.session=create"]))
+    x, _, _ = planted(20000, 64, 128, 4)
+    p = SAEParams(n_latents=512, k=8, epochs=5, batch_size=512, lr=2e-3)
+    out = []
+    for backend, procs in (("local", 1), ("torch", 1), ("torch", 2)):
+        t = time.perf_counter()
+        sae = train_distributed(ArraySource(x), p, backend=backend, num_processes=procs, spark=spark)
+        out.append({"case": "ddp", "backend": backend, "processes": procs, "wall_s": round(time.perf_counter() - t, 2),
+                    "normalized_mse": round(sae.metrics(x)["normalized_mse"], 5)})
+    return out
+
+
+def case_bbc():
+    from _bbc import bbc_corpus, bbc_embeddings
+    import scipy.sparse as sp
+
+    from tokens2policy.represent.labels import TermContrast, label_neurons
+    from tokens2policy.represent.sae import SparseAutoencoder
+
+    texts, topics, ids = bbc_corpus()
+    emb = bbc_embeddings(texts, ids)
+    t = time.perf_counter()
+    sae = SparseAutoencoder(n_latents=128, k=8, epochs=60, batch_size=64, lr=2e-3, num_threads=1).fit(emb)
+    fit_s = time.perf_counter() - t
+    labels = label_neurons(sae.encode(emb), texts, ids, scores=sae.scores(emb), label_terms=5, redact_text=False)
+    names = sorted(set(topics))
+    tc = TermContrast().fit(texts)
+    typical = tc.top_terms(sp.csr_matrix(np.array([topics == t for t in names], dtype=float)), n_terms=30)
+    hits = {}
+    for name, terms in zip(names, typical):
+        words = {w for w, _ in terms}
+        best = max(labels, key=lambda l: len(set(l["label"].split(", ")) & words))
+        hits[name] = {"label": best["label"], "typical_terms_in_label": len(set(best["label"].split(", ")) & words)}
+    return {"case": "bbc_minilm", "docs": len(texts), "fit_s": round(fit_s, 2),
+            **{k: round(v, 4) for k, v in sae.metrics(emb).items()}, "topics": hits}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ddp", action="store_true")
+    ap.add_argument("--bbc", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    print(json.dumps(case_train(threads=a.threads)), flush=True)
+    print(json.dumps(case_planted()), flush=True)
+    if a.bbc:
+        print(json.dumps(case_bbc()), flush=True)
+    if a.ddp:
+        for row in case_ddp():
+            print(json.dumps(row), flush=True)

@@ -1,0 +1,245 @@
+"""The embed stage: ``units`` → ``embeddings`` (one vector per unit) and ``token_states`` (a sample of token vectors).
+
+Incremental and resumable by construction:
+
+* a unit is *done* for a model version when ``embeddings`` holds its ``(experiment_id, unit_id, model_hash)`` with
+  the content hash of its current text; a run embeds only the units that are not done, so a rerun after a crash
+  (or after new units arrive) picks up exactly the remainder, and a unit whose text changed (ingest updates rows)
+  gets its row replaced (a MERGE instead of an append, still one commit) and its token states redone;
+* identical texts are embedded once per run (grouped by a SHA-256 content hash) and never again across runs
+  (a new unit whose content hash already has a vector for this model reuses it);
+* each table gets one Delta commit per run (an append of the new rows), so a job killed mid-way leaves
+  either all of a table's new rows or none — never a partial batch;
+* ``token_states`` is written before ``embeddings`` and is itself keyed by missing ``(unit, model_hash)``, so a
+  crash between the two commits is also completed by the rerun without duplicates.
+
+The token-state sample is a deterministic Bernoulli(``embed.token_sample_rate``) draw per unit (a hash of
+``seed``, experiment and unit id), so reruns and incremental runs sample the same units.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Optional, Union
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from tokens2policy.config import Config
+from tokens2policy.embed.models import ModelSpec, resolve_model
+from tokens2policy.embed.udf import make_embed_udf
+from tokens2policy.lakehouse import delta_table, read_table, table_exists, table_version, write_table
+from tokens2policy.tracking import stage_run, tracking_uri
+
+KEYS = ["experiment_id", "unit_id"]
+ROWS_PER_PARTITION = 20_000
+_SAMPLE_SCALE = 1_000_000
+
+
+def sample_mask(seed: int, rate: float):
+    """Column: True for the units whose token states are kept — P(True) = ``rate``, stable across runs."""
+    threshold = int(round(rate * _SAMPLE_SCALE))
+    h = F.xxhash64(F.lit(int(seed)), F.col("experiment_id").cast("string"), F.col("unit_id").cast("string"))
+    return F.pmod(h, F.lit(_SAMPLE_SCALE)) < F.lit(threshold)
+
+
+def _empty(spark: SparkSession, schema: T.StructType) -> DataFrame:
+    return spark.createDataFrame([], schema)
+
+
+def _embeddings_schema(key_types: Dict[str, T.DataType]) -> T.StructType:
+    return T.StructType(
+        [
+            T.StructField("experiment_id", key_types["experiment_id"], True),
+            T.StructField("unit_id", key_types["unit_id"], True),
+            T.StructField("model", T.StringType(), True),
+            T.StructField("model_hash", T.StringType(), True),
+            T.StructField("content_hash", T.StringType(), True),
+            T.StructField("vector", T.ArrayType(T.FloatType(), False), True),
+            T.StructField("dim", T.IntegerType(), True),
+            T.StructField("status", T.StringType(), True),
+            T.StructField("n_tokens", T.IntegerType(), True),
+        ]
+    )
+
+
+def _token_states_schema(key_types: Dict[str, T.DataType]) -> T.StructType:
+    return T.StructType(
+        [
+            T.StructField("experiment_id", key_types["experiment_id"], True),
+            T.StructField("unit_id", key_types["unit_id"], True),
+            T.StructField("model_hash", T.StringType(), True),
+            T.StructField("position", T.IntegerType(), True),
+            T.StructField("token", T.StringType(), True),
+            T.StructField("vector", T.ArrayType(T.FloatType(), False), True),
+        ]
+    )
+
+
+def _rows_written(spark, cfg, name: str) -> int:
+    metrics = delta_table(spark, cfg, name).history(1).select("operationMetrics").first()[0] or {}
+    return int(metrics.get("numOutputRows", 0))
+
+
+def _key_match(h: str) -> str:
+    return "t.experiment_id <=> s.experiment_id AND t.unit_id <=> s.unit_id AND t.model_hash = '" + h + "'"
+
+
+def _delete_units(spark, cfg, name: str, keys: DataFrame, h: str) -> None:
+    """Delete a table's rows of ``model_hash = h`` for the units in ``keys`` (one Delta commit)."""
+    delta_table(spark, cfg, name).alias("t").merge(keys.select(*KEYS).alias("s"), _key_match(h)) \
+        .whenMatchedDelete().execute()
+
+
+def _upsert(spark, cfg, name: str, rows: DataFrame, h: str) -> None:
+    """Insert ``rows``, replacing the stored row of the same unit and model version (one Delta commit)."""
+    delta_table(spark, cfg, name).alias("t").merge(rows.alias("s"), _key_match(h)) \
+        .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()
+
+
+def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFrame) -> dict:
+    """Embed the units of ``units`` that are missing for ``spec.model_hash``; append to both tables.
+
+    Returns counts: ``n_units_embedded`` (rows added to or replaced in ``embeddings``: units without a vector of
+    their current text for this model version, whether their text was run through the model or shared an earlier
+    identical text's vector), ``n_units_changed`` (units whose text changed since their vector was stored),
+    ``n_texts_embedded`` (distinct texts run through the model), ``n_token_rows`` (rows appended to
+    ``token_states``), ``status`` (per-status counts of the texts embedded in this run) and timings.
+    """
+    e = cfg.embed
+    missing_cols = [c for c in (*KEYS, "text") if c not in units.columns]
+    if missing_cols:
+        raise ValueError(f"units table lacks column(s) {missing_cols}; the embed stage needs experiment_id, unit_id, text")
+    key_types = {f.name: f.dataType for f in units.schema.fields if f.name in KEYS}
+    emb_schema, tok_schema = _embeddings_schema(key_types), _token_states_schema(key_types)
+    h = spec.model_hash
+
+    units = (
+        units.select(*KEYS, F.col("text").cast("string").alias("text"))
+        .dropDuplicates(KEYS)
+        .withColumn("content_hash", F.sha2(F.coalesce(F.col("text"), F.lit("")), 256))
+        .withColumn("sampled", sample_mask(cfg.seed, e.token_sample_rate))
+    )
+    have_emb = table_exists(spark, cfg, "embeddings")
+    have_tok = table_exists(spark, cfg, "token_states")
+    emb = read_table(spark, cfg, "embeddings").where(F.col("model_hash") == h) if have_emb else _empty(spark, emb_schema)
+    tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == h) if have_tok else _empty(spark, tok_schema)
+
+    # units without a vector of their *current* text for this model version (new units, or changed texts)
+    todo = units.join(emb.select(*KEYS, "content_hash"), [*KEYS, "content_hash"], "left_anti")
+    changed = todo.join(emb.select(*KEYS), KEYS, "left_semi").select(*KEYS, "sampled")
+    n_changed = changed.count() if have_emb else 0
+    todo_states = units.where("sampled").join(tok.select(*KEYS).distinct(), KEYS, "left_anti")
+    if n_changed:  # a changed text's old states are replaced too
+        todo_states = todo_states.unionByName(
+            units.join(changed.where("sampled").select(*KEYS), KEYS, "left_semi")).dropDuplicates(KEYS)
+    known = emb.select("content_hash", "vector", "dim", "status", "n_tokens").dropDuplicates(["content_hash"])
+
+    need_vec = todo.join(known.select("content_hash"), "content_hash", "left_anti").select(
+        "content_hash", "text", F.lit(False).alias("want_states"))
+    need_states = todo_states.select("content_hash", "text", F.lit(True).alias("want_states"))
+    work = (
+        need_vec.unionByName(need_states)
+        .groupBy("content_hash")
+        .agg(F.first("text").alias("text"), F.max("want_states").alias("want_states"))
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    n_work = work.count()
+
+    parallelism = spark.sparkContext.defaultParallelism
+    n_parts = e.partitions or max(1, min(max(parallelism, math.ceil(n_work / ROWS_PER_PARTITION)), max(n_work, 1)))
+    embed = make_embed_udf(spec, e.load_log)
+    computed = (
+        work.repartition(n_parts, "content_hash")
+        .sortWithinPartitions(F.length("text").desc())  # length-sorted inside each partition: little padding
+        .select("content_hash", embed(F.col("text"), F.col("want_states")).alias("r"))
+        .select("content_hash", "r.*")
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+
+    started = time.perf_counter()
+    # one pass over the model; both writes below read the persisted result
+    status_counts = {r["status"]: int(r["count"]) for r in computed.groupBy("status").count().collect()} if n_work else {}
+    embed_seconds = time.perf_counter() - started
+    n_computed = sum(status_counts.values())
+    work.unpersist()
+
+    # 1) token states of the sampled units still missing them (one commit)
+    n_token_rows = 0
+    if n_work and computed.where(F.col("states").isNotNull()).limit(1).count():
+        states_rows = (
+            todo_states.select(*KEYS, "content_hash")
+            .join(computed.where(F.col("states").isNotNull()).select("content_hash", "positions", "tokens", "states"),
+                  "content_hash")
+            .select(*KEYS, F.lit(h).alias("model_hash"),
+                    F.explode(F.arrays_zip("positions", "tokens", "states")).alias("z"))
+            .select(*KEYS, "model_hash", F.col("z.positions").cast("int").alias("position"),
+                    F.col("z.tokens").alias("token"), F.col("z.states").alias("vector"))
+        )
+        if n_changed and have_tok:  # drop the stale states of changed texts first (a rerun re-adds them)
+            _delete_units(spark, cfg, "token_states", changed.where("sampled"), h)
+        write_table(states_rows, cfg, "token_states", mode="append", partition_by=["experiment_id"])
+        n_token_rows = _rows_written(spark, cfg, "token_states")
+    elif not have_tok:
+        write_table(_empty(spark, tok_schema), cfg, "token_states", mode="append", partition_by=["experiment_id"])
+
+    # 2) one vector per missing unit: fresh ones and those shared with already-embedded identical texts (one commit)
+    n_written = 0
+    if n_work or todo.limit(1).count():
+        fresh = computed.select("content_hash", "vector", "dim", "status", "n_tokens")
+        vec_source = known.unionByName(fresh.join(known.select("content_hash"), "content_hash", "left_anti"))
+        emb_rows = todo.select(*KEYS, "content_hash").join(vec_source, "content_hash").select(
+            *KEYS,
+            F.lit(spec.name).alias("model"),
+            F.lit(h).alias("model_hash"),
+            "content_hash",
+            "vector",
+            F.col("dim").cast("int").alias("dim"),
+            "status",
+            F.col("n_tokens").cast("int").alias("n_tokens"),
+        )
+        if n_changed:  # replace the changed units' rows and add the new ones in one MERGE commit
+            _upsert(spark, cfg, "embeddings", emb_rows, h)
+            metrics = delta_table(spark, cfg, "embeddings").history(1).select("operationMetrics").first()[0]
+            n_written = int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
+        else:
+            write_table(emb_rows, cfg, "embeddings", mode="append", partition_by=["experiment_id"])
+            n_written = _rows_written(spark, cfg, "embeddings")
+    elif not have_emb:
+        write_table(_empty(spark, emb_schema), cfg, "embeddings", mode="append", partition_by=["experiment_id"])
+    computed.unpersist()
+
+    return {
+        "model": spec.name,
+        "model_hash": h,
+        "weights_hash": spec.weights_hash,
+        "n_units_embedded": n_written,
+        "n_units_changed": n_changed,
+        "n_texts_embedded": n_computed,
+        "n_token_rows": n_token_rows,
+        "status": status_counts,
+        "partitions": n_parts,
+        "embed_seconds": round(embed_seconds, 3),
+        "texts_per_second": round(n_computed / embed_seconds, 1) if embed_seconds > 0 and n_computed else None,
+    }
+
+
+def run(spark: SparkSession, cfg: Config, loader: Union[str, Callable, None] = None) -> dict:
+    """Embed every unit missing from ``embeddings`` for the configured model version; an MLflow run.
+
+    ``loader`` overrides ``embed.loader`` with an import path or a callable ``ModelSpec -> EmbeddingModel``
+    (a plug-in model without a config change; tests use it to inject failures).
+    """
+    import mlflow
+
+    units_version = table_version(spark, cfg, "units")
+    units = read_table(spark, cfg, "units", version=units_version)
+    with stage_run(cfg, "embed", inputs={"units": units_version}):
+        spec = resolve_model(cfg.embed, spark, tracking_uri=tracking_uri(cfg),
+                             registry_uri=cfg.tracking.registry_uri, loader=loader)
+        mlflow.log_params({"resolved.model_hash": spec.model_hash, "resolved.weights_hash": spec.weights_hash,
+                           "resolved.model_name": spec.name, "resolved.cpu_threads": str(spec.cpu_threads)})
+        summary = embed_units(spark, cfg, spec, units)
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        mlflow.log_metrics({f"status.{k}": float(v) for k, v in summary["status"].items()})
+    return summary

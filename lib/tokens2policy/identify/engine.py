@@ -1,0 +1,631 @@
+"""NEXIS: forward/backward search for the direct effect modifiers of a randomized treatment.
+
+For a candidate j and the already-selected set S, H0(j | S) says that j does not modify the effect of T given S.
+The linear-family tests read the interaction coefficient γ_j of
+
+    Y ~ 1 + T + Z_S + T·Z_S + Z_j + T·Z_j
+
+through Frisch–Waugh–Lovell: with D = [1, T, Z_S, T·Z_S] and X_j = [Z_j, T·Z_j], every quantity of the
+two-regressor OLS of the D-residualized Y on the D-residualized X_j follows from Gram blocks D'D, D'X_j, X_j'X_j,
+D'y, X_j'y, y'y. Those are sums over rows built from (a) per-column moments, computed once, and (b) for each
+selected s the cross-products F'x_s and F'(t x_s), computed once when s first enters S. A forward round therefore
+costs O(nnz(Z)) for the new cross-products plus O(|S|² m) of small dense algebra, and every statistic is
+additive over row partitions (see ``stats.Block``), which is what the Spark job reduces.
+
+Variances: homoskedastic (t with n - k df), HC1 (MacKinnon & White 1985; n/(n-k) scaling, t with n - k df) or
+CR1S cluster-robust (Cameron & Miller 2015; G/(G-1)·(n-1)/(n-k) scaling, t with G - 1 df), k = 2|S| + 4.
+GCM (Shah & Peters 2020): pseudo-outcome φ = (Y - m̂(Z_S))(T - e)/(e(1 - e)), residualized on Z_S with a
+cross-fitted learner, times Z_j residualized linearly on [1, Z_S]; T = √n mean(R)/sd(R), normal p-value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import stats as sstats
+
+from .nuisance import lgbm_crossfit, ridge_from_grams, RIDGE
+from .stats import Block
+
+TIE_RTOL = 1e-9        # |t| (or p) within this relative distance of the best is a tie; the smallest index wins
+DEGENERATE_TOL = 1e-8  # share of a candidate left after residualizing on the design below this: skipped
+CONSTANT_TOL = 1e-10   # within-arm variance share below this (overall for GCM): constant column, skipped
+TESTS = ("linear", "hc1", "cluster", "gcm")
+ADJUSTS = ("FWER", "FDR", None)
+
+
+# ============================================================================================== sources
+class Source:
+    """A set of row blocks; ``reduce`` sums a Block statistic over them (what a Spark job does with
+    mapInPandas + a sum)."""
+
+    def __init__(self, blocks: List[Block]):
+        self.blocks = blocks
+        b0 = blocks[0]
+        self.mw, self.M = b0.mw, b0.M
+
+    def reduce(self, method, *args, **kwargs):
+        total = None
+        for b in self.blocks:
+            r = getattr(b, method)(*args, **kwargs)
+            if total is None:
+                total = r
+            elif isinstance(r, dict):
+                total = {k: total[k] + r[k] for k in total}
+            else:
+                total = total + r
+        return total
+
+
+# ============================================================================================== tests
+class Tester:
+    """H0(j | S) tests for a batch of candidates, from additive statistics of a :class:`Source`."""
+
+    def __init__(self, source: Source, test="linear", n_clusters=0, n_folds=0, nuisance="poly2", seed=0,
+                 with_nnz=True):
+        self.src, self.test, self.G, self.K = source, test, n_clusters, n_folds
+        self.nuisance, self.seed = nuisance, seed
+        mom = source.reduce("moments", with_nnz)
+        if not (np.isfinite(mom["lin"]).all() and np.isfinite(mom["sq"]).all()):
+            raise ValueError("z or w contains NaN or infinite (or > 1e150) values")
+        self.n, self.nt, self.sy, self.sty, self.syy = mom["scal"]
+        self.s1, self.st, self.sxy, self.stxy = mom["lin"].T
+        self.sxx, self.stxx = mom["sq"].T
+        self.nnz = mom["nnz"]
+        self.e = self.nt / self.n
+        self.P: Dict[int, np.ndarray] = {}  # s -> F'x_s
+        self.Q: Dict[int, np.ndarray] = {}  # s -> F'(t x_s)
+        self._gcm_cache: Dict[tuple, Any] = {}
+
+    # ---------------------------------------------------------------- cached cross-products
+    def ensure(self, S):
+        missing = [s for s in S if s not in self.P]
+        if missing:
+            R = self.src.reduce("cross", missing)
+            for c, s in enumerate(missing):
+                self.P[s], self.Q[s] = R[:, 2 * c], R[:, 2 * c + 1]
+
+    def constant_columns(self):
+        """Boolean mask of columns constant within an arm (overall for GCM), incl. all-zero columns."""
+        n, nt = self.n, self.nt
+        if self.test == "gcm":
+            parts = [(n, self.s1, self.sxx)]
+        else:
+            parts = [(n - nt, self.s1 - self.st, self.sxx - self.stxx), (nt, self.st, self.stxx)]
+        bad = np.zeros(len(self.s1), bool)
+        for cnt, s, ss in parts:
+            msq = ss / cnt
+            var = msq - (s / cnt) ** 2
+            bad |= var <= CONSTANT_TOL * msq
+        return bad
+
+    def n_params(self, k):
+        return k + 2 if self.test == "gcm" else 2 * k + 4
+
+    def __call__(self, S, J):
+        """(t, p, ok) arrays for candidates J given S; ok=False marks candidates collinear with the design."""
+        S, J = list(S), np.asarray(J, dtype=np.int64)
+        self.ensure(S)
+        if self.test == "gcm":
+            return self._gcm(S, J)
+        return self._linear(S, J)
+
+    # ---------------------------------------------------------------- linear family
+    def _gram(self, S, J):
+        k = len(S)
+        p = 2 + 2 * k
+        S_ = np.asarray(S, dtype=np.int64)
+        DD = np.empty((p, p))
+        DD[0, 0], DD[0, 1], DD[1, 1] = self.n, self.nt, self.nt
+        DD[0, 2:2 + k], DD[0, 2 + k:] = self.s1[S_], self.st[S_]
+        DD[1, 2:2 + k], DD[1, 2 + k:] = self.st[S_], self.st[S_]
+        for a, s in enumerate(S):
+            DD[2 + a, 2:2 + k] = self.P[s][S_]
+            DD[2 + a, 2 + k:] = self.Q[s][S_]
+            DD[2 + k + a, 2 + k:] = self.Q[s][S_]
+        DD = np.triu(DD) + np.triu(DD, 1).T
+        B = np.empty((p, len(J), 2))  # D'x_j, D'(t x_j)
+        B[0, :, 0], B[1, :, 0] = self.s1[J], self.st[J]
+        B[0, :, 1], B[1, :, 1] = self.st[J], self.st[J]
+        for a, s in enumerate(S):
+            B[2 + a, :, 0] = self.P[s][J]
+            B[2 + k + a, :, 0] = self.Q[s][J]
+            B[2 + a, :, 1] = self.Q[s][J]
+            B[2 + k + a, :, 1] = self.Q[s][J]
+        Dy = np.concatenate([[self.sy, self.sty], self.sxy[S_], self.stxy[S_]])
+        return DD, B, Dy
+
+    @staticmethod
+    def _arm_basis(S, DD):
+        """L_a⁻¹ for each arm a, with L_a L_a' the Gram of [1, X_S] over the arm's rows (read off D'D)."""
+        k = len(S)
+        i1 = np.r_[0, 2:2 + k]
+        i2 = np.r_[1, 2 + k:2 + 2 * k]
+        A1 = DD[np.ix_(i2, i2)]                   # treated rows: Σ t [1, x_S][1, x_S]'
+        A0 = DD[np.ix_(i1, i1)] - A1              # control rows
+        return [np.linalg.inv(np.linalg.cholesky(A)) for A in (A0, A1)]
+
+    def _linear(self, S, J):
+        n, k = self.n, len(S)
+        p = 2 + 2 * k
+        DD, B, Dy = self._gram(S, J)
+        nJ = len(J)
+        sol = np.linalg.solve(DD, np.column_stack([B.reshape(p, -1), Dy]))
+        pi = sol[:, :-1].reshape(p, nJ, 2)          # D-coefficients of x_j and t x_j
+        dy = sol[:, -1]                               # D-coefficients of y
+        XX = np.empty((nJ, 2, 2))
+        XX[:, 0, 0], XX[:, 0, 1], XX[:, 1, 0], XX[:, 1, 1] = self.sxx[J], self.stxx[J], self.stxx[J], self.stxx[J]
+        XXr = XX - np.einsum("pja,pjb->jab", B, pi)
+        Xyr = np.column_stack([self.sxy[J], self.stxy[J]]) - np.einsum("pja,p->ja", B, dy)
+        yyr = self.syy - Dy @ dy
+        d0, d1 = XXr[:, 0, 0], XXr[:, 1, 1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr2 = XXr[:, 0, 1] ** 2 / (d0 * d1)
+            ok = (d0 / XX[:, 0, 0] >= DEGENERATE_TOL) & (d1 / XX[:, 1, 1] >= DEGENERATE_TOL) \
+                & (1.0 - corr2 >= DEGENERATE_TOL)
+        ok &= np.isfinite(corr2)
+        XXr[~ok] = np.eye(2)
+        bread = np.linalg.inv(XXr)
+        beta = np.einsum("jab,jb->ja", bread, Xyr)
+        kk = p + 2
+        if self.test == "linear":
+            rss = yyr - np.einsum("ja,ja->j", Xyr, beta)
+            V22 = rss / (n - kk) * bread[:, 1, 1]
+            df = n - kk
+        else:
+            pij = np.transpose(pi, (1, 0, 2))
+            linv = self._arm_basis(S, DD)
+            if self.test == "hc1":
+                mt = self.src.reduce("robust", S, J, dy, pij, beta, linv, "hc1")
+                meat = np.stack([mt[:, 0], mt[:, 1], mt[:, 1], mt[:, 2]], 1).reshape(nJ, 2, 2)
+                scale, df = n / (n - kk), n - kk
+            else:
+                sc = self.src.reduce("robust", S, J, dy, pij, beta, linv, "cluster", self.G)
+                meat = np.einsum("gja,gjb->jab", sc, sc)
+                scale, df = self.G / (self.G - 1) * (n - 1) / (n - kk), self.G - 1
+            V22 = scale * np.einsum("ja,jab,jb->j", bread[:, 1, :], meat, bread[:, 1, :])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tstat = beta[:, 1] / np.sqrt(V22)
+        ok &= np.isfinite(tstat)
+        tstat[~ok] = 0.0
+        pval = 2.0 * sstats.t.sf(np.abs(tstat), df)
+        pval[~ok] = 1.0
+        return tstat, pval, ok
+
+    # ---------------------------------------------------------------- GCM
+    def _gcm_residual(self, S):
+        key = tuple(S)
+        if key not in self._gcm_cache:
+            if self.nuisance == "poly2":
+                g1 = self.src.reduce("fold_grams", S, self.K)
+                cm = ridge_from_grams(g1["A"], g1["b"], RIDGE)
+                g2 = self.src.reduce("fold_grams", S, self.K, cm, self.e)
+                cg = ridge_from_grams(g2["A"], g2["b"], RIDGE)
+                f = ("poly2", cm, cg)
+            else:
+                if len(self.src.blocks) != 1:
+                    raise ValueError("nuisance='lgbm' runs in memory only (one block); use 'poly2' distributed")
+                b = self.src.blocks[0]
+                XS = b.columns(S)
+                m_hat = lgbm_crossfit(XS, b.y, b.folds, self.K, self.seed)
+                phi = (b.y - m_hat) * (b.t - self.e) / (self.e * (1 - self.e))
+                f = ("resid", phi - lgbm_crossfit(XS, phi, b.folds, self.K, self.seed))
+            self._gcm_cache = {key: f}  # only the latest S is reused (forward steps re-test it)
+        return self._gcm_cache[key]
+
+    def _gcm(self, S, J):
+        n, k = self.n, len(S)
+        f = self._gcm_residual(S)
+        if f[0] == "poly2":
+            sums = self.src.reduce("gcm_block_sums", S, f[1], f[2], self.e)
+        else:
+            sums = self.src.blocks[0].gcm_sums(S, f[1])
+        S_ = np.asarray(S, dtype=np.int64)
+        CC = np.empty((k + 1, k + 1))
+        CC[0, 0] = n
+        CC[0, 1:] = CC[1:, 0] = self.s1[S_]
+        for a, s in enumerate(S):
+            CC[1 + a, 1:] = self.P[s][S_]
+        Cx = np.vstack([self.s1[J]] + [self.P[s][J] for s in S])  # (k+1) x |J|
+        Pi = np.linalg.solve(CC, Cx)
+        xx = self.sxx[J]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok = (xx - np.einsum("kj,kj->j", Cx, Pi)) / xx >= DEGENERATE_TOL
+        sR = sums["Sf"][J] - sums["Cf"] @ Pi
+        sR2 = sums["Sf2x2"][J] - 2 * np.einsum("jk,kj->j", sums["Sf2xC"][J], Pi) \
+            + np.einsum("kj,kl,lj->j", Pi, sums["Cf2C"], Pi)
+        mean = sR / n
+        var = sR2 / n - mean ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tstat = np.sqrt(n) * mean / np.sqrt(var)
+        ok &= (var > 0) & np.isfinite(tstat)
+        tstat[~ok] = 0.0
+        pval = 2.0 * sstats.norm.sf(np.abs(tstat))
+        pval[~ok] = 1.0
+        return tstat, pval, ok
+
+
+def _gcm_block_sums(self, S, coef_m, coef_g, e):
+    return self.gcm_sums(S, self.gcm_residual(S, coef_m, coef_g, e))
+
+
+Block.gcm_block_sums = _gcm_block_sums
+
+
+# ============================================================================================== gates
+def bh_reject(p, alpha):
+    """Benjamini–Hochberg step-up rejections at level alpha."""
+    p = np.asarray(p, float)
+    m = len(p)
+    if m == 0:
+        return np.zeros(0, bool)
+    srt = np.sort(p)
+    ok = np.nonzero(srt <= alpha * np.arange(1, m + 1) / m)[0]
+    if not len(ok):
+        return np.zeros(m, bool)
+    return p <= srt[ok.max()]
+
+
+def bh_adjust(p):
+    """BH-adjusted p-values (q-values): q_(i) = min_{k >= i} m p_(k) / k."""
+    p = np.asarray(p, float)
+    m = len(p)
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    srt = p[order]
+    q = np.minimum.accumulate((m * srt / np.arange(1, m + 1))[::-1])[::-1]
+    # ties share the q-value of their largest rank
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    uniq, inv = np.unique(srt, return_inverse=True)
+    tiedmin = np.full(len(uniq), np.inf)
+    np.minimum.at(tiedmin, inv, q)
+    out[order] = np.minimum(tiedmin[inv], 1.0)
+    return out
+
+
+def _pick(ids, score):
+    """Smallest id among those whose score is within TIE_RTOL of the maximum."""
+    best = score.max()
+    return int(np.min(ids[score >= best * (1 - TIE_RTOL)]))
+
+
+# ============================================================================================== result
+@dataclass
+class NexisResult:
+    """Outcome of :func:`nexis`.
+
+    ``selected`` / ``selected_w``: column indices of z / w in the final set, in order of addition;
+    ``pvalues``/``tstats`` (and ``_w``): each selected feature's test given all the others, p(j | S∖{j});
+    ``trace``: every decision (skip, add, stop with the gate that stopped it, drop) with its statistics.
+    """
+
+    selected: np.ndarray
+    selected_w: np.ndarray
+    pvalues: np.ndarray
+    tstats: np.ndarray
+    pvalues_w: np.ndarray
+    tstats_w: np.ndarray
+    round_added: np.ndarray
+    round_added_w: np.ndarray
+    trace: List[Dict[str, Any]]
+    converged: bool
+    params: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> Dict[int, str]:
+        """Global column id -> reason for the columns never tested (W first, then Z)."""
+        return {r["feature"]: r["reason"] for r in self.trace if r["action"] == "skip"}
+
+
+# ============================================================================================== validation
+def _validate(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_rounds, nuisance):
+    if test not in TESTS:
+        raise ValueError(f"test must be one of {TESTS}, got {test!r}")
+    if adjust not in ADJUSTS:
+        raise ValueError(f"adjust must be one of {ADJUSTS}, got {adjust!r}")
+    if nuisance not in ("poly2", "lgbm"):
+        raise ValueError(f"nuisance must be 'poly2' or 'lgbm', got {nuisance!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if rho is not None and rho < 0:
+        raise ValueError(f"rho must be >= 0 or None, got {rho}")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    y = np.asarray(y, dtype=float).ravel()
+    t_raw = np.asarray(t).ravel()
+    n = len(y)
+    if len(t_raw) != n:
+        raise ValueError(f"y has {n} rows but t has {len(t_raw)}")
+    if z is not None and not sp.issparse(z):
+        z = np.asarray(z, dtype=float)
+    if z is None or z.ndim != 2 or z.shape[0] != n:
+        raise ValueError(f"z must be a 2-d array or sparse matrix with {n} rows, got shape {getattr(z, 'shape', None)}")
+    if not np.isfinite(y).all():
+        raise ValueError("y contains NaN or infinite values")
+    t = t_raw.astype(float)
+    if not np.isfinite(t).all() or not np.isin(t, (0.0, 1.0)).all():
+        raise ValueError("t must be a 0/1 treatment indicator without NaN")
+    nt = int(t.sum())
+    if nt == 0 or nt == n:
+        raise ValueError("t has a single treatment arm; the effect modification is not identified")
+    if n < 8 or min(nt, n - nt) < 2:
+        raise ValueError(f"n too small for the design: n={n}, treated={nt} (need n >= 8 and >= 2 per arm)")
+    # finiteness of z and w is checked on their column sums (one pass, in Tester)
+    if w is not None:
+        w = np.asarray(w, dtype=float)
+        w = w.reshape(n, -1) if w.ndim == 1 else w
+        if w.shape[0] != n:
+            raise ValueError(f"w must have {n} rows, got {w.shape[0]}")
+    codes, G = None, 0
+    if test == "cluster":
+        if cluster is None:
+            raise ValueError("test='cluster' needs cluster ids")
+        cluster = np.asarray(cluster).ravel()
+        if len(cluster) != n:
+            raise ValueError(f"cluster has {len(cluster)} rows, expected {n}")
+        if cluster.dtype.kind == "f" and not np.isfinite(cluster).all():
+            raise ValueError("cluster contains NaN")
+        _, codes = np.unique(cluster, return_inverse=True)
+        G = int(codes.max()) + 1
+        if G < 2:
+            raise ValueError("test='cluster' needs at least 2 clusters")
+    fold_ids = None
+    if test == "gcm":
+        if folds is not None:
+            folds = np.asarray(folds).ravel()
+            if len(folds) != n:
+                raise ValueError(f"folds has {len(folds)} rows, expected {n}")
+            uniq, fold_ids = np.unique(folds, return_inverse=True)
+            n_folds = len(uniq)
+        else:
+            if n_folds < 2 or n_folds > n:
+                raise ValueError(f"n_folds must be in [2, n], got {n_folds}")
+        if n_folds < 2:
+            raise ValueError("GCM cross-fitting needs at least 2 folds")
+    return y, t, z, w, codes, G, fold_ids, n_folds
+
+
+def make_folds(n, n_folds, seed=0):
+    """Fold ids 0..K-1 of a seeded random permutation (balanced sizes)."""
+    return np.random.default_rng(seed).permutation(n) % n_folds
+
+
+def _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_rounds, nuisance, seed, n_blocks=1):
+    given_folds = folds is not None
+    y, t, z, w, codes, G, fold_ids, K = _validate(y, t, z, w, cluster, folds, test, adjust, alpha, rho,
+                                                   n_folds, max_rounds, nuisance)
+    if test == "gcm" and not given_folds:
+        fold_ids = make_folds(len(y), K, seed)
+    blocks = []
+    n = len(y)
+    edges = np.linspace(0, n, n_blocks + 1).astype(int)
+    zz = z.tocsr() if (sp.issparse(z) and n_blocks > 1) else z
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sl = slice(lo, hi)
+        blocks.append(Block(y[sl], t[sl], None if w is None else w[sl], zz[sl],
+                            None if codes is None else codes[sl], None if fold_ids is None else fold_ids[sl]))
+    mw = 0 if w is None else w.shape[1]
+    return Source(blocks), G, K, mw
+
+
+# ============================================================================================== search
+class Search:
+    """Forward (Gate 1 + Gate 2) / backward selection to a fixed point, recording every decision."""
+
+    def __init__(self, tester: Tester, mw, alpha, adjust, rho, backward, max_rounds):
+        self.T, self.mw = tester, mw
+        self.alpha, self.adjust, self.rho, self.backward, self.max_rounds = alpha, adjust, rho, backward, max_rounds
+        self.S: List[int] = []
+        self.t_add: Dict[int, float] = {}
+        self.added_in: Dict[int, tuple] = {}
+        self.trace: List[Dict[str, Any]] = []
+
+    def _rec(self, phase, rnd, step, action, feature=None, **kw):
+        r = {"phase": phase, "round": rnd, "step": step, "action": action, "feature": feature,
+             "kind": None if feature is None else ("W" if feature < self.mw else "Z"),
+             "index": None if feature is None else (feature if feature < self.mw else feature - self.mw)}
+        r.update(kw)
+        self.trace.append(r)
+
+    def _forward_step(self, candidates, phase, rnd):
+        S = self.S
+        n = self.T.n
+        if n - self.T.n_params(len(S)) < 1:
+            self._rec(phase, rnd, "forward", "stop_df", reason=f"n={int(n)} leaves no residual df with |S|={len(S)}")
+            return False
+        inS = np.zeros(self.T.M if hasattr(self.T, "M") else len(self.T.s1), bool)
+        inS[S] = True
+        J = candidates[~inS[candidates]]
+        tstat, pval, ok = self.T(S, J) if len(J) else (np.zeros(0), np.zeros(0), np.zeros(0, bool))
+        Jt, tt, pt = J[ok], tstat[ok], pval[ok]
+        R = len(Jt)
+        base = dict(n_candidates=int(len(J)), n_tested=int(R), n_collinear=int(len(J) - R),
+                    collinear=[int(j) for j in J[~ok]][:100])
+        if R == 0:
+            self._rec(phase, rnd, "forward", "stop_empty", **base)
+            return False
+        if self.adjust == "FWER":
+            thr = self.alpha / R
+            elig = pt <= thr
+        elif self.adjust == "FDR":
+            elig = bh_reject(pt, self.alpha)
+            thr = float(pt[elig].max()) if elig.any() else 0.0
+        else:
+            thr = self.alpha
+            elig = pt <= thr
+        at = np.abs(tt)
+        if not elig.any():
+            i = int(np.argmin(pt))
+            self._rec(phase, rnd, "forward", "stop_gate1", best_feature=int(Jt[i]), t=float(tt[i]), p=float(pt[i]),
+                      threshold=float(thr), n_eligible=0, **base)
+            return False
+        best = _pick(Jt[elig], at[elig])
+        i = int(np.nonzero(Jt == best)[0][0])
+        ref = min(self.t_add[s] for s in S) if S else None
+        gate = dict(t=float(tt[i]), p=float(pt[i]), threshold=float(thr), n_eligible=int(elig.sum()),
+                    gate2_ref=ref, rho=self.rho, **base)
+        if self.rho is not None and ref is not None and at[i] < self.rho * ref:
+            self._rec(phase, rnd, "forward", "stop_gate2", best, **gate)
+            return False
+        S.append(best)
+        self.t_add[best] = float(at[i])
+        self.added_in[best] = (phase, rnd)
+        self._rec(phase, rnd, "forward", "add", best, **gate)
+        return True
+
+    def given_rest(self):
+        """(t, p) of each selected feature given all the others."""
+        out = {}
+        for j in self.S:
+            rest = [s for s in self.S if s != j]
+            tt, pp, ok = self.T(rest, np.array([j]))
+            out[j] = (float(tt[0]), float(pp[0]), bool(ok[0]))
+        return out
+
+    def _backward(self, phase, rnd):
+        dropped = False
+        while self.S:
+            res = self.given_rest()
+            S = np.array(self.S)
+            ps = np.array([res[j][1] for j in self.S])
+            if self.adjust == "FDR":
+                drop = [int(j) for j in S[~bh_reject(ps, self.alpha)]]
+                thr = self.alpha
+            else:
+                thr = self.alpha / len(S) if self.adjust == "FWER" else self.alpha
+                drop = [_pick(S, ps)] if ps.max() > thr else []
+            if not drop:
+                break
+            for j in drop:
+                self.S.remove(j)
+                del self.t_add[j]
+                self._rec(phase, rnd, "backward", "drop", j, t=res[j][0], p=res[j][1], threshold=float(thr),
+                          set_size=int(len(S)))
+            dropped = True
+        return dropped
+
+    def run_phase(self, candidates, phase):
+        candidates = np.asarray(candidates, dtype=np.int64)
+        for rnd in range(1, self.max_rounds + 1):
+            while self._forward_step(candidates, phase, rnd):
+                pass
+            if not (self.backward and self._backward(phase, rnd)):
+                return True
+        self._rec(phase, self.max_rounds, "backward", "max_rounds")
+        return False
+
+
+# ============================================================================================== API
+def nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=0.5, backward=True, cluster=None,
+          nuisance="poly2", n_folds=5, max_rounds=20, folds=None, seed=0, min_active=0, _n_blocks=1) -> NexisResult:
+    """Select the direct effect modifiers of a randomized treatment t on y among the columns of z (and w).
+
+    Parameters
+    ----------
+    y, t : (n,) outcome and 0/1 treatment.
+    z : (n, m) dense array or scipy.sparse matrix of candidate modifiers (never densified).
+    w : optional (n, mw) structured covariates, searched first (W-phase); the selected W seed the joint search.
+    alpha : level of Gate 1 and of the backward step.
+    test : "linear" (homoskedastic t), "hc1", "cluster" (CR1S, df = G - 1, needs ``cluster``) or "gcm".
+    adjust : Gate 1: "FWER" (Bonferroni over the remaining candidates), "FDR" (Benjamini–Hochberg) or None.
+    rho : Gate 2 (spectral gap): stop when the best |t| < rho · min |t| at addition of the selected; None = off.
+    backward : run backward elimination after each forward pass, to a fixed point (at most ``max_rounds``).
+    nuisance, n_folds, folds, seed : GCM cross-fitting (poly2 ridge or LightGBM; stored fold ids win).
+    min_active : columns with fewer non-zero entries are skipped (recorded in the trace).
+    """
+    src, G, K, mw = _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_rounds, nuisance,
+                             seed, _n_blocks)
+    tester = Tester(src, test, G, K, nuisance, seed, with_nnz=min_active > 0)
+    return run_search(tester, mw, alpha=alpha, adjust=adjust, rho=rho, backward=backward, max_rounds=max_rounds,
+                      min_active=min_active,
+                      params=dict(alpha=alpha, test=test, adjust=adjust, rho=rho, backward=backward,
+                                  nuisance=nuisance, n_folds=K, max_rounds=max_rounds, seed=seed,
+                                  min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
+
+
+def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min_active=0, params=None):
+    """The selection loop on the driver, over any :class:`Tester` (in-memory or reduced from Spark)."""
+    M = len(tester.s1)
+    tester.M = M
+    search = Search(tester, mw, alpha, adjust, rho, backward, max_rounds)
+    const = tester.constant_columns()
+    rare = tester.nnz < min_active
+    for g in np.nonzero(const | rare)[0]:
+        search._rec("setup", 0, "setup", "skip", int(g), reason="constant" if const[g] else "rare")
+    usable = np.nonzero(~(const | rare))[0]
+    converged = True
+    if mw:
+        converged &= search.run_phase(usable[usable < mw], "W")
+    converged &= search.run_phase(usable, "joint")
+    final = search.given_rest()
+    for j in search.S:
+        search._rec("final", 0, "final", "selected", j, t=final[j][0], p=final[j][1],
+                    added_in=list(search.added_in[j]))
+    S = search.S
+    z_ids = [j for j in S if j >= mw]
+    w_ids = [j for j in S if j < mw]
+    arr = lambda ids, c: np.array([final[j][c] for j in ids], dtype=float)  # noqa: E731
+    return NexisResult(
+        selected=np.array([j - mw for j in z_ids], dtype=int), selected_w=np.array(w_ids, dtype=int),
+        pvalues=arr(z_ids, 1), tstats=arr(z_ids, 0), pvalues_w=arr(w_ids, 1), tstats_w=arr(w_ids, 0),
+        round_added=np.array([search.added_in[j][1] for j in z_ids], dtype=int),
+        round_added_w=np.array([search.added_in[j][1] for j in w_ids], dtype=int),
+        trace=search.trace, converged=bool(converged), params=params or {})
+
+
+@dataclass
+class MarginalResult:
+    """S = ∅ screen of every column: t, raw p, Bonferroni and BH-adjusted p (NaN where skipped), rejections."""
+
+    tstats: np.ndarray
+    pvalues: np.ndarray
+    p_bonferroni: np.ndarray
+    q_bh: np.ndarray
+    alpha: float
+    tstats_w: Optional[np.ndarray] = None
+    pvalues_w: Optional[np.ndarray] = None
+    p_bonferroni_w: Optional[np.ndarray] = None
+    q_bh_w: Optional[np.ndarray] = None
+
+    @property
+    def reject_raw(self):
+        return np.nan_to_num(self.pvalues, nan=1.0) <= self.alpha
+
+    @property
+    def reject_bonferroni(self):
+        return np.nan_to_num(self.p_bonferroni, nan=1.0) <= self.alpha
+
+    @property
+    def reject_bh(self):
+        return np.nan_to_num(self.q_bh, nan=1.0) <= self.alpha
+
+
+def marginal(y, t, z, w=None, alpha=0.05, test="linear", cluster=None, nuisance="poly2", n_folds=5, folds=None,
+             seed=0, min_active=0, _n_blocks=1) -> MarginalResult:
+    """The S = ∅ baselines: every column of z (and w) tested alone; Bonferroni and BH over the tested ones."""
+    src, G, K, mw = _prepare(y, t, z, w, cluster, folds, test, None, alpha, None, n_folds, 1, nuisance, seed,
+                             _n_blocks)
+    tester = Tester(src, test, G, K, nuisance, seed, with_nnz=min_active > 0)
+    return marginal_from_tester(tester, mw, alpha, min_active)
+
+
+def marginal_from_tester(tester: Tester, mw, alpha, min_active=0) -> MarginalResult:
+    M = len(tester.s1)
+    use = np.nonzero(~(tester.constant_columns() | (tester.nnz < min_active)))[0]
+    tt = np.full(M, np.nan)
+    pp = np.full(M, np.nan)
+    if len(use):
+        a, b, ok = tester([], use)
+        tt[use[ok]], pp[use[ok]] = a[ok], b[ok]
+    fin = ~np.isnan(pp)
+    bonf = np.full(M, np.nan)
+    bonf[fin] = np.minimum(1.0, pp[fin] * fin.sum())
+    q = np.full(M, np.nan)
+    q[fin] = bh_adjust(pp[fin])
+    return MarginalResult(tstats=tt[mw:], pvalues=pp[mw:], p_bonferroni=bonf[mw:], q_bh=q[mw:], alpha=alpha,
+                          tstats_w=tt[:mw] if mw else None, pvalues_w=pp[:mw] if mw else None,
+                          p_bonferroni_w=bonf[:mw] if mw else None, q_bh_w=q[:mw] if mw else None)

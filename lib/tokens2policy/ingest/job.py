@@ -1,0 +1,230 @@
+"""The ingest stage: experiment logs → validated, fold-sharded Delta ``units`` plus a ``quarantine`` of rejected rows.
+
+Steps (docs/ingest.md has the rules and their reasons):
+
+1. read the source (``source.kind``: the bundled demo, generated on first use, or Delta/Parquet/CSV/JSON at
+   ``source.path``) and map its columns by config — an unmappable schema is a ConfigError naming the column, raised
+   before anything is written;
+2. classify every row in Spark (:func:`tokens2policy.ingest.validate.classify_rows`): accepted, or rejected with the
+   first failing reason code and a message; duplicates keep one row by a deterministic rule;
+3. compare accepted rows with the stored ``units`` (as of the Delta version read at the start): new, unchanged or
+   changed; a changed row replaces the stored one (``ingest.on_changed_row=update``) or is quarantined (``keep``);
+4. give new units their fold (:mod:`tokens2policy.ingest.folds`), MERGE into ``units`` on (experiment_id, unit_id)
+   and MERGE the rejects into ``quarantine``; check ``input rows = accepted + quarantined`` and that the MERGE
+   inserted/updated exactly the rows classified new/changed — any mismatch raises;
+5. randomization check on each touched experiment; counts, balance and warnings go to the MLflow run.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Dict, List, Optional, Tuple
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from tokens2policy.config import Config, ConfigError
+from tokens2policy.ingest.balance import balance_stats, randomization_check
+from tokens2policy.ingest.folds import assign_folds
+from tokens2policy.ingest.validate import KEYS, ColumnMap, classify_rows, map_columns
+
+UNITS = "units"
+QUARANTINE = "quarantine"
+
+
+class IngestInvariantError(RuntimeError):
+    """The job's own bookkeeping does not add up (rows lost or double-counted): nothing downstream should run."""
+
+
+def read_source(spark: SparkSession, cfg: Config) -> Tuple[DataFrame, str]:
+    """The raw logs as a DataFrame and a short description of where they came from."""
+    src = cfg.source
+    if src.kind == "demo":
+        from tokens2policy.ingest.demo import SOURCE_TABLE, ensure_demo
+
+        return ensure_demo(spark, cfg), f"demo:{cfg.demo.experiment_id} (table {SOURCE_TABLE})"
+    if not src.path:
+        raise ConfigError(f"source.path is required for source.kind={src.kind}")
+    where = f"{src.kind}:{src.path}"
+    try:
+        if src.kind == "delta":
+            df = spark.read.format("delta").load(src.path)
+        elif src.kind == "parquet":
+            df = spark.read.parquet(src.path)
+        elif src.kind == "csv":  # every column as read (strings): the checks do the typing, raw values stay intact
+            df = spark.read.option("header", str(src.csv_header).lower()).option("multiLine", "true") \
+                .option("escape", '"').csv(src.path)
+        else:
+            df = spark.read.json(src.path)
+    except Exception as exc:  # AnalysisException: path does not exist, not a Delta table, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read source {where}: {first[:300]}") from None
+    return df, where
+
+
+def _expected_share(cfg: Config) -> Optional[float]:
+    if cfg.ingest.expected_treated_share is not None:
+        return cfg.ingest.expected_treated_share
+    return cfg.demo.treated_share if cfg.source.kind == "demo" else None
+
+
+def _check_stored_schema(spark: SparkSession, cfg: Config, cmap: ColumnMap, version: Optional[int]) -> None:
+    if version is None:
+        return
+    from tokens2policy.lakehouse import read_table, table_location
+
+    have = read_table(spark, cfg, UNITS, version=version).columns
+    if sorted(have) != sorted(cmap.units_columns):
+        raise ConfigError(f"table 'units' at {table_location(cfg, UNITS)} has columns {have} but this source maps to "
+                          f"{cmap.units_columns}; ingest into a fresh data_dir or lakehouse.schema")
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)[:200]
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    """Run the ingest stage; return counts (see module docstring). Raises ConfigError / IngestInvariantError."""
+    import mlflow
+
+    from tokens2policy.lakehouse import read_table, table_version
+    from tokens2policy.tracking import stage_run
+
+    raw, where = read_source(spark, cfg)
+    cmap = map_columns(raw.schema, cfg, where)
+    stored_version = table_version(spark, cfg, UNITS)
+    _check_stored_schema(spark, cfg, cmap, stored_version)
+    ing = cfg.ingest
+    compare_cols = [c for c in cmap.units_columns if c not in (*KEYS, "fold")]  # what makes a stored row "changed"
+
+    with stage_run(cfg, "ingest", inputs={UNITS: stored_version}):
+        rows = classify_rows(raw, cmap)
+        if stored_version is not None:
+            # Pinned to the version read at the start, so a recomputation after the MERGE sees the same snapshot.
+            stored = read_table(spark, cfg, UNITS, version=stored_version)
+            side = stored.select(*KEYS, F.col("fold").alias("__fold"),
+                                 *[F.col(f"`{c}`").alias(f"__s{i}") for i, c in enumerate(compare_cols)])
+            rows = rows.join(side, list(KEYS), "left")
+            same = F.lit(True)
+            for i, c in enumerate(compare_cols):
+                same = same & F.col(f"`{c}`").eqNullSafe(F.col(f"__s{i}"))
+            status = F.when(F.col("__fold").isNull(), "new").when(same, "unchanged").otherwise("changed")
+            stored_counts = stored.groupBy("experiment_id", "treatment").agg(F.count(F.lit(1)).alias("n_stored"))
+        else:
+            rows = rows.withColumn("__fold", F.lit(None).cast("int"))
+            status = F.lit("new")
+            stored_counts = None
+        rows = rows.withColumn("status", F.when(F.col("reason").isNull(), status))
+        if ing.on_changed_row == "keep":
+            conflict = F.col("status") == "changed"
+            rows = rows.withColumn("message", F.when(conflict, F.concat(
+                F.lit("unit_id '"), F.col("unit_id"), F.lit("' is stored with different values; "
+                                                            "ingest.on_changed_row=keep keeps the stored row")))
+                                   .otherwise(F.col("message")))
+            rows = rows.withColumn("reason", F.when(conflict, "conflicts_with_stored").otherwise(F.col("reason")))
+            rows = rows.withColumn("status", F.when(conflict, None).otherwise(F.col("status")))
+        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            summary = _write_and_check(spark, cfg, cmap, raw, rows, stored_counts, where, compare_cols,
+                                       first_ingest=stored_version is None)
+        finally:
+            rows.unpersist()
+
+        stats = balance_stats(read_table(spark, cfg, UNITS).where(F.col("experiment_id").isin(
+            [e for e in summary["experiments"] if e != "<missing>"])), cmap.covariate_cols)
+        balance, warnings = randomization_check(stats, ing, _expected_share(cfg))
+        for w in warnings:
+            print(f"[t2p] ingest WARNING: {w}", flush=True)
+        summary["warnings"] = warnings
+        summary["balance"] = balance
+
+        metrics = {key: summary[key] for key in ("rows_in", "accepted", "quarantined", "inserted", "updated",
+                                                  "unchanged")}
+        metrics.update({f"quarantine.{reason}": n for reason, n in summary["reasons"].items()})
+        for exp, counts in summary["experiments"].items():
+            name = _metric_name(exp)
+            metrics[f"experiment.{name}.accepted"] = counts["accepted"]
+            metrics[f"experiment.{name}.quarantined"] = counts["quarantined"]
+            metrics.update({f"experiment.{name}.quarantine.{r}": n for r, n in counts["reasons"].items()})
+        for exp, rep in balance.items():
+            name = _metric_name(exp)
+            metrics[f"balance.{name}.treated_share"] = rep["treated_share"]
+            metrics.update({f"balance.{name}.smd.{_metric_name(c)}": v for c, v in rep["smd"].items()})
+        metrics["randomization_warnings"] = len(warnings)
+        mlflow.log_metrics(metrics)  # one batched call
+        mlflow.set_tag("t2p.ingest.warnings", " | ".join(warnings)[:4000] if warnings else "none")
+        mlflow.log_dict({k: v for k, v in summary.items()}, "ingest_summary.json")
+    return summary
+
+
+def _write_and_check(spark, cfg: Config, cmap: ColumnMap, raw: DataFrame, rows: DataFrame, stored_counts,
+                     where: str, compare_cols: List[str], first_ingest: bool) -> dict:
+    from tokens2policy.lakehouse import merge_table, read_table, table_exists, table_version
+
+    counts = rows.groupBy("experiment_id", "reason", "status").agg(F.count(F.lit(1)).alias("n")).collect()
+    rows_in = raw.count()
+    total = sum(r.n for r in counts)
+    accepted = sum(r.n for r in counts if r.reason is None)
+    quarantined = sum(r.n for r in counts if r.reason is not None)
+    by_status = {s: sum(r.n for r in counts if r.status == s) for s in ("new", "unchanged", "changed")}
+    if rows_in != total or rows_in != accepted + quarantined or accepted != sum(by_status.values()):
+        raise IngestInvariantError(f"ingest lost or duplicated rows: input {rows_in}, classified {total}, accepted "
+                                   f"{accepted} + quarantined {quarantined}, statuses {by_status}")
+    reasons: Dict[str, int] = {}
+    experiments: Dict[str, dict] = {}
+    for r in counts:
+        exp = r.experiment_id if r.experiment_id is not None else "<missing>"
+        e = experiments.setdefault(exp, {"accepted": 0, "quarantined": 0, "reasons": {}})
+        if r.reason is None:
+            e["accepted"] += r.n
+        else:
+            e["quarantined"] += r.n
+            e["reasons"][r.reason] = e["reasons"].get(r.reason, 0) + r.n
+            reasons[r.reason] = reasons.get(r.reason, 0) + r.n
+
+    # quarantine: the original row (raw_json) with reason and message; MERGE on (row_hash, occurrence) so a rerun of
+    # the same input adds nothing, while k identical broken rows are kept as k rows.
+    rejected = rows.where(F.col("reason").isNotNull()).withColumn("row_hash", F.sha2(F.col("raw_json"), 256))
+    occ = F.row_number().over(Window.partitionBy("row_hash").orderBy("reason", "message"))
+    quarantine = rejected.select(
+        "experiment_id", "unit_id", "reason", "message", "raw_json", "row_hash",
+        occ.cast("int").alias("occurrence"), F.lit(where).alias("source"))
+    if table_exists(spark, cfg, QUARANTINE):  # MERGE only what is not stored as is (no no-op commit on a rerun)
+        stored_q = read_table(spark, cfg, QUARANTINE)
+        same = [quarantine[c].eqNullSafe(stored_q[c]) for c in quarantine.columns]
+        quarantine = quarantine.join(stored_q, functools.reduce(lambda a, b: a & b, same), "left_anti")
+        pending = quarantine.limit(1).count() > 0
+    else:
+        pending = True
+    if pending:
+        merge_table(spark, cfg, QUARANTINE, quarantine, keys=["row_hash", "occurrence"], update_when_changed=True)
+
+    # units: new rows get a fold; changed rows (update rule) keep their stored fold.
+    acc = rows.where(F.col("status").isin("new", "changed"))
+    new = assign_folds(acc.where(F.col("status") == "new"), cfg.ingest.n_folds, cfg.ingest.fold_seed,
+                       stored_counts)
+    changed = acc.where(F.col("status") == "changed").withColumn("fold", F.col("__fold").cast("int"))
+    cols = [F.col(f"`{c}`") for c in cmap.units_columns]
+    to_merge = new.select(*cols).unionByName(changed.select(*cols))
+    if first_ingest or by_status["new"] or by_status["changed"]:
+        merged = merge_table(spark, cfg, UNITS, to_merge, keys=list(KEYS), update_when_changed=True,
+                             partition_by=["experiment_id"], compare_columns=compare_cols)
+    else:
+        merged = {"inserted": 0, "updated": 0}
+    if merged["inserted"] != by_status["new"] or merged["updated"] != by_status["changed"]:
+        raise IngestInvariantError(f"units MERGE inserted {merged['inserted']} / updated {merged['updated']} rows but "
+                                   f"{by_status['new']} were new / {by_status['changed']} changed")
+    return {
+        "source": where,
+        "rows_in": rows_in,
+        "accepted": accepted,
+        "quarantined": quarantined,
+        "inserted": by_status["new"],
+        "updated": by_status["changed"],
+        "unchanged": by_status["unchanged"],
+        "reasons": dict(sorted(reasons.items())),
+        "experiments": experiments,
+        "units_version": table_version(spark, cfg, UNITS),
+        "quarantine_version": table_version(spark, cfg, QUARANTINE),
+    }

@@ -1,0 +1,347 @@
+"""The represent stage: train the dictionary, encode every unit into sparse neurons, label the neurons.
+
+Reads ``embeddings`` (document vectors) and/or ``token_states`` (token vectors), per ``represent.train_on``;
+writes ``neurons``, ``neuron_stats``, ``neuron_labels`` (docs/represent.md, docs/tables.md) and one MLflow run
+with the fitted representation logged (and registered) as a pyfunc model plus its quality metrics.
+
+Data flow: the training view (filtered to one model version) is written once by Spark to the staging table
+``represent_training``; training workers read their own parquet shards of that snapshot (the driver only lists
+files). Encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
+per Python worker. Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
+units (texts from ``units``) and ``represent.label_max_tokens`` token states.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+from tokens2policy.config import Config, ConfigError
+
+from .baselines import load_representation, make_representation
+from .distributed import BackendUnavailableError, delta_source, horovod_available, train_distributed
+from .labels import label_neurons
+from .sae import SAEParams, SparseAutoencoder, csr_to_rows, reconstruction_metrics, rows_to_csr
+
+OK_STATUS = ("ok", "truncated", "chunked")
+REGISTERED_MODEL = "tokens2policy-represent"
+
+# ------------------------------------------------------------------------------------------------
+# model shipping: a saved representation directory as bytes, loaded once per Python worker
+# ------------------------------------------------------------------------------------------------
+_WORKER_CACHE: dict = {}
+
+
+def _pack(rep) -> bytes:
+    tmp = tempfile.mkdtemp(prefix="t2p_rep_")
+    try:
+        rep.save(tmp)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name in sorted(os.listdir(tmp)):
+                z.write(os.path.join(tmp, name), name)
+        return buf.getvalue()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unpack(payload: bytes):
+    key = hashlib.sha256(payload).hexdigest()
+    if key not in _WORKER_CACHE:
+        tmp = tempfile.mkdtemp(prefix="t2p_rep_")
+        with zipfile.ZipFile(io.BytesIO(payload)) as z:
+            z.extractall(tmp)
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = load_representation(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _WORKER_CACHE[key]
+
+
+def encode_frame(spark, df, rep, vector_col: str = "vector", keep=("experiment_id", "unit_id")):
+    """Spark: rows with a vector column -> (keep..., indices array<int>, values array<float>, sse, sq)
+    where sse = ||x - decode(encode(x))||^2 and sq = ||x||^2 (for exact distributed quality metrics)."""
+    import pandas as pd
+    from pyspark.sql import types as T
+
+    bc = spark.sparkContext.broadcast(_pack(rep))
+    fields = [df.schema[c] for c in keep] + [
+        T.StructField("indices", T.ArrayType(T.IntegerType())), T.StructField("values", T.ArrayType(T.FloatType())),
+        T.StructField("sse", T.DoubleType()), T.StructField("sq", T.DoubleType())]
+    keep = list(keep)
+
+    def _encode(batches):
+        model = _unpack(bc.value)
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            x = np.stack(pdf[vector_col].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+            z = model.encode(x)
+            xh = model.decode(z).astype(np.float64)
+            idx, val = csr_to_rows(z)
+            out = pdf[keep].copy()
+            out["indices"] = [i.tolist() for i in idx]
+            out["values"] = [v.tolist() for v in val]
+            out["sse"] = ((x - xh) ** 2).sum(1)
+            out["sq"] = (x.astype(np.float64) ** 2).sum(1)
+            yield out
+
+    return df.select(*keep, vector_col).mapInPandas(_encode, T.StructType(fields))
+
+
+# ------------------------------------------------------------------------------------------------
+# pyfunc wrapper logged to MLflow
+# ------------------------------------------------------------------------------------------------
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class RepresentationModel(mlflow.pyfunc.PythonModel):
+        """Input: DataFrame with a ``vector`` column (list of floats). Output: ``indices``/``values`` columns."""
+
+        def load_context(self, context):
+            self.rep = load_representation(context.artifacts["representation"])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            x = np.stack([np.asarray(v, dtype=np.float32) for v in model_input["vector"]])
+            idx, val = csr_to_rows(self.rep.encode(x))
+            return pd.DataFrame({"indices": [i.tolist() for i in idx], "values": [v.tolist() for v in val]})
+
+    return RepresentationModel
+
+
+def _log_model(rep, metrics: dict, register: bool):
+    import mlflow
+
+    tmp = tempfile.mkdtemp(prefix="t2p_rep_")
+    try:
+        rep.save(os.path.join(tmp, "representation"))
+        info = mlflow.pyfunc.log_model(
+            name="representation", python_model=_pyfunc_class()(),
+            artifacts={"representation": os.path.join(tmp, "representation")},
+            # explicit requirements: inferring them loads the model in a subprocess (slow, and offline here)
+            pip_requirements=["tokens2policy", "torch", "numpy", "scipy", "scikit-learn", "pandas"],
+            registered_model_name=REGISTERED_MODEL if register else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# the job
+# ------------------------------------------------------------------------------------------------
+
+def _pick_model_hash(emb, wanted):
+    from pyspark.sql import functions as F
+
+    if wanted:
+        return wanted
+    rows = (emb.groupBy("model_hash").agg(F.count("*").alias("n"), F.max("dim").alias("dim"))
+            .orderBy(F.desc("n"), "model_hash").limit(1).collect())
+    if not rows:
+        raise ValueError("embeddings has no usable vectors (status ok/truncated/chunked): run the embed stage first")
+    return rows[0]["model_hash"]
+
+
+def _training_view(spark, cfg: Config, emb, model_hash: str):
+    from pyspark.sql import functions as F
+
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    rc = cfg.represent
+    parts = []
+    if rc.train_on in ("documents", "both"):
+        parts.append(emb.select("vector"))
+    if rc.train_on in ("tokens", "both"):
+        if not table_exists(spark, cfg, "token_states"):
+            raise ValueError("represent.train_on needs token_states, which the embed stage has not written")
+        tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == model_hash)
+        if rc.experiment_id:
+            tok = tok.where(F.col("experiment_id") == rc.experiment_id)
+        parts.append(tok.select("vector"))
+    view = parts[0]
+    for p in parts[1:]:
+        view = view.unionByName(p)
+    return view.where(F.col("vector").isNotNull())
+
+
+def _fit(spark, cfg: Config, train_df):
+    from tokens2policy.lakehouse import read_table, write_table
+
+    rc = cfg.represent
+    n_files = max(2, int(rc.num_processes) * 2)
+    write_table(train_df.repartition(n_files), cfg, "represent_training", mode="overwrite", overwrite_schema=True)
+    source = delta_source(spark, read_table(spark, cfg, "represent_training"), column="vector")
+    if rc.kind != "sae":
+        x = source.read_all()  # the baselines are for ablations on data that fits one machine
+        params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
+        return make_representation(rc.kind, **params).fit(x)
+    params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
+                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
+    return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
+                             use_gpu=rc.use_gpu, spark=spark)
+
+
+def _sample_fraction(n: int, cap: int) -> float:
+    return 1.0 if n <= cap else cap / float(n)
+
+
+def _labels(spark, cfg: Config, rep, neurons, model_hash: str, n_units: int):
+    """Driver-side interpretation on a deterministic sample of units (and token states)."""
+    from pyspark.sql import functions as F
+
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    rc = cfg.represent
+    frac = _sample_fraction(n_units, rc.label_max_docs)
+    keyed = neurons.select("experiment_id", "unit_id")
+    if frac < 1.0:
+        keyed = keyed.where((F.abs(F.hash("experiment_id", "unit_id")) % 1000000) < int(frac * 1000000))
+    units = read_table(spark, cfg, "units").select("experiment_id", "unit_id", "text")
+    emb = read_table(spark, cfg, "embeddings").where(F.col("model_hash") == model_hash).select(
+        "experiment_id", "unit_id", "vector")
+    rows = (keyed.join(units, ["experiment_id", "unit_id"]).join(emb, ["experiment_id", "unit_id"])
+            .orderBy("experiment_id", "unit_id").toPandas())
+    if rows.empty:
+        return []
+    x = np.stack(rows["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+    codes = rep.encode(x)
+    score_blocks = (rep.scores(x[a:a + 2048]) for a in range(0, len(x), 2048))
+    ids = [f"{e}/{u}" if rc.experiment_id is None else str(u) for e, u in zip(rows["experiment_id"], rows["unit_id"])]
+    tok_codes = tokens = None
+    if table_exists(spark, cfg, "token_states") and rc.label_max_tokens > 0:
+        tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == model_hash)
+        if rc.experiment_id:
+            tok = tok.where(F.col("experiment_id") == rc.experiment_id)
+        tpdf = tok.select("token", "vector").limit(int(rc.label_max_tokens)).toPandas()
+        if not tpdf.empty:
+            tx = np.stack(tpdf["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+            if tx.shape[1] == x.shape[1]:
+                tok_codes, tokens = rep.encode(tx), tpdf["token"].astype(str).tolist()
+    return label_neurons(codes, rows["text"].astype(str).tolist(), ids, scores=score_blocks,
+                         token_codes=tok_codes, tokens=tokens, n_top_docs=rc.label_top_docs,
+                         n_examples=rc.n_examples, redact_text=rc.redact)
+
+
+def run(spark, cfg: Config) -> dict:
+    """Train (or fit a baseline), encode every unit, compute neuron statistics and labels; one MLflow run."""
+    import mlflow
+    import pandas as pd
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from tokens2policy.lakehouse import read_table, table_version, write_table
+    from tokens2policy.tracking import stage_run
+
+    rc = cfg.represent
+    if rc.kind == "sae" and rc.backend == "horovod":
+        ok, why = horovod_available()
+        if not ok:  # one line through the CLI, before any work is done
+            raise ConfigError(why)
+    versions = {"embeddings": table_version(spark, cfg, "embeddings"),
+                "token_states": table_version(spark, cfg, "token_states")}
+    emb = read_table(spark, cfg, "embeddings", version=versions["embeddings"]).where(
+        F.col("status").isin(*OK_STATUS) & F.col("vector").isNotNull())
+    if rc.experiment_id:
+        emb = emb.where(F.col("experiment_id") == rc.experiment_id)
+    timings, t0 = {}, time.perf_counter()
+
+    def mark(step):
+        nonlocal t0
+        timings[step] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        print(f"[represent] {step}: {timings[step]} s", flush=True)
+
+    with stage_run(cfg, "represent", inputs=versions):
+        model_hash = _pick_model_hash(emb, rc.model_hash)
+        emb = emb.where(F.col("model_hash") == model_hash)
+        mlflow.log_param("resolved.model_hash", model_hash)
+        try:
+            rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash))
+        except BackendUnavailableError as err:
+            raise ConfigError(str(err)) from None
+        n_latents = int(rep.n_latents_)
+        mark("train")
+
+        codes = encode_frame(spark, emb, rep).persist()
+        agg = codes.agg(F.count("*").alias("n"), F.sum("sse").alias("sse"), F.sum("sq").alias("sq"),
+                        F.sum(F.size("indices")).alias("nnz")).collect()[0]
+        n_units = int(agg["n"])
+        # FVE needs the centred total sum of squares: sum ||x||^2 - n ||mean||^2 (mean by a Spark aggregate)
+        dim = len(emb.select("vector").first()["vector"])
+        sums = emb.select([F.sum(F.col("vector")[i]).alias(f"s{i}") for i in range(dim)]).collect()[0]
+        mean = np.array([sums[f"s{i}"] for i in range(dim)], dtype=np.float64) / max(n_units, 1)
+        sst = float(agg["sq"]) - n_units * float(mean @ mean)
+        neurons = codes.select("experiment_id", "unit_id", "indices", "values")
+        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True)
+        mark("encode")
+
+        exploded = neurons.select(F.explode(F.arrays_zip("indices", "values")).alias("c")).select(
+            F.col("c.indices").alias("neuron"), F.col("c.values").alias("value"))
+        active = exploded.groupBy("neuron").agg(F.count("*").alias("n_active"), F.sum("value").alias("sum_value"))
+        stats = (spark.range(n_latents).select(F.col("id").cast("int").alias("neuron"))
+                 .join(active, "neuron", "left").fillna({"n_active": 0, "sum_value": 0.0})
+                 .select("neuron", F.col("n_active").cast("long"),
+                         (F.col("n_active") / F.lit(max(n_units, 1))).alias("activation_frequency"),
+                         (F.col("sum_value") / F.lit(max(n_units, 1))).alias("mean_activation"),
+                         F.when(F.col("n_active") > 0, F.col("sum_value") / F.col("n_active"))
+                         .otherwise(F.lit(0.0)).alias("mean_activation_when_active"))
+                 .orderBy("neuron"))
+        write_table(stats, cfg, "neuron_stats", mode="overwrite", overwrite_schema=True)
+        n_dead = stats.where(F.col("n_active") == 0).count()
+
+        metrics = {
+            "normalized_mse": float(agg["sse"]) / float(agg["sq"]) if agg["sq"] else float("nan"),
+            "fraction_variance_explained": 1.0 - float(agg["sse"]) / sst if sst > 0 else float("nan"),
+            "dead_fraction": n_dead / float(n_latents),
+            "mean_l0": float(agg["nnz"]) / max(n_units, 1),
+            "n_units": float(n_units), "n_latents": float(n_latents),
+        }
+        mlflow.log_metrics(metrics)
+        mlflow.log_params({"resolved.kind": rep.kind, "resolved.n_latents": n_latents,
+                           "resolved.backend": getattr(rep, "training_info_", {}).get("backend", "n/a")})
+        if rc.kind == "sae" and getattr(rep, "history_", None):
+            for h in rep.history_:
+                mlflow.log_metric("train_mse_normalized_space", h["train_mse_normalized_space"], step=h["epoch"])
+        mark("stats")
+        info = _log_model(rep, metrics, register=rc.register_model)
+        mark("log_model")
+
+        labels = _labels(spark, cfg, rep, neurons, model_hash, n_units)
+        doc_t = T.ArrayType(T.StructType([T.StructField("unit_id", T.StringType()),
+                                          T.StructField("activation", T.DoubleType()),
+                                          T.StructField("snippet", T.StringType())]))
+        schema = T.StructType([
+            T.StructField("neuron", T.IntegerType()), T.StructField("label", T.StringType()),
+            T.StructField("top_terms", T.ArrayType(T.StringType())),
+            T.StructField("top_term_z", T.ArrayType(T.DoubleType())),
+            T.StructField("top_docs", doc_t), T.StructField("bottom_docs", doc_t),
+            T.StructField("top_tokens", T.ArrayType(T.StringType())), T.StructField("n_active_sample", T.IntegerType())])
+
+        def docs(ds):
+            return [{"unit_id": str(d["unit_id"]), "activation": float(d["activation"]), "snippet": d["snippet"]}
+                    for d in ds]
+
+        label_rows = [{"neuron": int(l["neuron"]), "label": l["label"], "top_terms": [t for t, _ in l["top_terms"]],
+                       "top_term_z": [float(z) for _, z in l["top_terms"]], "top_docs": docs(l["top_docs"]),
+                       "bottom_docs": docs(l["bottom_docs"]), "top_tokens": [t for t, _ in l["top_tokens"]],
+                       "n_active_sample": int(l["n_active"])} for l in labels]
+        write_table(spark.createDataFrame(label_rows, schema) if label_rows else spark.createDataFrame([], schema),
+                    cfg, "neuron_labels", mode="overwrite", overwrite_schema=True)
+        mlflow.log_dict({"labels": label_rows}, "neuron_labels.json")
+        codes.unpersist()
+        mark("labels")
+        mlflow.log_dict(timings, "timings.json")
+    summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
+               "model_uri": info.model_uri, "seconds": timings,
+               "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
+               **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}
+    return summary

@@ -1,0 +1,128 @@
+"""Spark job of the validation study: one Spark task per (design point, repetition), results to ``validation_runs``.
+
+    t2p run validate [--set validate.size=full] [--force validate]
+
+The task list (:func:`tokens2policy.validate.study.build_tasks`) becomes ``spark.range(N, numPartitions=N)`` —
+exactly one task id per partition (``validate.tasks_per_partition`` groups them) — and ``mapInPandas`` runs
+:func:`~tokens2policy.validate.study.run_task` for each id on an executor, single-threaded BLAS, so the cluster's
+cores run repetitions in parallel. The rows are appended to the ``validation_runs`` Delta table with the MLflow run
+id; the driver reads them back (no recomputation), summarises them and logs summaries, headline metrics and
+figures to the MLflow run.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import pandas as pd
+
+from .study import RESULT_COLUMNS, build_tasks, rows_frame, run_task, summarize_coverage, summarize_selection, \
+    wants_text
+
+TABLE = "validation_runs"
+
+
+def spark_schema():
+    from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, StructField, StructType
+
+    kinds = {"int64": LongType(), "float64": DoubleType(), "object": StringType(), "bool": BooleanType()}
+    fields = [StructField("run_id", StringType(), False), StructField("study", StringType(), False)]
+    fields += [StructField(c, kinds[t], True) for c, t in RESULT_COLUMNS.items()]
+    return StructType(fields)
+
+
+def _task_runner(tasks: List[Dict], run_id: str, study: str):
+    def run_partition(batches):
+        try:
+            from threadpoolctl import threadpool_limits
+
+            limit = threadpool_limits(1)
+        except ImportError:  # pragma: no cover - sklearn ships threadpoolctl
+            limit = None
+        for pdf in batches:
+            for tid in pdf["task_id"].tolist():
+                df = rows_frame(run_task(tasks[int(tid)]))
+                df.insert(0, "study", study)
+                df.insert(0, "run_id", run_id)
+                yield df
+        if limit is not None:
+            limit.restore_original_limits()
+
+    return run_partition
+
+
+def study_frame(spark, tasks: List[Dict], run_id: str, study: str, tasks_per_partition: int = 1):
+    """The lazy Spark DataFrame of all result rows (one partition per ``tasks_per_partition`` tasks)."""
+    n = len(tasks)
+    if n == 0:
+        raise ValueError("the validation study has no tasks: check validate.cells / n_values / repetitions")
+    parts = max(1, math.ceil(n / int(tasks_per_partition)))
+    ids = spark.range(0, n, 1, numPartitions=parts).withColumnRenamed("id", "task_id")
+    return ids.mapInPandas(_task_runner(tasks, run_id, study), schema=spark_schema())
+
+
+def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    real = sel[sel["design"] != "null"]
+    for (design, outcome), g in real.groupby(["design", "outcome"]):
+        top = g[g["n"] == g["n"].max()]
+        top = top[top["effect"] == top["effect"].max()]
+        for _, r in top.iterrows():
+            out[f"iou_maxn.{design}.{outcome}.{r['method']}"] = float(r["iou"])
+    for _, r in sel[sel["design"] == "null"].iterrows():
+        out[f"fwer.{r['outcome']}.{r['method']}"] = float(r["any_selected"])
+    for _, r in cov.iterrows():
+        key = f"coverage.{r['design']}.{r['outcome']}.n{int(r['n'])}.e{r['effect']:g}.{r['estimand']}"
+        out[key.replace(" ", "_").replace(">", "gt").replace("<=", "le")] = float(r["coverage"])
+    return {k: v for k, v in out.items() if v == v}  # drop NaN
+
+
+def run(spark, cfg) -> dict:
+    """Run the study on the cluster; append rows to ``validation_runs``; log summaries/figures to MLflow."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    from tokens2policy.lakehouse import read_table, write_table
+    from tokens2policy.tracking import stage_run
+
+    from . import plots
+
+    vcfg = cfg.validate_
+    out_dir = Path(vcfg.out_dir) if vcfg.out_dir else cfg.data_path / "validation"
+    text_rep = None
+    if wants_text(vcfg):  # design 2: embed + SAE once on the driver; tasks read the stored codes
+        from .text import build_text_representation
+
+        text_rep = str(build_text_representation(cfg, cfg.data_path / "validation", epochs=vcfg.text_epochs,
+                                                 n_articles=vcfg.text_articles))
+    tasks = build_tasks(vcfg, cfg.seed, text_representation=text_rep)
+    with stage_run(cfg, "validate") as mlrun:
+        run_id = mlrun.info.run_id
+        mlflow.log_param("validate.n_tasks", len(tasks))
+        if text_rep:
+            from .text import load_representation
+
+            rep = load_representation(text_rep)
+            mlflow.log_dict({"f1_best": {nm: float(rep["f1"][i].max()) for i, nm in enumerate(rep["names"])},
+                             "sae": rep["metrics"], "path": text_rep}, "validation/text_representation.json")
+        sdf = study_frame(spark, tasks, run_id, vcfg.size, vcfg.tasks_per_partition)
+        write_table(sdf, cfg, TABLE, mode="append")
+        rows = read_table(spark, cfg, TABLE).where(F.col("run_id") == run_id).toPandas()
+        sel, cov = summarize_selection(rows), summarize_coverage(rows)
+        mlflow.log_metrics(_headline_metrics(sel, cov))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sel.to_csv(out_dir / "validation_selection_summary.csv", index=False)
+        cov.to_csv(out_dir / "validation_coverage_summary.csv", index=False)
+        mlflow.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
+        mlflow.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
+        figures = plots.all_figures(sel, cov, out_dir, vcfg.alpha) if vcfg.figures else {}
+        for path in figures.values():
+            mlflow.log_artifact(str(path), "validation")
+    return {
+        "run_id": run_id, "study": vcfg.size, "tasks": len(tasks), "rows": int(len(rows)),
+        "out_dir": str(out_dir), "figures": sorted(figures),
+        "headline": {k: round(v, 4) for k, v in _headline_metrics(sel, cov).items()
+                     if k.startswith(("fwer.", "iou_maxn")) and ("nexis_hc1" in k or "marginal" in k)},
+    }

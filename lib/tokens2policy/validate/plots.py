@@ -1,0 +1,149 @@
+"""Figures of the validation study (matplotlib, Agg backend): IoU vs n, IoU vs effect size, null FWER, coverage."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+SHOWN_METHODS = ("nexis_linear", "nexis_hc1", "nexis_hc1_norho", "nexis_hc1_nobw", "nexis_gcm",
+                 "marginal_raw", "marginal_bonferroni", "marginal_bh")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(method: str):
+    return dict(ls="-" if method.startswith("nexis") else "--", marker="o" if method.startswith("nexis") else "s",
+                ms=4, capsize=2)
+
+
+def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, title: str, path: Path):
+    plt = _plt()
+    cells = summary[summary["design"] != "null"][["design", "outcome"]].drop_duplicates().values.tolist()
+    if not cells:
+        return None
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
+    for ax, (design, outcome) in zip(axes[0], cells):
+        sub = summary[(summary["design"] == design) & (summary["outcome"] == outcome)
+                      & np.isclose(summary[fixed].astype(float), float(fixed_value))]
+        for meth in methods:
+            g = sub[sub["method"] == meth].sort_values(x)
+            if g.empty:
+                continue
+            err = np.vstack([g["iou"] - g["iou_lo"], g["iou_hi"] - g["iou"]]).clip(0)
+            ax.errorbar(g[x], g["iou"], yerr=np.nan_to_num(err), label=meth, **_style(meth))
+        if x == "n":
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ax.set_xticks(sorted(sub["n"].unique()))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlabel("sample size n" if x == "n" else "effect size")
+        ax.set_title(f"{design}, {outcome} ({fixed}={fixed_value:g})", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("IoU(selected, aligned) — mean, 95% CI")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, methods=SHOWN_METHODS):
+    """IoU against n at one effect size (default: the median effect of the sweep), one panel per design cell."""
+    real = summary[summary["design"] != "null"]
+    if real.empty:
+        return None
+    effect = float(np.median(sorted(real["effect"].unique()))) if effect is None else effect
+    effect = min(real["effect"].unique(), key=lambda e: abs(e - effect))
+    return _sweep(summary, "n", "effect", effect, methods, "Recovery of the aligned coordinates vs sample size", Path(path))
+
+
+def iou_vs_effect(summary: pd.DataFrame, path, n: Optional[int] = None, methods=SHOWN_METHODS):
+    """IoU against the effect size at one n (default: the middle n of the sweep)."""
+    real = summary[summary["design"] != "null"]
+    if real.empty or real["effect"].nunique() < 2:
+        return None
+    ns = sorted(real["n"].unique())
+    n = ns[len(ns) // 2] if n is None else n
+    return _sweep(summary, "effect", "n", n, methods, "Recovery of the aligned coordinates vs effect size", Path(path))
+
+
+def null_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
+    """Family-wise error rate under the null (any selection) per method with Wilson 95 % CIs; the α line."""
+    plt = _plt()
+    null = summary[summary["design"] == "null"]
+    if null.empty:
+        return None
+    outcomes = sorted(null["outcome"].unique())
+    fig, axes = plt.subplots(1, len(outcomes), figsize=(6.5 * len(outcomes), 3.8), squeeze=False)
+    for ax, outcome in zip(axes[0], outcomes):
+        g = null[null["outcome"] == outcome].sort_values("method")
+        x = np.arange(len(g))
+        err = np.vstack([g["any_selected"] - g["any_selected_lo"], g["any_selected_hi"] - g["any_selected"]]).clip(0)
+        colors = ["tab:blue" if m.startswith("nexis") else "tab:orange" for m in g["method"]]
+        ax.bar(x, g["any_selected"], yerr=err, color=colors, capsize=2)
+        ax.axhline(alpha, color="k", ls=":", lw=1, label=f"α = {alpha:g}")
+        ax.set_xticks(x)
+        ax.set_xticklabels(g["method"], rotation=70, ha="right", fontsize=7)
+        ax.set_ylabel("FWER (Wilson 95% CI)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(0, 1.05)
+        reps = int(g["reps"].max())
+        ax.set_title(f"null design, {outcome} outcome, n={int(g['n'].iloc[0])}, {reps} repetitions", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def coverage(cov: pd.DataFrame, path, level: float = 0.95):
+    """Empirical coverage of the nominal 95 % CIs per estimand (Wilson 95 % CIs), one row of points per design."""
+    plt = _plt()
+    if cov.empty:
+        return None
+    cov = cov.copy()
+    cov["label"] = cov["design"] + "/" + cov["outcome"] + " n=" + cov["n"].astype(str)
+    estimands = sorted(cov["estimand"].unique())
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.35 * len(estimands) * cov["label"].nunique() ** 0.5 + 1.5))
+    labels = sorted(cov["label"].unique())
+    for i, lab in enumerate(labels):
+        g = cov[cov["label"] == lab].set_index("estimand").reindex(estimands)
+        y = np.arange(len(estimands)) + (i - (len(labels) - 1) / 2) * 0.8 / max(len(labels), 1)
+        err = np.vstack([g["coverage"] - g["coverage_lo"], g["coverage_hi"] - g["coverage"]]).clip(0)
+        ax.errorbar(g["coverage"], y, xerr=np.nan_to_num(err), fmt="o", ms=4, capsize=2, label=lab)
+    ax.axvline(level, color="k", ls=":", lw=1)
+    ax.set_yticks(np.arange(len(estimands)))
+    ax.set_yticklabels(estimands, fontsize=8)
+    ax.set_xlabel("empirical coverage of the 95% CI (Wilson 95% CI)")
+    ax.set_xlim(max(0.0, float(np.nanmin(cov["coverage_lo"])) - 0.05), 1.0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def all_figures(selection: pd.DataFrame, cov: pd.DataFrame, out_dir, alpha: float = 0.05) -> Dict[str, Path]:
+    """Write every figure that the data support to ``out_dir/validation_*.png``; returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    made = {
+        "iou_vs_n": iou_vs_n(selection, out / "validation_iou_vs_n.png"),
+        "iou_vs_effect": iou_vs_effect(selection, out / "validation_iou_vs_effect.png"),
+        "null_fwer": null_fwer(selection, out / "validation_null_fwer.png", alpha),
+        "coverage": coverage(cov, out / "validation_coverage.png"),
+    }
+    return {k: Path(v) for k, v in made.items() if v is not None}

@@ -1,0 +1,375 @@
+"""The validation study: one repetition = one simulated experiment analysed by every method; then summaries with CIs.
+
+A *task* is one (design point, repetition) pair, a plain dict so that it pickles to a Spark executor unchanged.
+:func:`run_task` is pure — its rows depend only on the task (seeds derive from ``(base_seed, design key, rep)``) —
+so the Spark job (one task per partition) and :func:`run_in_memory` give the same rows.
+
+Per task, on the same draw (paired comparisons):
+
+* **selection** — NEXIS variants (test linear / hc1 / gcm with poly2 nuisance; backward on/off; rho 0.5/off) and
+  marginal screening (raw, Bonferroni, Benjamini–Hochberg; HC1 tests). Metrics against the aligned coordinates:
+  IoU = |S ∩ S*| / |S ∪ S*|, precision = |S ∩ S*| / |S| (NaN when S = ∅), recall = |S ∩ S*| / |S*|, and
+  ``any_selected`` (under the null every selection is a family-wise error).
+* **coverage** — 95 % CIs of :func:`tokens2policy.effects.gates.gate` on the first aligned coordinate (median
+  split: both groups and their contrast) and of :func:`~tokens2policy.effects.gates.joint_interaction` on the true
+  set (best linear projection of tau), against closed-form truths (gaussian outcome) or a 100k-draw Monte Carlo
+  (binary); and of the doubly-robust policy value (:func:`tokens2policy.policy.value.policy_value`) of a policy
+  learned on one half of the sample (NEXIS-hc1 selection + interaction OLS, treat when tau_hat > cost) and
+  evaluated on the other half with cross-fitted AIPW scores, against its Monte-Carlo true value.
+
+Summaries: means with normal 95 % CIs (mean ± 1.96 sd/√R), proportions (FWER, coverage) with Wilson 95 % CIs
+(Wilson 1927; Brown, Cai & DasGupta 2001).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sstats
+
+from .designs import EntangledDesign, outcome_means, sample_units, simulate, task_seed, true_blp, \
+    true_median_split_gate
+
+# --------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str                  # nexis | marginal
+    test: str = "hc1"
+    backward: bool = True
+    rho: Optional[float] = 0.5
+    adjust: str = "FWER"         # marginal: raw | bonferroni | bh
+
+
+def _nexis_methods() -> List[Method]:
+    out = []
+    for test in ("linear", "hc1", "gcm"):
+        for backward in (True, False):
+            for rho in (0.5, None):
+                name = f"nexis_{test}" + ("" if backward else "_nobw") + ("" if rho is not None else "_norho")
+                out.append(Method(name, "nexis", test, backward, rho))
+    return out
+
+
+METHODS: List[Method] = _nexis_methods() + [
+    Method(f"marginal_{a}", "marginal", "hc1", False, None, a) for a in ("raw", "bonferroni", "bh")
+]
+METHOD_NAMES = tuple(m.name for m in METHODS)
+DEFAULT_NEXIS = "nexis_hc1"   # the pipeline's default (identify.test=hc1, backward, rho=0.5)
+POLICY_SELECTOR = "nexis_hc1"
+
+RESULT_COLUMNS = {  # column -> pandas dtype (the validation_runs contract, docs/tables.md)
+    "task_id": "int64", "design": "object", "outcome": "object", "n": "int64", "m": "int64", "effect": "float64",
+    "rep": "int64", "kind": "object", "method": "object", "family": "object", "test": "object",
+    "backward": "bool", "rho": "float64", "selected": "object", "truth": "object", "n_selected": "int64",
+    "n_true_selected": "int64", "iou": "float64", "precision": "float64", "recall": "float64",
+    "any_selected": "float64", "estimand": "object", "estimate": "float64", "se": "float64",
+    "ci_low": "float64", "ci_high": "float64", "true_value": "float64", "covered": "float64",
+    "seconds": "float64",
+}
+
+
+def resolve_methods(names: Optional[Sequence[str]]) -> List[Method]:
+    if not names:
+        return list(METHODS)
+    unknown = sorted(set(names) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown validation method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    return [m for m in METHODS if m.name in set(names)]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def selection_metrics(selected: Iterable[int], truth: Iterable[int]) -> Dict[str, float]:
+    """IoU, precision, recall of a selected set against the true set (precision NaN for S = ∅; IoU, recall NaN for
+    an empty truth, where only ``any_selected`` — a family-wise error — is meaningful)."""
+    S, T = set(int(s) for s in selected), set(int(s) for s in truth)
+    inter, union = len(S & T), len(S | T)
+    return {
+        "n_selected": len(S), "n_true_selected": inter,
+        "iou": inter / union if T else np.nan,
+        "precision": inter / len(S) if S else np.nan,
+        "recall": inter / len(T) if T else np.nan,
+        "any_selected": float(len(S) > 0),
+    }
+
+
+def wilson_interval(k: float, n: float, level: float = 0.95):
+    """Wilson score interval of a binomial proportion k/n."""
+    if n <= 0:
+        return np.nan, np.nan
+    z = sstats.norm.ppf(0.5 + level / 2)
+    p = k / n
+    den = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / den
+    half = z / den * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, center - half)), float(min(1.0, center + half))
+
+
+def mean_interval(values, level: float = 0.95):
+    """(mean, lo, hi, count) of the finite values, normal interval mean ± z sd/√R."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return np.nan, np.nan, np.nan, 0
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, np.nan, np.nan, 1
+    half = sstats.norm.ppf(0.5 + level / 2) * v.std(ddof=1) / np.sqrt(len(v))
+    return m, m - half, m + half, len(v)
+
+
+# --------------------------------------------------------------------------------------------- one task
+def _row(task, method="", family="", **kw) -> Dict:
+    d = task["design"]
+    row = {c: None for c in RESULT_COLUMNS}
+    row.update(task_id=int(task["task_id"]), design=d["kind"], outcome=d["outcome"], n=int(d["n"]),
+               m=int(task.get("m", d.get("m", 0))),
+               effect=float(d["effect"]), rep=int(task["rep"]), kind="selection", method=method, family=family,
+               test="", backward=False, rho=np.nan, selected="[]", truth="[]", n_selected=0, n_true_selected=0,
+               estimand="")
+    row.update(kw)
+    return row
+
+
+def _selection_rows(task, sim, methods, alpha, seed, min_active=0):
+    from tokens2policy.identify import marginal, nexis
+
+    rows, chosen = [], {}
+    truth = sorted(int(i) for i in sim.truth) if sim.design.heterogeneity != 0 else []
+    for meth in methods:
+        if meth.family != "nexis":
+            continue
+        t0 = time.perf_counter()
+        res = nexis(sim.y, sim.t, sim.z, alpha=alpha, test=meth.test, adjust="FWER", rho=meth.rho,
+                    backward=meth.backward, nuisance="poly2", n_folds=5, seed=seed, min_active=min_active)
+        sel = sorted(int(i) for i in res.selected)
+        chosen[meth.name] = sel
+        rows.append(_row(task, meth.name, "nexis", test=meth.test, backward=meth.backward,
+                         rho=np.nan if meth.rho is None else meth.rho, selected=json.dumps(sel),
+                         truth=json.dumps(truth), seconds=time.perf_counter() - t0,
+                         **selection_metrics(sel, truth)))
+    marg = [m for m in methods if m.family == "marginal"]
+    if marg:
+        t0 = time.perf_counter()
+        res = marginal(sim.y, sim.t, sim.z, alpha=alpha, test="hc1", min_active=min_active)
+        secs = time.perf_counter() - t0
+        for meth in marg:
+            mask = {"raw": res.reject_raw, "bonferroni": res.reject_bonferroni, "bh": res.reject_bh}[meth.adjust]
+            sel = [int(i) for i in np.nonzero(mask)[0]]
+            chosen[meth.name] = sel
+            rows.append(_row(task, meth.name, "marginal", test="hc1", selected=json.dumps(sel),
+                             truth=json.dumps(truth), seconds=secs, **selection_metrics(sel, truth)))
+    return rows, chosen
+
+
+def _coverage_row(task, estimand, est, se, lo, hi, truth_value, secs):
+    covered = float(lo <= truth_value <= hi) if np.isfinite([lo, hi, truth_value]).all() else np.nan
+    return _row(task, "", "coverage", kind="coverage", estimand=estimand, estimate=est, se=se, ci_low=lo,
+                ci_high=hi, true_value=truth_value, covered=covered, seconds=secs)
+
+
+def _coverage_rows(task, sim, alpha, policy_cost, n_truth, rng) -> List[Dict]:
+    """GATE / projection / policy-value CIs of this draw and whether they cover the true value."""
+    from tokens2policy.effects import aipw_scores, cross_fit_nuisances, gate, joint_interaction, NuisanceParams
+    from tokens2policy.effects.ols import ols
+    from tokens2policy.identify import make_folds, nexis
+    from tokens2policy.policy import policy_value
+
+    d, rows = sim.design, []
+    t0 = time.perf_counter()
+    a_col = int(sim.truth[0])
+    # the truths: closed form (gaussian) or Monte Carlo on fresh units of the same representation (binary)
+    U_f, Z_f = sample_units(d, sim.loadings, sim.noise_sd, n_truth, rng)
+    mu0_f, tau_f = outcome_means(d, U_f)
+    if d.outcome == "gaussian":
+        g_true = true_median_split_gate(d, sim.loadings[a_col], sim.noise_sd[a_col])
+        blp = true_blp(d, sim.loadings[sim.truth], sim.noise_sd[sim.truth])
+    else:
+        hi = Z_f[:, a_col] > 0
+        g_true = {"> median": tau_f[hi].mean(), "<= median": tau_f[~hi].mean()}
+        g_true["> median - <= median"] = g_true["> median"] - g_true["<= median"]
+        X = np.column_stack([np.ones(n_truth), Z_f[:, sim.truth]])
+        blp = np.linalg.lstsq(X, tau_f, rcond=None)[0]
+    for r in gate(sim.y, sim.t, sim.z[:, a_col], "continuous", feature="z_aligned1", alpha=alpha):
+        rows.append(_coverage_row(task, f"gate {r.group}", r.estimate, r.se, r.ci_low, r.ci_high,
+                                  g_true[r.group], 0.0))
+    names = [f"z{int(j)}" for j in sim.truth]
+    joint = joint_interaction(sim.y, sim.t, sim.z[:, sim.truth], names, alpha=alpha)
+    for r, truth_value, label in zip(joint, blp, ["blp intercept", "blp slope aligned1", "blp slope aligned2"]):
+        rows.append(_coverage_row(task, label, r.estimate, r.se, r.ci_low, r.ci_high, truth_value, 0.0))
+    # policy value: learn on half A, evaluate on half B (cross-fitted AIPW), truth on the fresh units
+    n = len(sim.y)
+    perm = rng.permutation(n)
+    A_, B_ = perm[: n // 2], perm[n // 2:]
+    sel = nexis(sim.y[A_], sim.t[A_], sim.z[A_], alpha=alpha, test="hc1", rho=0.5, backward=True).selected
+    sel = np.asarray(sel, dtype=int)
+
+    def design_matrix(z, t):
+        zs = z[:, sel]
+        return np.column_stack([np.ones(len(t)), zs, t, zs * t[:, None]])
+
+    fit = ols(design_matrix(sim.z[A_], sim.t[A_]), sim.y[A_])
+    k = len(sel)
+
+    def cate(z):
+        return fit.coef[1 + k] + z[:, sel] @ fit.coef[2 + k:]
+
+    policy_b = (cate(sim.z[B_]) > policy_cost).astype(float)
+    folds = make_folds(len(B_), 5, int(rng.integers(2 ** 31)))
+    nu = cross_fit_nuisances(sim.z[B_], sim.t[B_], sim.y[B_], folds, NuisanceParams("ridge"), seed=0)
+    scores = aipw_scores(sim.t[B_], sim.y[B_], nu["mu0"], nu["mu1"], nu["e"])
+    pv = policy_value(scores, policy_b, cost=policy_cost, alpha=alpha)
+    pi_f = (cate(Z_f) > policy_cost).astype(float)
+    v_true = float(np.mean(mu0_f + pi_f * (tau_f - policy_cost)))
+    rows.append(_coverage_row(task, "policy value", pv["estimate"], pv["se"], pv["ci_low"], pv["ci_high"], v_true,
+                              time.perf_counter() - t0))
+    return rows
+
+
+def run_task(task: Dict) -> List[Dict]:
+    """All result rows of one (design point, repetition) task. Pure: same task, same rows (``seconds`` aside)."""
+    methods = resolve_methods(task.get("methods"))
+    if task["design"]["kind"] == "text":
+        from .text import TextDesign, simulate_text
+
+        design = TextDesign.from_dict(task["design"])
+        sim_seed, nexis_seed = task_seed(task["base_seed"], design.key(), task["rep"]).spawn(2)
+        sim = simulate_text(design, sim_seed)
+        gcm_seed = int(nexis_seed.generate_state(1)[0] % (2 ** 31))
+        rows, _ = _selection_rows(task, sim, methods, task["alpha"], gcm_seed, task.get("min_active", 20))
+        return rows
+    design = EntangledDesign(**{k: tuple(v) if isinstance(v, list) else v for k, v in task["design"].items()})
+    ss = task_seed(task["base_seed"], design.key(), task["rep"])
+    sim_seed, nexis_seed, cov_seed = ss.spawn(3)
+    sim = simulate(design, sim_seed)
+    gcm_seed = int(nexis_seed.generate_state(1)[0] % (2 ** 31))
+    rows, _ = _selection_rows(task, sim, methods, task["alpha"], gcm_seed)
+    if task.get("coverage", False):
+        rows += _coverage_rows(task, sim, task["alpha"], task.get("policy_cost", 0.2), task.get("n_truth", 100_000),
+                               np.random.default_rng(cov_seed))
+    return rows
+
+
+def rows_frame(rows: List[Dict]) -> pd.DataFrame:
+    """Result rows as a DataFrame with the :data:`RESULT_COLUMNS` dtypes."""
+    df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    for col, dtype in RESULT_COLUMNS.items():
+        if dtype == "object":
+            df[col] = df[col].fillna("").astype(str)
+        elif dtype == "float64":
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+        else:
+            df[col] = df[col].fillna(0).astype(dtype)
+    return df
+
+
+def run_in_memory(tasks: Sequence[Dict]) -> pd.DataFrame:
+    """The same study as the Spark job, sequentially in this process (reference and small runs)."""
+    rows: List[Dict] = []
+    for task in tasks:
+        rows += run_task(task)
+    return rows_frame(rows)
+
+
+# --------------------------------------------------------------------------------------------- the grid
+SIZES = {
+    # small: a couple of minutes on 2 cores
+    "ci": dict(cells=[("linear", "gaussian")], n_values=[300, 2000], effects=[0.5], repetitions=6, m=50,
+               null_outcomes=["gaussian"], null_n=1000, null_repetitions=100, coverage_n=2000, n_truth=20000,
+               text=False, text_n_values=[500, 2000], text_effects=[1.0]),
+    # the paper-sized sweep
+    "full": dict(cells=[("linear", "gaussian"), ("quadratic", "gaussian"), ("linear", "binary"),
+                        ("quadratic", "binary")],
+                 n_values=[250, 500, 1000, 2000, 4000, 8000], effects=[0.25, 0.5, 1.0], repetitions=50, m=100,
+                 null_outcomes=["gaussian", "binary"], null_n=2000, null_repetitions=500, coverage_n=2000,
+                 n_truth=100000, text=True, text_n_values=[250, 500, 1000, 2000, 4000], text_effects=[0.5, 1.0]),
+}
+
+
+def wants_text(vcfg) -> bool:
+    """Whether the study includes design 2 (its representation must then be built first)."""
+    return bool(vcfg.text if vcfg.text is not None else SIZES[vcfg.size]["text"])
+
+
+def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = None) -> List[Dict]:
+    """The study's task list from a :class:`tokens2policy.config.ValidateConfig` (size preset + overrides).
+
+    ``text_representation``: the .npz of :func:`tokens2policy.validate.text.build_text_representation`, needed
+    when the study includes design 2."""
+    preset = SIZES[vcfg.size]
+    get = lambda name: getattr(vcfg, name) if getattr(vcfg, name) is not None else preset[name]  # noqa: E731
+    cells = [tuple(c.split(":")) for c in vcfg.cells] if vcfg.cells else preset["cells"]
+    n_values, effects, reps, m = get("n_values"), get("effects"), get("repetitions"), get("m")
+    null_outcomes, null_n, null_reps = get("null_outcomes"), get("null_n"), get("null_repetitions")
+    coverage_n, n_truth = get("coverage_n"), get("n_truth")
+    methods = resolve_methods(vcfg.methods)
+    common = dict(base_seed=int(base_seed), alpha=float(vcfg.alpha), methods=[mm.name for mm in methods],
+                  policy_cost=float(vcfg.policy_cost), n_truth=int(n_truth))
+    points = []
+    for kind, outcome in cells:
+        for n in n_values:
+            for eff in effects:
+                cov = bool(vcfg.coverage) and n == coverage_n
+                points.append((EntangledDesign(kind=kind, outcome=outcome, n=int(n), m=int(m), effect=float(eff)),
+                               reps, cov))
+    for outcome in null_outcomes:
+        points.append((EntangledDesign(kind="null", outcome=outcome, n=int(null_n), m=int(m), effect=0.0),
+                       null_reps, bool(vcfg.coverage)))
+    tasks = []
+    for design, r, cov in points:
+        for rep in range(int(r)):
+            tasks.append(dict(common, task_id=len(tasks), design=design.to_dict(), rep=rep, coverage=cov))
+    if wants_text(vcfg):
+        if not text_representation:
+            raise ValueError("validate.text needs the text representation: build it with "
+                             "tokens2policy.validate.text.build_text_representation first")
+        from .text import TextDesign, load_representation
+
+        m_text = int(load_representation(str(text_representation))["codes"].shape[1])
+        for n in get("text_n_values"):
+            for eff in get("text_effects"):
+                design = TextDesign(n=int(n), effect=float(eff), representation=str(text_representation))
+                for rep in range(int(reps)):
+                    tasks.append(dict(common, task_id=len(tasks), design=design.to_dict(), rep=rep, coverage=False,
+                                      m=m_text, min_active=int(vcfg.text_min_active)))
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------- summaries
+POINT_KEYS = ["design", "outcome", "n", "m", "effect"]
+
+
+def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
+    """Per design point and method: mean IoU / precision / recall / |S| with normal 95 % CIs, and the rate of any
+    selection (the FWER under the null) with its Wilson 95 % CI."""
+    out = []
+    sel = df[df["kind"] == "selection"]
+    for key, g in sel.groupby(POINT_KEYS + ["method", "family"], sort=True):
+        rec = dict(zip(POINT_KEYS + ["method", "family"], key))
+        rec["reps"] = len(g)
+        for metric in ("iou", "precision", "recall", "n_selected"):
+            m, lo, hi, _ = mean_interval(g[metric])
+            rec[metric], rec[f"{metric}_lo"], rec[f"{metric}_hi"] = m, lo, hi
+        k = float(g["any_selected"].sum())
+        rec["any_selected"] = k / len(g)
+        rec["any_selected_lo"], rec["any_selected_hi"] = wilson_interval(k, len(g))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def summarize_coverage(df: pd.DataFrame) -> pd.DataFrame:
+    """Per design point and estimand: empirical coverage with its Wilson 95 % CI, mean CI width, mean bias."""
+    out = []
+    cov = df[(df["kind"] == "coverage") & df["covered"].notna()]
+    for key, g in cov.groupby(POINT_KEYS + ["estimand"], sort=True):
+        rec = dict(zip(POINT_KEYS + ["estimand"], key))
+        k = float(g["covered"].sum())
+        rec.update(reps=len(g), coverage=k / len(g), mean_width=float((g["ci_high"] - g["ci_low"]).mean()),
+                   mean_bias=float((g["estimate"] - g["true_value"]).mean()))
+        rec["coverage_lo"], rec["coverage_hi"] = wilson_interval(k, len(g))
+        out.append(rec)
+    return pd.DataFrame(out)

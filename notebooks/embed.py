@@ -1,0 +1,33 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # tokens2policy — Embed
+# MAGIC
+# MAGIC Embeds every unit's text with the frozen text model (GPU when the cluster has one) into the `embeddings` and sampled `token_states` tables.
+# MAGIC
+# MAGIC **Writes:** embeddings, token_states
+# MAGIC
+# MAGIC Widgets: `config` (YAML profile), `overrides` (`key=value` separated by `;`), `force` (`true` reruns an
+# MAGIC up-to-date stage). Outside Databricks the same parameters come from `T2P_CONFIG`, `T2P_OVERRIDES`,
+# MAGIC `T2P_FORCE`, so this file also runs as plain Python: `python notebooks/embed.py`.
+
+# COMMAND ----------
+
+import os
+import sys
+
+try:
+    import tokens2policy  # noqa: F401  (the wheel on Databricks, the editable install locally)
+except ImportError:  # a plain checkout: use the sources next to this notebook
+    _here = os.path.dirname(os.path.abspath(globals().get("__file__", os.getcwd() + "/x")))
+    sys.path.insert(0, os.path.join(os.path.dirname(_here), "lib"))
+
+from tokens2policy.report.notebook import notebook_args, run_notebook_stage
+
+args = notebook_args(globals())
+print(f"config={args.config_path} overrides={args.overrides} force={args.force}")
+
+# COMMAND ----------
+
+results = run_notebook_stage("embed", args)
+for r in results:
+    print(r)

@@ -1,0 +1,127 @@
+"""NEXIS against known truth: planted modifiers are recovered; under the null the FWER is controlled."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from tokens2policy.identify import marginal, nexis
+
+
+def sparse_problem(seed, n=3000, m=300, active=0.1, planted=(7, 42, 123), effects=(1.0, -0.8, 0.6), corr_to=None):
+    """Non-negative sparse neurons; y has main effects of several neurons and a treatment effect modified by the
+    planted ones. ``corr_to`` makes a decoy neuron that shares most of its support with planted[0] but has no
+    direct effect, the case where the marginal screen is fooled and the conditional search is not."""
+    rng = np.random.default_rng(seed)
+    Z = sp.random(n, m, density=active, format="csc", random_state=rng, data_rvs=lambda k: rng.exponential(1, k))
+    Z = Z.tolil()
+    if corr_to is not None:
+        src = Z[:, planted[0]].toarray().ravel()
+        Z[:, corr_to] = (src * (0.5 + rng.random(n))).reshape(-1, 1)
+    Z = Z.tocsc()
+    t = (rng.random(n) < 0.5).astype(float)
+    D = Z.toarray()
+    y = 1.0 + 0.5 * t + 0.5 * D[:, :5].sum(1) + rng.normal(size=n)
+    for j, b in zip(planted, effects):
+        y += b * t * D[:, j]
+    return y, t, Z
+
+
+@pytest.mark.parametrize("test", ["linear", "hc1", "gcm"])
+def test_planted_modifiers_recovered(test):
+    y, t, Z = sparse_problem(seed=11)
+    r = nexis(y, t, Z, test=test)
+    assert set(r.selected.tolist()) == {7, 42, 123}
+    assert test == "gcm" or r.selected[0] == 7  # the strongest enters first (t-scale of GCM differs)
+    assert np.all(r.pvalues < 0.05 / 300)
+    assert np.sign(r.tstats[list(r.selected).index(42)]) == -1
+    assert r.converged
+
+
+def test_conditional_search_rejects_a_decoy_the_marginal_screen_picks():
+    y, t, Z = sparse_problem(seed=3, corr_to=99)
+    mg = marginal(y, t, Z)
+    assert mg.reject_bonferroni[99]          # the decoy looks like a modifier marginally
+    r = nexis(y, t, Z)
+    assert 99 not in r.selected.tolist()     # but not given the planted one
+    assert 7 in r.selected.tolist()
+
+
+def test_cluster_test_with_cluster_level_modifier_noise():
+    """Cluster-level random interaction noise: CR1S keeps false selections rare where the iid test does not."""
+    n_rep, fp_iid, fp_cl = 40, 0, 0
+    for rep in range(n_rep):
+        rng = np.random.default_rng(1000 + rep)
+        G, per = 30, 20
+        cl = np.repeat(np.arange(G), per)
+        n = G * per
+        zc = rng.normal(size=(G, 10))
+        Z = zc[cl] + 0.1 * rng.normal(size=(n, 10))          # neurons vary mostly between clusters
+        t = (rng.random(n) < 0.5).astype(float)
+        u = rng.normal(size=G)[cl]                             # cluster-level effect heterogeneity, not via Z
+        y = t * u + rng.normal(size=n)
+        fp_iid += len(nexis(y, t, Z, test="hc1").selected) > 0
+        fp_cl += len(nexis(y, t, Z, test="cluster", cluster=cl).selected) > 0
+    assert fp_cl / n_rep <= 0.15
+    assert fp_iid > fp_cl
+
+
+@pytest.mark.parametrize("test", ["linear", "hc1"])
+def test_fwer_controlled_under_null(test):
+    """No modifier at all: the probability of selecting anything must stay near alpha (Bonferroni gate), while
+    the unadjusted marginal screen rejects something most of the time (so the check has power to fail)."""
+    n_rep, alpha, m = 200, 0.05, 30
+    any_sel, any_raw = 0, 0
+    for rep in range(n_rep):
+        rng = np.random.default_rng(rep)
+        n = 200
+        Z = rng.normal(size=(n, m))
+        t = (rng.random(n) < 0.5).astype(float)
+        y = 0.5 * t + Z[:, :3].sum(1) + rng.normal(size=n)   # main effects only
+        any_sel += len(nexis(y, t, Z, test=test, alpha=alpha).selected) > 0
+        any_raw += marginal(y, t, Z, test=test, alpha=alpha).reject_raw.any()
+    fwer = any_sel / n_rep
+    se = np.sqrt(alpha * (1 - alpha) / n_rep)
+    assert fwer <= alpha + 3 * se, fwer
+    assert any_raw / n_rep > 0.5
+
+
+def test_fdr_selects_more_than_fwer_with_many_weak_modifiers():
+    rng = np.random.default_rng(9)
+    n, m = 1500, 60
+    Z = rng.normal(size=(n, m))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = t * (0.15 * Z[:, :12].sum(1)) + rng.normal(size=n)
+    fw = nexis(y, t, Z, adjust="FWER", rho=None)
+    fd = nexis(y, t, Z, adjust="FDR", rho=None)
+    assert len(fd.selected) > len(fw.selected) >= 1
+    assert set(fw.selected.tolist()) <= set(fd.selected.tolist())
+    assert np.mean([j < 12 for j in fd.selected]) >= 0.8   # false discovery proportion <= 0.2
+
+
+def test_gate2_stops_at_the_spectral_gap():
+    rng = np.random.default_rng(4)
+    n, m = 4000, 20
+    Z = rng.normal(size=(n, m))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = t * (1.0 * Z[:, 0] + 0.9 * Z[:, 1] + 0.12 * Z[:, 2]) + rng.normal(size=n)
+    strict = nexis(y, t, Z, rho=0.5)
+    loose = nexis(y, t, Z, rho=None)
+    assert strict.selected.tolist() == [0, 1]
+    assert 2 in loose.selected.tolist()
+    stop = [r for r in strict.trace if r["action"] == "stop_gate2"]
+    assert stop and stop[0]["feature"] == 2 and abs(stop[0]["t"]) < 0.5 * stop[0]["gate2_ref"]
+
+
+def test_w_phase_seeds_joint_search():
+    rng = np.random.default_rng(2)
+    n, m = 2000, 15
+    Z = rng.normal(size=(n, m))
+    W = rng.normal(size=(n, 3))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = t * (1.0 * W[:, 2] + 0.7 * Z[:, 4]) + W.sum(1) + rng.normal(size=n)
+    r = nexis(y, t, Z, w=W)
+    assert r.selected_w.tolist() == [2]
+    assert r.selected.tolist() == [4]
+    phases = [x["phase"] for x in r.trace if x["action"] == "add"]
+    assert phases == ["W", "joint"]

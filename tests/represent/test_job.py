@@ -1,0 +1,110 @@
+"""The represent stage end to end on small planted tables: neurons round trip through Delta and the MLflow
+registry, neuron statistics against numpy, labels against the planted topics, redaction of stored text."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from tokens2policy.represent.sae import rows_to_csr
+
+# several Spark jobs, Delta commits and an MLflow registry round trip: well over 20 s on 2 cores
+pytestmark = pytest.mark.slow
+
+TOPICS = {"sport": ["goal", "match", "striker", "league", "coach"],
+          "politics": ["vote", "election", "minister", "parliament", "party"]}
+FILLER = ["today", "people", "said", "week", "year", "time", "report", "local", "news", "group"]
+
+
+def _tables(spark, cfg, n=240, d=16, seed=0):
+    from tokens2policy.lakehouse import write_table
+
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(2, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    topic = np.arange(n) % 2
+    strength = rng.uniform(1, 3, size=n)
+    x = (strength[:, None] * atoms[topic] + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+    names = list(TOPICS)
+    texts = []
+    for i in range(n):
+        words = list(rng.choice(FILLER, size=12)) + list(rng.choice(TOPICS[names[topic[i]]], size=4))
+        texts.append(f"Reporter Jane Doe (jane.doe@example.org) wrote {i}: " + " ".join(words))
+    ids = [f"u{i:04d}" for i in range(n)]
+    units = pd.DataFrame({"experiment_id": "exp1", "unit_id": ids, "text": texts})
+    emb = pd.DataFrame({"experiment_id": "exp1", "unit_id": ids, "model": "m", "model_hash": "h1",
+                        "vector": [r.tolist() for r in x], "dim": d, "status": "ok"})
+    tok_rows = []
+    for i in range(0, n, 4):
+        for p, w in enumerate(texts[i].split()[-4:]):
+            tok_rows.append({"experiment_id": "exp1", "unit_id": ids[i], "model_hash": "h1", "position": p,
+                             "token": w, "vector": (x[i] + 0.01 * rng.normal(size=d)).astype(np.float32).tolist()})
+    write_table(spark.createDataFrame(units), cfg, "units", partition_by=["experiment_id"])
+    write_table(spark.createDataFrame(emb), cfg, "embeddings", partition_by=["experiment_id"])
+    write_table(spark.createDataFrame(pd.DataFrame(tok_rows)), cfg, "token_states", partition_by=["experiment_id"])
+    return x, ids, topic
+
+
+@pytest.fixture(scope="module")
+def stage(spark, tmp_path_factory):
+    from tokens2policy.config import load_config
+    from tokens2policy.represent import job
+
+    data = tmp_path_factory.mktemp("represent_job")
+    cfg = load_config(None, [f"data_dir={data}", "represent.n_latents=16", "represent.k=2", "represent.epochs=15",
+                             "represent.batch_size=32", "represent.lr=0.004", "represent.num_threads=1",
+                             "represent.label_top_docs=20", "represent.n_examples=3"])
+    x, ids, topic = _tables(spark, cfg)
+    summary = job.run(spark, cfg)
+    return spark, cfg, summary, x, ids, topic
+
+
+def test_neurons_round_trip_through_delta_and_the_registered_model(stage):
+    import mlflow
+
+    from tokens2policy.lakehouse import read_table
+    from tokens2policy.tracking import configure_mlflow
+
+    spark, cfg, summary, x, ids, _ = stage
+    pdf = read_table(spark, cfg, "neurons").orderBy("unit_id").toPandas()
+    assert pdf["unit_id"].tolist() == ids
+    table_codes = rows_to_csr(pdf["indices"].tolist(), pdf["values"].tolist(), summary["n_latents"]).toarray()
+    configure_mlflow(cfg)
+    assert summary["registered_version"] == 1
+    model = mlflow.pyfunc.load_model(f"models:/tokens2policy-represent/{summary['registered_version']}")
+    pred = model.predict(pd.DataFrame({"vector": [r.tolist() for r in x]}))
+    mem_codes = rows_to_csr(pred["indices"].tolist(), pred["values"].tolist(), summary["n_latents"]).toarray()
+    np.testing.assert_allclose(table_codes, mem_codes, rtol=1e-6, atol=1e-6)
+    assert (np.count_nonzero(table_codes, axis=1) <= 2).all()
+    # the logged quality metrics are those of the registered model on these vectors
+    rep = model.unwrap_python_model().rep
+    m = rep.metrics(x)
+    assert summary["normalized_mse"] == pytest.approx(m["normalized_mse"], rel=1e-4)
+    assert summary["fraction_variance_explained"] == pytest.approx(m["fraction_variance_explained"], rel=1e-4)
+    assert summary["mean_l0"] == pytest.approx(m["mean_l0"])
+    assert summary["fraction_variance_explained"] > 0.9
+
+
+def test_neuron_stats_match_numpy(stage):
+    from tokens2policy.lakehouse import read_table
+
+    spark, cfg, summary, *_ = stage
+    neurons = read_table(spark, cfg, "neurons").toPandas()
+    z = rows_to_csr(neurons["indices"].tolist(), neurons["values"].tolist(), summary["n_latents"]).toarray()
+    st = read_table(spark, cfg, "neuron_stats").orderBy("neuron").toPandas()
+    assert st["neuron"].tolist() == list(range(summary["n_latents"]))
+    np.testing.assert_allclose(st["activation_frequency"], (z > 0).mean(0), atol=1e-12)
+    np.testing.assert_allclose(st["mean_activation"], z.mean(0), rtol=1e-5, atol=1e-7)
+    assert summary["dead_fraction"] == pytest.approx(np.mean(~(z > 0).any(0)))
+
+
+def test_labels_name_the_planted_topics_and_store_no_personal_data(stage):
+    from tokens2policy.lakehouse import read_table
+
+    spark, cfg, summary, *_ = stage
+    labels = read_table(spark, cfg, "neuron_labels").toPandas()
+    assert len(labels) == summary["n_latents"]
+    for topic, words in TOPICS.items():
+        assert any(len(set(t) & set(words)) >= 3 for t in labels["top_terms"]), topic
+    assert any(len(set(t) & set(TOPICS["sport"])) >= 2 for t in labels["top_tokens"])
+    stored = labels.to_json()
+    assert "Jane" not in stored and "example.org" not in stored
+    assert any(len(d) == 3 for d in labels["top_docs"]) and any(len(d) == 3 for d in labels["bottom_docs"])
