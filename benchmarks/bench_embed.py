@@ -121,9 +121,14 @@ def main(argv=None) -> dict:
         summary = embed_job.run(spark, cfg)
         return time.perf_counter() - t, summary
 
+    def log(msg):
+        print(f"[bench_embed] {msg}", file=sys.stderr, flush=True)
+
     res = {"plain": [], "udf": [], "job": []}
     cold_udf = run_udf()  # first pass: Python workers start and load the model
+    log(f"cold udf {cold_udf:.2f}s")
     cold_job, _ = (None, None) if args.skip_job else run_job("cold")
+    log(f"cold job {cold_job}")
     summaries = []
     for i in range(args.repeats):
         res["plain"].append(run_plain())
@@ -132,6 +137,7 @@ def main(argv=None) -> dict:
             sec, summary = run_job(i)
             res["job"].append(sec)
             summaries.append(summary)
+        log(f"repeat {i}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items() if v))
 
     n = len(texts)
     med = {k: statistics.median(v) for k, v in res.items() if v}
@@ -158,6 +164,9 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
     spark.stop()
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
     return out
 
 

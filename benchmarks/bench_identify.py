@@ -29,6 +29,7 @@ from tokens2policy.identify import nexis  # noqa: E402
 
 
 def dense_problem(n, m, seed, planted=(11, 222, 3333, 1717, 900), effects=(0.5, -0.4, 0.35, 0.3, -0.25)):
+    planted = tuple(j % m for j in planted)
     rng = np.random.default_rng(seed)
     Z = rng.normal(size=(n, m))
     t = (rng.random(n) < 0.5).astype(float)
@@ -65,16 +66,16 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_case(case, oracle, seed):
+def run_case(case, oracle, seed, n_override=None, m_override=None):
     from oracle import oracle_nexis
 
     rec = {"case": case}
     if case == "dense":
-        n, m = 20000, 4096
+        n, m = n_override or 20000, m_override or 4096
         y, t, Z, planted = dense_problem(n, m, seed)
         kw = dict(test="linear")
     elif case == "gcm":
-        n, m = 20000, 4096
+        n, m = n_override or 20000, m_override or 4096
         y, t, Z, planted = dense_problem(n, m, seed)
         kw = dict(test="gcm", nuisance="poly2")
     elif case == "sparse":
@@ -103,8 +104,10 @@ def main():
     ap.add_argument("--case", choices=["dense", "sparse", "gcm"], required=True)
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=None, help="override n (dense/gcm)")
+    ap.add_argument("--m", type=int, default=None, help="override m (dense/gcm)")
     a = ap.parse_args()
-    print(json.dumps(run_case(a.case, not a.no_oracle, a.seed)), flush=True)
+    print(json.dumps(run_case(a.case, not a.no_oracle, a.seed, a.n, a.m)), flush=True)
 
 
 if __name__ == "__main__":

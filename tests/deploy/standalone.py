@@ -2,13 +2,13 @@
 ``spark-class``, for tests that ``spark-submit`` jobs the way a real cluster runs them.
 
 Everything binds to 127.0.0.1 on free ports; each daemon runs in its own process group, which is killed on exit
-(also when startup fails half-way), so a test never leaves a JVM behind.
+(also when startup fails half-way), and gets SIGTERM from the kernel if the test process itself dies (timeout,
+kill), so a test never leaves a JVM behind.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +33,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, however it dies (Linux prctl
+    PR_SET_PDEATHSIG), so a killed test run leaves no daemon behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def daemon_env(work: Path) -> dict:
@@ -80,7 +91,8 @@ class StandaloneCluster:
         cmd = [str(spark_home() / "bin" / "spark-class"), *args]
         # start_new_session: the daemon and anything it forks share one process group that stop() kills.
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=daemon_env(self.work),
-                                cwd=self.work, start_new_session=True)
+                                cwd=self.work, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         fh.close()
         self.procs.append(proc)
 
@@ -184,5 +196,6 @@ def spark_submit(cluster: StandaloneCluster, job: Path, args: List[str], py_file
     # The driver must not find the package through the source tree: only the shipped zip (executors) and the
     # installed package (driver) count.
     env.pop("PYTHONPATH", None)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 

@@ -69,3 +69,30 @@ def test_spark_submit_runs_on_separate_executors(standalone_cluster, package_py_
     assert {r.executor_id for r in rows} == set(summary["executor_ids"])
     # executors ran in the workers' work dirs under this app id
     assert all(Path(r.cwd).parent.name == summary["app_id"] for r in rows)
+
+
+def test_spark_submit_pipeline_to_standalone_cluster(standalone_cluster, package_py_files, spark, tmp_path):
+    """The whole pipeline (jobs/pipeline.py) submitted to the loopback cluster on a tiny demo experiment."""
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse import read_table
+    from tokens2policy.lakehouse.jars import cached_jars
+    from tokens2policy.stages import STAGE_NAMES
+
+    data_dir = tmp_path / "data"
+    overrides = [f"data_dir={data_dir}", "spark.delta_jars=cache", "spark.driver_memory=1g",
+                 "spark.shuffle_partitions=2", "demo.n_units=400", "represent.epochs=2", "effects.n_bootstrap=20"]
+    args = ["--config", str(REPO / "conf" / "local.yaml")]
+    for o in overrides:
+        args += ["--set", o]
+    env_conf = {f"spark.executorEnv.{k}": "1" for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = spark_submit(standalone_cluster, REPO / "jobs" / "pipeline.py", args, package_py_files,
+                        extra_conf={**env_conf, "spark.databricks.delta.snapshotPartitions": "2"}, cwd=tmp_path,
+                        jars=cached_jars(), timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + "\n" + proc.stderr[-6000:]
+    assert f"master={standalone_cluster.url}" in proc.stdout
+    assert "tokens2policy — run summary" in proc.stdout
+    report = [l.split("report: ", 1)[1] for l in proc.stdout.splitlines() if l.startswith("report: ")]
+    assert report and Path(report[-1]).is_file()
+    cfg = load_config(None, [f"data_dir={data_dir}"])
+    runs = read_table(spark, cfg, "stage_runs").collect()
+    assert {r.stage for r in runs if r.status == "success"} == set(STAGE_NAMES)

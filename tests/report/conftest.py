@@ -1,7 +1,6 @@
 """Small synthetic versions of every table the report reads, written to a tmp lakehouse as real Delta tables."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -96,7 +95,7 @@ def synthetic_tables():
     value = pd.DataFrame({
         "experiment_id": EXP, "outcome": "engagement",
         "policy": ["learned", "treat_all", "treat_none", "random_same_budget", "learned", "learned"],
-        "comparison": [None, None, None, None, "treat_all", "random_same_budget"],
+        "comparison": ["value", "value", "value", "value", "minus treat_all", "minus random_same_budget"],
         "treated_share": [0.775, 1.0, 0.0, 0.775, 0.775, 0.775],
         "estimate": [1.6123, 1.4877, 1.0, 1.3779, 0.1246, 0.2344], "se": [0.05, 0.05, 0.05, 0.05, 0.03, 0.04],
         "ci_low": [1.514, 1.39, 0.902, 1.28, 0.066, 0.156], "ci_high": [1.71, 1.586, 1.098, 1.476, 0.183, 0.313],

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .conftest import EXP, OTHER, make_units, synthetic_tables, write_tables
+from .conftest import EXP, OTHER, make_units, write_tables
 
 Z975 = 1.959963984540054
 

@@ -108,3 +108,23 @@ def test_labels_name_the_planted_topics_and_store_no_personal_data(stage):
     stored = labels.to_json()
     assert "Jane" not in stored and "example.org" not in stored
     assert any(len(d) == 3 for d in labels["top_docs"]) and any(len(d) == 3 for d in labels["bottom_docs"])
+
+
+def test_distributed_fit_reads_staged_shards(spark, tmp_path):
+    """The stage's torch-backend path: stage the training view in Delta, 2 DDP ranks read their own shards."""
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse import read_table
+    from tokens2policy.represent import job
+
+    from ._synthetic import planted_sparse
+
+    x, _, _ = planted_sparse(n=1200, d=12, n_atoms=10, active=2, seed=2)
+    cfg = load_config(None, [f"data_dir={tmp_path / 'data'}", "represent.backend=torch", "represent.num_processes=2",
+                             "represent.n_latents=24", "represent.k=2", "represent.epochs=15",
+                             "represent.batch_size=64", "represent.lr=0.004"])
+    train_df = spark.createDataFrame(pd.DataFrame({"vector": [r.tolist() for r in x]}))
+    rep = job._fit(spark, cfg, train_df)
+    assert rep.training_info_ == {"backend": "torch", "world": 2, "use_gpu": False}
+    staged = read_table(spark, cfg, "represent_training")
+    assert staged.count() == len(x) and len(staged.inputFiles()) == 4
+    assert rep.metrics(x)["fraction_variance_explained"] > 0.8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tokens2policy.validate.study import RESULT_COLUMNS, build_tasks, run_in_memory
 
@@ -19,6 +20,7 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["task_id", "kind", "method", "estimand"]).reset_index(drop=True)
 
 
+@pytest.mark.slow  # ~1 min on an idle 2-core machine (Spark session, MLflow store, Delta write + read)
 def test_spark_job_writes_validation_runs_equal_to_in_memory(spark, make_cfg):
     import mlflow
 

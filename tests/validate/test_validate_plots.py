@@ -21,9 +21,10 @@ def _rows():
                                      iou=np.nan if design == "null" else rng.uniform(), precision=np.nan,
                                      recall=np.nan, n_selected=sel, any_selected=sel))
     for rep in range(20):
-        recs.append(dict(design="linear", outcome="gaussian", n=1000, m=10, effect=0.5, kind="coverage",
-                         estimand="policy value", covered=float(rep % 10 != 0), estimate=0.0, true_value=0.0,
-                         ci_low=-1.0, ci_high=1.0))
+        for eff in (0.25, 0.5):  # several effects at the coverage n: one series each
+            recs.append(dict(design="linear", outcome="gaussian", n=1000, m=10, effect=eff, kind="coverage",
+                             estimand="policy value", covered=float(rep % 10 != 0), estimate=0.0, true_value=0.0,
+                             ci_low=-1.0, ci_high=1.0))
     return pd.DataFrame(recs)
 
 

@@ -33,6 +33,15 @@ CALIBRATION_SCHEMA = ("experiment_id string, outcome string, learner string, met
                       "null_hypothesis string, n long")
 
 
+def log_metrics(metrics: Dict[str, float]) -> None:
+    """Log finite metrics with keys MLflow accepts (experiment ids may hold other characters)."""
+    import re
+
+    import mlflow
+
+    mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", k): float(v) for k, v in metrics.items() if np.isfinite(v)})
+
+
 class _Clock:
     def __init__(self):
         self.t, self.laps = time.perf_counter(), {}
@@ -305,9 +314,9 @@ def run(spark, cfg) -> dict:
             joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
             clock.lap("load")
             mods_all = mods_every[mods_every["experiment_id"] == exp]
-            selected_w = sorted({int(i) for i in resolve_neuron_ids(mods_all)})
+            selected_neurons = sorted({int(i) for i in resolve_neuron_ids(mods_all)})
             extra = top_neurons(pdf["indices"].tolist(), cfg.effects.nuisance_neurons)
-            spec = build_feature_spec(pdf, covariates, selected_w + [i for i in extra if i not in selected_w])
+            spec = build_feature_spec(pdf, covariates, selected_neurons + [i for i in extra if i not in selected_neurons])
             clock.lap("features")
             folds = sorted(int(k) for k in pdf["fold"].unique())
             cols = ["unit_id", "treatment", "fold"] + outcomes + covariates + ["indices", "values"]
@@ -316,7 +325,7 @@ def run(spark, cfg) -> dict:
             wall = time.perf_counter() - start
             clock.lap("nuisances")
             n_tasks = int(nu_pdf["partition_id"].nunique())
-            mlflow.log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
+            log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
                                 f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
             gates_all, eff_all, cal_all, curves_all = [], [], [], []
             for outcome in outcomes:
@@ -327,7 +336,7 @@ def run(spark, cfg) -> dict:
                 eff_all.append(eff)
                 cal_all.append(cal)
                 curves_all += curves
-                mlflow.log_metrics({f"{exp}.{k}": v for k, v in metrics.items() if np.isfinite(v)})
+                log_metrics({f"{exp}.{k}": v for k, v in metrics.items()})
             clock.lap("analysis")
             gates = pd.concat(gates_all, ignore_index=True)
             eff = pd.concat(eff_all, ignore_index=True)
@@ -345,7 +354,7 @@ def run(spark, cfg) -> dict:
                 _plot_curves(curves_all, Path(tmp) / f"toc_qini_{exp}.png")
                 mlflow.log_artifacts(tmp, artifact_path="effects")
             clock.lap("write")
-            mlflow.log_metrics({f"{exp}.seconds_{k}": v for k, v in clock.laps.items()})
+            log_metrics({f"{exp}.seconds_{k}": v for k, v in clock.laps.items()})
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)), "folds": len(folds),
                                            "nuisance_tasks": n_tasks, "gate_rows": int(len(gates)),
                                            "effects_rows": int(len(eff)), "seconds": clock.laps})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession

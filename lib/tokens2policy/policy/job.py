@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..effects.gates import encode_modifiers
 from ..effects.job import (
-    _Clock, _spark_frame, _write, cluster_ids, covariate_columns, load_experiment, modifier_frame,
+    _Clock, _spark_frame, _write, cluster_ids, covariate_columns, load_experiment, log_metrics, modifier_frame,
 )
 from ..effects.ols import mean_with_se
 from .rules import budget_policy, threshold_policy
@@ -185,7 +185,7 @@ def run(spark, cfg) -> dict:
             _write(spark, cfg, "policy_rules", _spark_frame(spark, rules, RULES_SCHEMA), exp)
             _write(spark, cfg, "policy_value", _spark_frame(spark, values, VALUE_SCHEMA), exp)
             _write(spark, cfg, "assignments", _spark_frame(spark, assigns, assign_schema), exp)
-            mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+            log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / f"rules_{exp}.txt").write_text("\n".join(rules["outcome"] + ": " + rules["rule"]) + "\n")
                 values.to_csv(Path(tmp) / f"policy_value_{exp}.csv", index=False)

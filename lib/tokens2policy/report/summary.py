@@ -83,6 +83,7 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                 lines.append(pre + "policy value (doubly robust, 95% CI):")
                 for v in values:
                     comp = v.get("comparison")
+                    comp = comp[6:] if isinstance(comp, str) and comp.startswith("minus ") else comp
                     name = str(v.get("policy")) + (f" − {comp}" if isinstance(comp, str) and comp
                                                    and comp not in ("value", "none", "None") else "")
                     if isinstance(v.get("learner"), str) and v["learner"]:

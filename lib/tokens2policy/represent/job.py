@@ -4,9 +4,10 @@ Reads ``embeddings`` (document vectors) and/or ``token_states`` (token vectors),
 writes ``neurons``, ``neuron_stats``, ``neuron_labels`` (docs/represent.md, docs/tables.md) and one MLflow run
 with the fitted representation logged (and registered) as a pyfunc model plus its quality metrics.
 
-Data flow: the training view (filtered to one model version) is written once by Spark to the staging table
-``represent_training``; training workers read their own parquet shards of that snapshot (the driver only lists
-files). Encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
+Data flow: with a distributed backend the training view (filtered to one model version) is written once by
+Spark to the staging table ``represent_training``; training workers read their own parquet shards of that
+snapshot (the driver only lists files). The local backend and the baselines train in the driver process, so
+they collect the view through Arrow instead. Encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
 per Python worker. Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
 units (texts from ``units``) and ``represent.label_max_tokens`` token states.
 """
@@ -177,13 +178,21 @@ def _fit(spark, cfg: Config, train_df):
     from tokens2policy.lakehouse import read_table, write_table
 
     rc = cfg.represent
-    n_files = max(2, int(rc.num_processes) * 2)
-    write_table(train_df.repartition(n_files), cfg, "represent_training", mode="overwrite", overwrite_schema=True)
-    source = delta_source(spark, read_table(spark, cfg, "represent_training"), column="vector")
-    if rc.kind != "sae":
-        x = source.read_all()  # the baselines are for ablations on data that fits one machine
+    if rc.kind != "sae" or rc.backend == "local":
+        # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy
+        pdf = train_df.toPandas()
+        if pdf.empty:
+            raise ValueError("no training vectors for represent.train_on=" + rc.train_on)
+        source = np.stack(pdf["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
+        del pdf
+    else:
+        # workers read their own parquet shards of a staged snapshot (no deletion vectors, no column mapping)
+        n_files = max(2, int(rc.num_processes) * 2)
+        write_table(train_df.repartition(n_files), cfg, "represent_training", mode="overwrite", overwrite_schema=True)
+        source = delta_source(spark, read_table(spark, cfg, "represent_training"), column="vector")
+    if rc.kind != "sae":  # the baselines are for ablations on data that fits one machine
         params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
-        return make_representation(rc.kind, **params).fit(x)
+        return make_representation(rc.kind, **params).fit(source)
     params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
                        batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,

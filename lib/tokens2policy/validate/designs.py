@@ -101,7 +101,6 @@ class Simulated:
     loadings: np.ndarray       # (m + 2, 2) A, in the shuffled column order
     noise_sd: np.ndarray       # (m + 2,) coordinate noise sds, shuffled order
     design: EntangledDesign
-    rng_state: Dict[str, Any]  # bit generator state after the draw (fresh samples for the truth continue it)
 
 
 def task_seed(base_seed: int, key: str, rep: int) -> np.random.SeedSequence:
@@ -154,8 +153,7 @@ def simulate(d: EntangledDesign, seed) -> Simulated:
         y = (rng.uniform(size=d.n) < mu0 + t * tau).astype(float)
     else:
         y = mu0 + t * tau + d.noise_sd * rng.standard_normal(d.n)
-    return Simulated(y=y, t=t, z=Z, truth=truth, tau=tau, loadings=A, noise_sd=sds, design=d,
-                     rng_state=rng.bit_generator.state)
+    return Simulated(y=y, t=t, z=Z, truth=truth, tau=tau, loadings=A, noise_sd=sds, design=d)
 
 
 # ---------------------------------------------------------------------------------------------- true estimands

@@ -12,7 +12,6 @@ figures to the MLflow run.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,8 @@ def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, method
         return None
     effect = float(np.median(sorted(real["effect"].unique()))) if effect is None else effect
     effect = min(real["effect"].unique(), key=lambda e: abs(e - effect))
-    return _sweep(summary, "n", "effect", effect, methods, "Recovery of the aligned coordinates vs sample size", Path(path))
+    return _sweep(summary, "n", "effect", effect, methods, "Recovery of the aligned coordinates vs sample size",
+                  Path(path))
 
 
 def iou_vs_effect(summary: pd.DataFrame, path, n: Optional[int] = None, methods=SHOWN_METHODS):
@@ -115,7 +116,8 @@ def coverage(cov: pd.DataFrame, path, level: float = 0.95):
     if cov.empty:
         return None
     cov = cov.copy()
-    cov["label"] = cov["design"] + "/" + cov["outcome"] + " n=" + cov["n"].astype(str)
+    cov["label"] = (cov["design"] + "/" + cov["outcome"] + " n=" + cov["n"].astype(str) + " effect="
+                    + cov["effect"].map(lambda e: f"{e:g}"))
     estimands = sorted(cov["estimand"].unique())
     fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.35 * len(estimands) * cov["label"].nunique() ** 0.5 + 1.5))
     labels = sorted(cov["label"].unique())

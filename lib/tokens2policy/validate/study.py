@@ -135,10 +135,10 @@ def _row(task, method="", family="", **kw) -> Dict:
     return row
 
 
-def _selection_rows(task, sim, methods, alpha, seed, min_active=0):
+def _selection_rows(task, sim, methods, alpha, seed, min_active=0) -> List[Dict]:
     from tokens2policy.identify import marginal, nexis
 
-    rows, chosen = [], {}
+    rows = []
     truth = sorted(int(i) for i in sim.truth) if sim.design.heterogeneity != 0 else []
     for meth in methods:
         if meth.family != "nexis":
@@ -147,7 +147,6 @@ def _selection_rows(task, sim, methods, alpha, seed, min_active=0):
         res = nexis(sim.y, sim.t, sim.z, alpha=alpha, test=meth.test, adjust="FWER", rho=meth.rho,
                     backward=meth.backward, nuisance="poly2", n_folds=5, seed=seed, min_active=min_active)
         sel = sorted(int(i) for i in res.selected)
-        chosen[meth.name] = sel
         rows.append(_row(task, meth.name, "nexis", test=meth.test, backward=meth.backward,
                          rho=np.nan if meth.rho is None else meth.rho, selected=json.dumps(sel),
                          truth=json.dumps(truth), seconds=time.perf_counter() - t0,
@@ -160,10 +159,9 @@ def _selection_rows(task, sim, methods, alpha, seed, min_active=0):
         for meth in marg:
             mask = {"raw": res.reject_raw, "bonferroni": res.reject_bonferroni, "bh": res.reject_bh}[meth.adjust]
             sel = [int(i) for i in np.nonzero(mask)[0]]
-            chosen[meth.name] = sel
             rows.append(_row(task, meth.name, "marginal", test="hc1", selected=json.dumps(sel),
                              truth=json.dumps(truth), seconds=secs, **selection_metrics(sel, truth)))
-    return rows, chosen
+    return rows
 
 
 def _coverage_row(task, estimand, est, se, lo, hi, truth_value, secs):
@@ -240,14 +238,14 @@ def run_task(task: Dict) -> List[Dict]:
         sim_seed, nexis_seed = task_seed(task["base_seed"], design.key(), task["rep"]).spawn(2)
         sim = simulate_text(design, sim_seed)
         gcm_seed = int(nexis_seed.generate_state(1)[0] % (2 ** 31))
-        rows, _ = _selection_rows(task, sim, methods, task["alpha"], gcm_seed, task.get("min_active", 20))
+        rows = _selection_rows(task, sim, methods, task["alpha"], gcm_seed, task.get("min_active", 20))
         return rows
     design = EntangledDesign(**{k: tuple(v) if isinstance(v, list) else v for k, v in task["design"].items()})
     ss = task_seed(task["base_seed"], design.key(), task["rep"])
     sim_seed, nexis_seed, cov_seed = ss.spawn(3)
     sim = simulate(design, sim_seed)
     gcm_seed = int(nexis_seed.generate_state(1)[0] % (2 ** 31))
-    rows, _ = _selection_rows(task, sim, methods, task["alpha"], gcm_seed)
+    rows = _selection_rows(task, sim, methods, task["alpha"], gcm_seed)
     if task.get("coverage", False):
         rows += _coverage_rows(task, sim, task["alpha"], task.get("policy_cost", 0.2), task.get("n_truth", 100_000),
                                np.random.default_rng(cov_seed))
@@ -302,7 +300,7 @@ def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = N
     when the study includes design 2."""
     preset = SIZES[vcfg.size]
     get = lambda name: getattr(vcfg, name) if getattr(vcfg, name) is not None else preset[name]  # noqa: E731
-    cells = [tuple(c.split(":")) for c in vcfg.cells] if vcfg.cells else preset["cells"]
+    cells = [tuple(c.split(":")) for c in vcfg.cells] if vcfg.cells is not None else preset["cells"]
     n_values, effects, reps, m = get("n_values"), get("effects"), get("repetitions"), get("m")
     null_outcomes, null_n, null_reps = get("null_outcomes"), get("null_n"), get("null_repetitions")
     coverage_n, n_truth = get("coverage_n"), get("n_truth")

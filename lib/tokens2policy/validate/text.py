@@ -42,10 +42,6 @@ class TextDesign:
     outcome: str = "gaussian"
 
     @property
-    def m(self) -> int:
-        return int(load_representation(self.representation)["codes"].shape[1]) if self.representation else 0
-
-    @property
     def heterogeneity(self) -> float:
         return float(self.effect)
 
@@ -105,16 +101,23 @@ def build_text_representation(cfg, out_dir, epochs: Optional[int] = None, n_arti
     if n_articles is not None and n_articles < len(arts):
         arts = arts.iloc[np.sort(np.random.default_rng(cfg.seed).permutation(len(arts))[:n_articles])]
     spec = resolve_model(cfg.embed)
-    model = spec.load()
-    vectors, keep = [], []
-    texts = arts["text"].tolist()
-    for lo in range(0, len(texts), 64):
-        enc = model.encode(texts[lo:lo + 64], want_states=[False] * len(texts[lo:lo + 64]))
-        for j, v in enumerate(enc.vectors):
-            if v is not None:
-                vectors.append(np.asarray(v, np.float32))
-                keep.append(lo + j)
-    X = np.vstack(vectors)
+    # the embeddings are the expensive part: cached apart from the SAE, keyed by the vector function and the subset
+    emb_path = Path(out_dir) / f"text_embeddings_{spec.model_hash}_{cfg.seed}_{n_articles}.npz"
+    if emb_path.exists():
+        stored = np.load(emb_path)
+        X, keep = stored["X"], stored["keep"]
+    else:
+        model = spec.load()
+        vectors, keep = [], []
+        texts = arts["text"].tolist()
+        for lo in range(0, len(texts), 64):
+            enc = model.encode(texts[lo:lo + 64], want_states=[False] * len(texts[lo:lo + 64]))
+            for j, v in enumerate(enc.vectors):
+                if v is not None:
+                    vectors.append(np.asarray(v, np.float32))
+                    keep.append(lo + j)
+        X, keep = np.vstack(vectors), np.asarray(keep)
+        np.savez_compressed(emb_path, X=X, keep=keep)
     rc = cfg.represent
     sae = SparseAutoencoder(n_latents=rc.n_latents, k=rc.k, lr=rc.lr, epochs=epochs or rc.epochs,
                             batch_size=min(rc.batch_size, len(X)), seed=cfg.seed, expansion=rc.expansion,
