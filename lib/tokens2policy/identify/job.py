@@ -176,6 +176,7 @@ def run(spark, cfg) -> dict:
                     "selected": res.selected.tolist(), "selected_w": [covariates[i] for i in res.selected_w],
                     "pvalues": res.pvalues.tolist(), "converged": res.converged}
         mlflow.log_dict(summary, "identify/summary.json")
+        mod_rows = with_neuron_labels(spark, cfg, mod_rows)
         pred = "experiment_id IN (" + ", ".join("'" + str(e).replace("'", "''") + "'" for e in experiments) + ")"
         for name, rows, schema in (("modifiers", mod_rows, MODIFIERS_SCHEMA),
                                    ("selection_trace", trace_rows, TRACE_SCHEMA),
@@ -188,6 +189,22 @@ def run(spark, cfg) -> dict:
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
             "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows)}
+
+
+def with_neuron_labels(spark, cfg, rows):
+    """Fill each selected neuron's label from ``neuron_labels`` (written by represent with ``neurons``);
+    a covariate is labelled by its own name."""
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    labels = {}
+    if table_exists(spark, cfg, "neuron_labels"):
+        wanted = sorted({int(r[2]) for r in rows if r[4] == "neuron"})
+        if wanted:
+            from pyspark.sql import functions as F
+
+            labels = {int(r[0]): r[1] for r in read_table(spark, cfg, "neuron_labels")
+                      .where(F.col("neuron").isin(wanted)).select("neuron", "label").collect()}
+    return [r[:5] + ((labels.get(int(r[2])) if r[4] == "neuron" else r[2]),) + r[6:] for r in rows]
 
 
 def _metric(s):

