@@ -155,7 +155,7 @@ def run(spark, cfg) -> dict:
             clock = _Clock()
             _, pdf = load_experiment(spark, cfg, units, neurons, exp)
             mods_all = mods_every[mods_every["experiment_id"] == exp]
-            rules_all, values_all, assign_all, metrics = [], [], [], {}
+            rules_all, values_all, assign_all, metrics, model_uris = [], [], [], {}, {}
             for outcome in sorted(eff_every.loc[eff_every.experiment_id == exp, "outcome"].unique()):
                 eff = eff_every[(eff_every.experiment_id == exp) & (eff_every.outcome == outcome)]
                 sub = pdf.drop(columns=["fold"]).merge(eff.drop(columns=["experiment_id", "outcome"]), on="unit_id")
@@ -174,6 +174,12 @@ def run(spark, cfg) -> dict:
                 values_all.append(value)
                 rules_all.append(rule_rows(cfg, exp, outcome, sub, tree, X, cutoff, cluster))
                 assign_all.append(assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, cutoff))
+                if p.register_model:
+                    from .pyfunc import log_stage_policy_model
+
+                    uri = log_stage_policy_model(cfg, exp, outcome, sub, mods, values, kinds, tree, cutoff, cluster)
+                    if uri:
+                        model_uris[outcome] = uri
                 v = value.set_index(["policy", "comparison"])
                 for (pol, comp), row in v.iterrows():
                     key = f"{exp}.{outcome}.{pol}.{'value' if comp == 'value' else comp.replace('minus ', 'gain_vs_')}"
@@ -192,5 +198,6 @@ def run(spark, cfg) -> dict:
                 mlflow.log_artifacts(tmp, artifact_path="policy")
             clock.lap("write")
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)),
-                                           "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps})
+                                           "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps,
+                                           "policy_model_uris": model_uris})
     return summary
