@@ -99,27 +99,33 @@ def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
     return versions
 
 
-def _last_success(spark, config: Config, stage: Stage) -> Optional[dict]:
+def last_successes(spark, config: Config) -> Dict[str, dict]:
+    """Each stage's latest successful run from ``stage_runs`` (one small read for the whole pipeline)."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from tokens2policy.lakehouse import read_table, table_exists
 
     if not table_exists(spark, config, RUNS_TABLE):
-        return None
-    row = (
+        return {}
+    latest = Window.partitionBy("stage").orderBy(F.col("finished_at").desc())
+    rows = (
         read_table(spark, config, RUNS_TABLE)
-        .where((F.col("stage") == stage.name) & (F.col("status") == "success"))
-        .orderBy(F.col("finished_at").desc())
-        .limit(1)
+        .where(F.col("status") == "success")
+        .withColumn("_rank", F.row_number().over(latest))
+        .where(F.col("_rank") == 1)
+        .drop("_rank")
         .collect()
     )
-    return row[0].asDict() if row else None
+    return {r["stage"]: r.asDict() for r in rows}
 
 
-def is_up_to_date(spark, config: Config, stage: Stage) -> bool:
+def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> bool:
+    """True when ``last`` (the stage's latest success) saw today's config and input versions and outputs exist."""
     from tokens2policy.lakehouse import table_exists
 
-    last = _last_success(spark, config, stage)
+    if last is None:
+        last = last_successes(spark, config).get(stage.name)
     if last is None or last["config_hash"] != config_fingerprint(config, stage):
         return False
     if json.loads(last["input_versions"]) != {k: v for k, v in _input_versions(spark, config, stage).items()}:
@@ -175,14 +181,23 @@ def run_stages(
     results = []
     force_all = "all" in force
     selected = [s for s in stages if s.name in names]
+    history = last_successes(spark, config)
+    # ETA from the last successful run of each stage still to come (unknown for a stage that never ran)
+    expected = {s.name: history[s.name]["seconds"] for s in selected if s.name in history}
     for position, stage in enumerate(selected, start=1):
         fn = (resolve or stage_function)(stage.name)
-        if skip_up_to_date and not force_all and stage.name not in force and is_up_to_date(spark, config, stage):
+        last = history.get(stage.name)
+        if (skip_up_to_date and not force_all and stage.name not in force
+                and is_up_to_date(spark, config, stage, last)):
             echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
             results.append({"stage": stage.name, "skipped": True})
             continue
         inputs = _input_versions(spark, config, stage)
-        echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running")
+        rest = selected[position - 1:]
+        known = [expected[s.name] for s in rest if s.name in expected]
+        eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
+               + ("" if len(known) == len(rest) else f"; {len(rest) - len(known)} never ran") + ")") if known else ""
+        echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
         started = time.time()
         try:
             summary = fn(spark, config) or {}

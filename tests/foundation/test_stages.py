@@ -27,8 +27,9 @@ def _resolver(spark, calls, fail_b=False):
 
 def _run(spark, cfg, calls, **kw):
     fail_b = kw.pop("fail_b", False)
+    echo = kw.pop("echo", lambda m: None)
     return run_stages(spark, cfg, ["a", "b"], stages=(A, B), resolve=_resolver(spark, calls, fail_b),
-                      echo=lambda m: None, **kw)
+                      echo=echo, **kw)
 
 
 def test_skip_rerun_force_and_resume(spark, make_cfg):
@@ -62,3 +63,18 @@ def test_failure_keeps_earlier_outputs_and_rerun_resumes(spark, make_cfg):
     assert calls == ["a", "b", "b"], "a is up to date and skipped; b resumes"
     assert table_version(spark, cfg, "t_a") == version_a
     assert read_table(spark, cfg, "t_b").count() == cfg.ingest.n_folds
+
+
+def test_progress_names_position_and_eta_from_last_runs(spark, make_cfg):
+    cfg = make_cfg()
+    calls, lines = [], []
+    _run(spark, cfg, calls, echo=lines.append)
+    assert "[t2p] stage 1/2 a: running" in lines and "[t2p] stage 2/2 b: running" in lines, lines
+    lines.clear()
+    _run(spark, cfg, calls, echo=lines.append, force=["all"])
+    seconds = {r.stage: r.seconds for r in read_table(spark, cfg, "stage_runs").where("status = 'success'")
+               .orderBy("finished_at").collect()[:2]}
+    started = [m for m in lines if ": running" in m]
+    assert started[0].startswith("[t2p] stage 1/2 a: running (ETA for the remaining 2 stage(s) ≈ ")
+    assert f"≈ {seconds['a'] + seconds['b']:.0f}s" in started[0]
+    assert f"≈ {seconds['b']:.0f}s" in started[1]
