@@ -279,7 +279,6 @@ def bh_adjust(p):
     q = np.minimum.accumulate((m * srt / np.arange(1, m + 1))[::-1])[::-1]
     # ties share the q-value of their largest rank
     out = np.empty(m)
-    out[order] = np.minimum(q, 1.0)
     uniq, inv = np.unique(srt, return_inverse=True)
     tiedmin = np.full(len(uniq), np.inf)
     np.minimum.at(tiedmin, inv, q)

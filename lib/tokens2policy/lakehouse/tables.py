@@ -121,7 +121,9 @@ def merge_table(
     metrics = (target.history(1).select("operationMetrics").first()[0] or {}) if committed else {}
     inserted = int(metrics.get("numTargetRowsInserted", 0))
     updated = int(metrics.get("numTargetRowsUpdated", 0))
-    return {"inserted": inserted, "updated": updated, "unchanged_or_kept": df.count() - inserted - updated}
+    # the MERGE already counted its source rows; recount (recomputing df) only when it made no commit
+    n_source = int(metrics["numSourceRows"]) if "numSourceRows" in metrics else df.count()
+    return {"inserted": inserted, "updated": updated, "unchanged_or_kept": n_source - inserted - updated}
 
 
 def table_version(spark: SparkSession, config: Config, name: str) -> Optional[int]:
