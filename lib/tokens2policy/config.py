@@ -143,7 +143,8 @@ class EmbedConfig(Section):
     model: str = "default"
     max_tokens: int = 128
     long_text: Literal["truncate", "chunk_mean"] = "truncate"
-    batch_tokens: int = 16384
+    # token budget and item cap per forward pass; None: per device (embed.models.DEFAULT_BATCHING)
+    batch_tokens: Optional[int] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     token_sample_rate: float = 0.1
     token_states_per_unit: int = 64
@@ -151,7 +152,7 @@ class EmbedConfig(Section):
     # "text" (built in) or "package.module:function" returning a tokens2policy.embed.models.EmbeddingModel
     loader: str = "text"
     max_chunks: int = 16  # long_text=chunk_mean: at most this many windows per text (status "truncated" beyond)
-    max_batch_size: int = 512  # items per forward pass, whatever the token budget
+    max_batch_size: Optional[int] = None  # items per forward pass, whatever the token budget
     cpu_threads: Optional[int] = None  # torch threads per Python worker; None: cores / concurrent tasks
     partitions: Optional[int] = None  # None: max(default parallelism, texts / 20000)
     load_log: Optional[str] = None  # diagnostics: append one JSON line per model load (pid, seconds, device)

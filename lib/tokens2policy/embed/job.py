@@ -31,6 +31,7 @@ from tokens2policy.config import Config
 from tokens2policy.embed.models import ModelSpec, resolve_model
 from tokens2policy.embed.udf import make_embed_udf
 from tokens2policy.lakehouse import delta_table, read_table, table_exists, table_version, write_table
+from tokens2policy.progress import spark_progress
 from tokens2policy.tracking import stage_run, tracking_uri
 
 KEYS = ["experiment_id", "unit_id"]
@@ -115,6 +116,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
     key_types = {f.name: f.dataType for f in units.schema.fields if f.name in KEYS}
     emb_schema, tok_schema = _embeddings_schema(key_types), _token_states_schema(key_types)
     h = spec.model_hash
+    t_start = time.perf_counter()
 
     units = (
         units.select(*KEYS, F.col("text").cast("string").alias("text"))
@@ -146,6 +148,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         .agg(F.first("text").alias("text"), F.max("want_states").alias("want_states"))
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_work = work.count()
+    plan_seconds = time.perf_counter() - t_start
 
     parallelism = spark.sparkContext.defaultParallelism
     n_parts = e.partitions or max(1, min(max(parallelism, math.ceil(n_work / ROWS_PER_PARTITION)), max(n_work, 1)))
@@ -159,14 +162,20 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
 
     started = time.perf_counter()
     # one pass over the model; both writes below read the persisted result
-    status_counts = {r["status"]: int(r["count"]) for r in computed.groupBy("status").count().collect()} if n_work else {}
+    with spark_progress(spark, "embed: model pass", note=f"{n_work:,} texts"):
+        counts = computed.groupBy("status").agg(
+            F.count(F.lit(1)).alias("count"), F.sum(F.col("states").isNotNull().cast("long")).alias("with_states")
+        ).collect() if n_work else []
+    status_counts = {r["status"]: int(r["count"]) for r in counts}
+    n_with_states = sum(int(r["with_states"] or 0) for r in counts)
     embed_seconds = time.perf_counter() - started
     n_computed = sum(status_counts.values())
     work.unpersist()
 
+    t_write = time.perf_counter()
     # 1) token states of the sampled units still missing them (one commit)
     n_token_rows = 0
-    if n_work and computed.where(F.col("states").isNotNull()).limit(1).count():
+    if n_with_states:
         states_rows = (
             todo_states.select(*KEYS, "content_hash")
             .join(computed.where(F.col("states").isNotNull()).select("content_hash", "positions", "tokens", "states"),
@@ -219,7 +228,9 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         "n_token_rows": n_token_rows,
         "status": status_counts,
         "partitions": n_parts,
-        "embed_seconds": round(embed_seconds, 3),
+        "plan_seconds": round(plan_seconds, 3),  # what is missing, dedup (before the model)
+        "embed_seconds": round(embed_seconds, 3),  # the model pass
+        "write_seconds": round(time.perf_counter() - t_write, 3),  # both Delta commits
         "texts_per_second": round(n_computed / embed_seconds, 1) if embed_seconds > 0 and n_computed else None,
     }
 
@@ -232,6 +243,10 @@ def run(spark: SparkSession, cfg: Config, loader: Union[str, Callable, None] = N
     """
     import mlflow
 
+    if cfg.embed.device == "cuda":  # one line before any work when no GPU is there
+        from tokens2policy.stages import require_gpu
+
+        require_gpu(spark, "embed.device=cuda", "--set embed.device=auto (the GPU when there is one, else the CPU)")
     units_version = table_version(spark, cfg, "units")
     units = read_table(spark, cfg, "units", version=units_version)
     with stage_run(cfg, "embed", inputs={"units": units_version}):
