@@ -1,9 +1,11 @@
 """``t2p``: run pipeline stages on a config profile.
 
     t2p setup                                   fetch and cache the Delta jars (run once; the Makefile does it)
-    t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...]
+    t2p setup --horovod                         also compile and install Horovod, the optional SAE training backend
+    t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...] [--progress MODE]
 
-User errors (bad config, a missing table, a stage not built yet) print one line and exit with status 2.
+User errors (bad config, a missing or empty input table, a GPU required but absent, a stage not built yet) print
+one line and exit with status 2. ``--progress`` (or ``T2P_PROGRESS``) sets how long stages show their progress.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
         "modifiers (NEXIS), effects with CIs and a targeting policy — as Spark jobs on Delta tables, tracked in MLflow.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("setup", help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
+    setup = sub.add_parser("setup", help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
+    setup.add_argument("--horovod", action="store_true",
+                       help="also build Horovod 0.28.1 (pytorch + gloo) from source into this Python environment "
+                       "for represent.backend=horovod (a few minutes; needs g++)")
     run = sub.add_parser("run", help="run one stage or the whole pipeline")
     run.add_argument("stage", choices=[*STAGE_NAMES, "all", *(s.name for s in EXTRA_STAGES)],
                      help="stage to run, 'all' for the pipeline, or 'validate' for the validation study")
@@ -32,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set data_dir=/tmp/run1 --set identify.alpha=0.01")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="rerun this stage even if it is up to date (repeatable; 'all' for every stage)")
+    run.add_argument("--progress", choices=["auto", "bar", "log", "off"], default=None,
+                     help="progress of long stages: a bar on a terminal, sparse lines in logs (auto, the default; "
+                     "same as the T2P_PROGRESS environment variable), always a bar, always lines, or none")
     return p
 
 
@@ -51,11 +59,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             fetch_delta_jars()
         except RuntimeError as exc:
             return _fail(str(exc))
+        if args.horovod:
+            from tokens2policy.represent.horovod_install import install_horovod
+
+            try:
+                rc = install_horovod()
+            except RuntimeError as exc:
+                return _fail(str(exc))
+            if rc != 0:
+                return _fail(f"building Horovod failed (exit {rc}); see the pip output above")
         return 0
 
     from tokens2policy.lakehouse import MissingTableError, get_spark
-    from tokens2policy.stages import run_stages
+    from tokens2policy.stages import EmptyInputError, run_stages
 
+    from tokens2policy.progress import progress_mode
+
+    if args.progress:
+        os.environ["T2P_PROGRESS"] = args.progress
+    try:
+        mode = progress_mode()
+    except ValueError as exc:
+        return _fail(str(exc))
+    if mode != "bar":  # MLflow's own upload bars would flood a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if hasattr(sys.stdout, "reconfigure") and not sys.stdout.isatty():
+        sys.stdout.reconfigure(line_buffering=True)  # stage lines interleave in order with progress lines (stderr)
     try:
         config = load_config(args.config, args.overrides)
         for name in args.force:
@@ -64,12 +93,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
         stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
         spark = get_spark(config)
-        ui = spark.sparkContext.uiWebUrl
-        print(f"[t2p] Spark {spark.version} master={spark.sparkContext.master} UI: {ui or 'disabled'}")
         print(f"[t2p] data_dir={config.data_path}")
-        results = run_stages(spark, config, names, force=args.force, stages=stages)
-    except (ConfigError, MissingTableError, StageNotBuilt) as exc:
+        results = run_stages(spark, config, names, force=args.force, stages=stages)  # prints the Spark UI URL first
+    except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("t2p: interrupted; the stage is recorded as failed and a rerun resumes there", file=sys.stderr)
+        return 130
     if args.stage == "all" or args.stage == "report":
         from tokens2policy.report.summary import print_summary
 

@@ -3,6 +3,10 @@
 A stage is up to date when its last successful run (recorded in the ``stage_runs`` Delta table) saw the same Delta
 versions of its input tables and the same config sections, and its outputs still exist. ``--force STAGE`` reruns
 it anyway. Each stage's code is ``tokens2policy.<stage>.job.run(spark, config) -> dict``.
+
+Before a stage starts, :func:`check_inputs` turns the usual first-run mistakes into one line that says what to do:
+an input table that no stage has written yet (naming the stage that writes it), an empty ``units`` table, a
+``<stage>.experiment_id`` with no units. :func:`require_gpu` does the same for a setting that demands a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -23,6 +28,11 @@ class Stage:
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
     sections: Tuple[str, ...]  # config sections whose change makes the stage stale
+    requires: Optional[Tuple[str, ...]] = None  # inputs that must exist before it runs (None: all of them)
+
+    @property
+    def required_inputs(self) -> Tuple[str, ...]:
+        return self.inputs if self.requires is None else self.requires
 
 
 STAGES: Tuple[Stage, ...] = (
@@ -33,7 +43,8 @@ STAGES: Tuple[Stage, ...] = (
     Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"), ("effects",)),
     Stage("policy", ("units", "neurons", "modifiers", "effects"), ("policy_rules", "policy_value", "assignments"),
           ("policy", "effects")),
-    Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",)),
+    # the report renders whatever exists and lists the missing tables on the page
+    Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",), requires=()),
 )
 STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in STAGES)
 # Jobs outside the pipeline: run by name, never by `run all`.
@@ -43,6 +54,14 @@ RUNS_TABLE = "stage_runs"
 
 class StageNotBuilt(RuntimeError):
     """The stage's job module does not exist yet."""
+
+
+class EmptyInputError(RuntimeError):
+    """A stage's input holds no units (an empty ``units`` table, or no units of the configured experiment id)."""
+
+
+# stage settings that restrict a stage to one experiment, and the table whose experiments they must name
+EXPERIMENT_SETTINGS: Dict[str, str] = {"represent": "embeddings", "report": "units"}
 
 
 def get_stage(name: str) -> Stage:
@@ -60,6 +79,95 @@ def stage_function(name: str) -> Callable:
             raise StageNotBuilt(f"stage '{name}' is not built yet") from None
         raise
     return module.run
+
+
+def producer_of(table: str, stages: Sequence[Stage] = STAGES + EXTRA_STAGES) -> Optional[str]:
+    """The stage that writes ``table`` (None for a table no stage writes)."""
+    return next((s.name for s in stages if table in s.outputs), None)
+
+
+def missing_table_hint(table: str, stages: Sequence[Stage] = STAGES + EXTRA_STAGES) -> str:
+    """What to run so that ``table`` exists: "run `t2p run represent` first (...)" or a generic hint."""
+    producer = producer_of(table, tuple(stages) + STAGES + EXTRA_STAGES)
+    if producer is None:
+        return "run the stage that writes it first"
+    return f"run `t2p run {producer}` first (the {producer} stage writes it), or `t2p run all`"
+
+
+def check_inputs(spark, config: Config, stage: Stage, versions: Dict[str, object], seen: Optional[dict] = None,
+                 stages: Sequence[Stage] = STAGES + EXTRA_STAGES):
+    """Fail in one line before a stage starts when its input tables are missing or hold no units.
+
+    Raises :class:`MissingTableError` naming the missing table and the stage that writes it, and
+    :class:`EmptyInputError` for an empty ``units`` table or a ``<stage>.experiment_id`` with no units. ``seen``
+    caches the emptiness check per table version across the stages of one run.
+    """
+    from tokens2policy.lakehouse import MissingTableError, read_table, table_location
+
+    for table in stage.required_inputs:
+        if versions.get(table) is None:
+            raise MissingTableError(f"{stage.name} needs table '{table}', which does not exist yet (looked at "
+                                    f"{table_location(config, table)}): {missing_table_hint(table, stages)}")
+    seen = {} if seen is None else seen
+    if "units" in stage.required_inputs:
+        key = ("units", versions["units"])
+        if key not in seen:
+            seen[key] = read_table(spark, config, "units", version=versions["units"]).limit(1).count() > 0
+        if not seen[key]:
+            raise EmptyInputError(
+                "table 'units' has no rows: ingest accepted no unit from the source (rejected rows are in table "
+                "'quarantine'); check source.path and the column mapping (docs/ingest.md), then `t2p run ingest`")
+    table = EXPERIMENT_SETTINGS.get(stage.name)
+    wanted = getattr(getattr(config, stage.name, None), "experiment_id", None)
+    if table and wanted is not None and versions.get(table, True) is not None:
+        from pyspark.sql import functions as F
+
+        df = read_table(spark, config, table)
+        if df.where(F.col("experiment_id").cast("string") == str(wanted)).limit(1).count() == 0:
+            have = sorted(str(r[0]) for r in df.select("experiment_id").distinct().limit(21).collect())
+            listed = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "") if have else "none"
+            raise EmptyInputError(
+                f"{stage.name}.experiment_id={wanted!r} has no units in table '{table}' (experiments there: "
+                f"{listed}): fix the id, or --set {stage.name}.experiment_id=null for every experiment")
+
+
+def _cuda_probe(_=None) -> Tuple[str, int]:
+    """(host name, number of CUDA devices torch sees here) — run on the driver or in a Spark task."""
+    import socket
+
+    try:
+        import torch
+
+        return socket.gethostname(), int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # no torch, a broken driver: no usable GPU either way
+        return socket.gethostname(), 0
+
+
+def require_gpu(spark, setting: str, instead: str) -> Dict[str, int]:
+    """Fail in one line, before any work, when ``setting`` asks for a CUDA GPU that the stage cannot use.
+
+    With a ``local[...]`` master the Python workers run on the driver's machine, so the driver is asked; on a
+    cluster one small Spark task per executor asks its own host. Returns {host: CUDA devices} when every host has
+    one; raises :class:`ConfigError` saying what to do (``instead`` is the config change that runs without one).
+    """
+    from tokens2policy.config import ConfigError
+
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        hosts, where = [_cuda_probe()], "on this machine"
+    else:
+        n = max(1, len(sc.statusTracker().getExecutorInfos()) - 1)  # the list includes the driver
+        hosts, where = sc.parallelize(range(n), n).map(_cuda_probe).collect(), "on the Spark executors"
+    found: Dict[str, int] = {}
+    for host, count in hosts:
+        found[host] = min(found.get(host, count), count)
+    without = sorted(h for h, c in found.items() if c == 0)
+    if without:
+        raise ConfigError(
+            f"{setting} needs a CUDA GPU but none is visible {where} ({', '.join(without)}: "
+            f"torch.cuda.is_available() is False): run on a GPU machine or cluster with a CUDA build of torch, "
+            f"or {instead}")
+    return found
 
 
 def config_fingerprint(config: Config, stage: Stage) -> str:
@@ -178,10 +286,15 @@ def run_stages(
     A failing stage is recorded and re-raised, leaving every earlier output intact; the next run resumes there
     because the stages before it are up to date.
     """
+    from tokens2policy.lakehouse import MissingTableError
+
     results = []
     force_all = "all" in force
     selected = [s for s in stages if s.name in names]
+    sc = spark.sparkContext
+    echo(f"[t2p] Spark {spark.version} master={sc.master} UI: {sc.uiWebUrl or 'disabled (spark.ui.enabled=false)'}")
     history = last_successes(spark, config)
+    checked: dict = {}
     # ETA from the last successful run of each stage still to come (unknown for a stage that never ran)
     expected = {s.name: history[s.name]["seconds"] for s in selected if s.name in history}
     for position, stage in enumerate(selected, start=1):
@@ -193,6 +306,7 @@ def run_stages(
             results.append({"stage": stage.name, "skipped": True})
             continue
         inputs = _input_versions(spark, config, stage)
+        check_inputs(spark, config, stage, inputs, checked, stages)
         rest = selected[position - 1:]
         known = [expected[s.name] for s in rest if s.name in expected]
         eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
@@ -203,6 +317,10 @@ def run_stages(
             summary = fn(spark, config) or {}
         except BaseException as exc:
             _record(spark, config, stage, "failed", inputs, None, started, f"{type(exc).__name__}: {exc}")
+            table = isinstance(exc, MissingTableError) and re.match(r"table '([^']+)' does not exist", str(exc))
+            if table:  # say which stage writes it
+                raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist yet: "
+                                        f"{missing_table_hint(table.group(1), stages)}") from exc
             raise
         _record(spark, config, stage, "success", inputs, summary, started)
         echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
