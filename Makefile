@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup demo test test-all bench clean-data
+.PHONY: setup setup-horovod demo test test-all bench clean-data
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Optional: compile Horovod for represent.backend=horovod (not part of `make setup`; docs/represent.md)
+setup-horovod: setup
+	$(BIN)/t2p setup --horovod
 
 demo: setup
 	$(BIN)/t2p run all --config conf/local.yaml

@@ -37,6 +37,9 @@ setup(
         "spark": ["pyspark>=4.2.0,<4.3", "delta-spark==4.4.0"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
         "gpu": ["nvidia-ml-py>=12"],
+        # Build it with `t2p setup --horovod` (C++ standard / CMake workarounds for current torch; docs/represent.md).
+        # Not horovod[spark]: it pins pyarrow<11 (pyspark 4.2 needs >= 18) for Horovod's Spark *estimators* only;
+        # horovod.spark.run, which the backend uses, imports without it.
         "horovod": ["horovod[pytorch]==0.28.1"],
     },
     entry_points={"console_scripts": ["t2p=tokens2policy.cli:main"]},

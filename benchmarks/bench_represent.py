@@ -3,6 +3,7 @@
   .venv/bin/python benchmarks/bench_represent.py                  # SAE throughput + encode + planted recovery
   .venv/bin/python benchmarks/bench_represent.py --ddp            # + 1 vs 2 process TorchDistributor (needs Spark)
   .venv/bin/python benchmarks/bench_represent.py --bbc            # + BBC/MiniLM quality and label hits
+  .venv/bin/python benchmarks/bench_represent.py --horovod        # only: 1 vs 2 Horovod ranks vs 2 DDP ranks
 
 Prints one JSON line per case.
 """
@@ -69,6 +70,36 @@ def case_ddp():
     return out
 
 
+def case_horovod():
+    """1 process vs 2 Horovod ranks (horovod.spark.run, gloo, CPU) vs 2 DDP ranks, each rank reading its own
+    parquet shard of a Delta table; same data and seed."""
+    import pandas as pd
+
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse import get_spark
+    from tokens2policy.represent.distributed import delta_source, train_distributed
+    from tokens2policy.represent.sae import SAEParams
+
+    spark = get_spark(load_config(None, ["data_dir=/tmp/t2p_bench_represent", "spark.session=create"]))
+    x, _, _ = planted(20000, 64, 128, 4)
+    path = "/tmp/t2p_bench_represent/horovod_vectors"
+    (spark.createDataFrame(pd.DataFrame({"vector": [r.tolist() for r in x]})).repartition(4)
+     .write.format("delta").mode("overwrite").save(path))
+    src = delta_source(spark, path)
+    p = SAEParams(n_latents=512, k=8, epochs=5, batch_size=512, lr=2e-3, seed=0)
+    out, ref = [], None
+    for backend, procs in (("local", 1), ("horovod", 1), ("horovod", 2), ("torch", 2)):
+        t = time.perf_counter()
+        sae = train_distributed(src, p, backend=backend, num_processes=procs, spark=spark)
+        wall = time.perf_counter() - t
+        ref = ref or sae
+        cos = np.abs(sae.dictionary_ @ ref.dictionary_.T).max(axis=1)
+        out.append({"case": "horovod", "backend": backend, "processes": procs, "wall_s": round(wall, 2),
+                    "normalized_mse": round(sae.metrics(x)["normalized_mse"], 6),
+                    "min_atom_cos_vs_local": round(float(cos.min()), 6), "load_avg_1m": round(os.getloadavg()[0], 1)})
+    return out
+
+
 def case_bbc():
     from _bbc import bbc_corpus, bbc_embeddings
     import scipy.sparse as sp
@@ -98,8 +129,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ddp", action="store_true")
     ap.add_argument("--bbc", action="store_true")
+    ap.add_argument("--horovod", action="store_true", help="only the 1 vs 2 process Horovod comparison")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
+    if a.horovod:
+        for row in case_horovod():
+            print(json.dumps(row), flush=True)
+        sys.exit(0)
     print(json.dumps(case_train(threads=a.threads)), flush=True)
     print(json.dumps(case_planted()), flush=True)
     if a.bbc:

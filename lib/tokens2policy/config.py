@@ -182,6 +182,9 @@ class RepresentConfig(Section):
     label_top_docs: int = 20  # documents whose words are contrasted with the corpus for a label
     label_max_docs: int = 20000  # units sampled (deterministically) for labelling
     label_max_tokens: int = 50000  # token states encoded for top tokens
+    # neurons table: each unit's document-vector code, or the max over its sampled token states' codes
+    # (units without sampled token states keep their document code; see docs/represent.md)
+    encode: Literal["document", "tokens_maxpool"] = "document"
 
 
 class IdentifyConfig(Section):

@@ -123,3 +123,35 @@ def test_reconstruction_metrics_on_perfect_and_zero_reconstruction():
     assert m["dead_fraction"] == 0 and m["mean_l0"] == pytest.approx(7 / 30)
     m0 = reconstruction_metrics(x, np.zeros_like(x), np.zeros((30, 7)))
     assert m0["normalized_mse"] == pytest.approx(1.0) and m0["dead_fraction"] == 1.0
+
+
+def _one_of_many_features(n=3000, d=64, n_features=32, seed=0):
+    """Each row is one of ``n_features`` orthonormal directions with a weight in [1, 3] (+ small noise)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, n_features)))
+    feats = q.T
+    x = rng.uniform(1, 3, size=(n, 1)) * feats[rng.integers(n_features, size=n)] + 0.01 * rng.normal(size=(n, d))
+    return x.astype(np.float32), feats
+
+
+def test_aux_loss_revives_dead_latents():
+    """One latent per feature and k=1: at the random init some latents are the best match of two features and others
+    of none, so the latter are never selected -- dead -- and, without the auxiliary loss, get no gradient and stay
+    dead while two features share one atom. The aux loss trains the dead latents on the live model's residual (the
+    unexplained feature), after which they win it and fire again (Gao et al. 2024, sec. A.2)."""
+    x, feats = _one_of_many_features()
+    kw = dict(n_latents=32, k=1, epochs=10, batch_size=64, lr=4e-3, seed=0, dead_after=256, num_threads=1)
+    off = SparseAutoencoder(aux_k=0, **kw).fit(x)
+    on = SparseAutoencoder(aux_k=4, **kw).fit(x)
+    m_off, m_on = off.metrics(x), on.metrics(x)
+    print(f"dead fraction: aux off {m_off['dead_fraction']:.3f}, on {m_on['dead_fraction']:.3f}; "
+          f"train history (on) {[round(h['dead_fraction_train'], 3) for h in on.history_]}")
+    # the setup does produce dead latents: after the first epoch, with or without the aux loss
+    assert off.history_[0]["dead_fraction_train"] >= 0.1 and on.history_[0]["dead_fraction_train"] >= 0.1
+    assert m_off["dead_fraction"] >= 3 / 32  # and without the aux loss they stay dead
+    # with it most of them fire again, and the revived latents take the features that were merged
+    assert on.history_[-1]["dead_fraction_train"] <= on.history_[0]["dead_fraction_train"] / 2
+    assert m_on["dead_fraction"] <= m_off["dead_fraction"] / 2
+    covered = lambda sae: int(((feats @ sae.dictionary_.T).max(axis=1) > 0.9).sum())
+    assert covered(on) > covered(off)
+    assert m_on["normalized_mse"] < m_off["normalized_mse"] / 2

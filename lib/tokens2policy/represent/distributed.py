@@ -6,8 +6,9 @@ Backends
 ``"torch"``   PyTorch DDP launched by ``pyspark.ml.torch.distributor.TorchDistributor`` (gloo on CPU, nccl
               on GPU). ``local_mode=True`` runs the ranks as processes on the driver (tests, one machine);
               ``local_mode=False`` runs them as a barrier Spark job on the executors.
-``"horovod"`` ``horovod.spark.run`` + ``horovod.torch`` when the optional ``horovod`` extra is installed;
-              otherwise :class:`BackendUnavailableError` with a one-line explanation.
+``"horovod"`` ``horovod.spark.run`` (one Spark task per rank, Gloo rendezvous through the driver) +
+              ``horovod.torch`` (allreduce, ``DistributedOptimizer``) when Horovod is installed
+              (``t2p setup --horovod``); otherwise :class:`BackendUnavailableError` with a one-line explanation.
 
 Data never passes through the driver: the driver only *lists* the parquet files of the Delta snapshot
 (:func:`delta_source`, via ``DataFrame.inputFiles()``), and each rank reads its own contiguous slice of
@@ -219,7 +220,7 @@ class _HorovodOptimizer:
         self.opt = opt
 
     def zero_grad(self, set_to_none=True):
-        self.opt.zero_grad(set_to_none=set_to_none)
+        self.opt.zero_grad()  # Horovod's override takes no arguments; torch >= 2 sets the gradients to None
 
     def step(self):
         with self.opt.skip_synchronize():
@@ -243,7 +244,9 @@ class HorovodComm:
         hvd = self.hvd
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average)
-        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        # No hvd.broadcast_optimizer_state: the Adam state is still empty (identical on every rank), and Horovod
+        # would initialise it with a zero-gradient step, which advances Adam's step count and so changes the bias
+        # correction of every later step -- the run would no longer follow the single-process trajectory.
         self._opt = opt
         return model, _HorovodOptimizer(opt)
 
@@ -311,9 +314,8 @@ def horovod_available() -> tuple[bool, str]:
         import horovod.torch  # noqa: F401
     except Exception as e:  # ImportError, or a horovod build without torch/spark support
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return False, (f"backend='horovod' needs the optional 'horovod' extra "
-                       f"(pip install 'tokens2policy[horovod]', built with HOROVOD_WITH_PYTORCH=1); "
-                       f"import failed: {msg}")
+        return False, (f"backend='horovod' needs the optional 'horovod' extra compiled for this torch: run "
+                       f"`t2p setup --horovod` (or `make setup-horovod`); import failed: {msg}")
     return True, ""
 
 
@@ -374,9 +376,15 @@ def train_distributed(data_source, params, backend: str = "torch", num_processes
         if not ok:
             raise BackendUnavailableError(why)
         import horovod.spark
+        from pyspark.sql import SparkSession
 
+        if (spark or SparkSession.getActiveSession()) is None:
+            raise ValueError("backend='horovod' needs an active SparkSession (horovod.spark.run starts the ranks in "
+                             "Spark tasks)")
         with _package_on_pythonpath():
-            results = horovod.spark.run(_horovod_worker, args=(data_source, p, use_gpu), num_proc=int(num_processes))
+            # one Spark task per rank (each needs a free task slot); rank 0's result, identical on every rank
+            results = horovod.spark.run(_horovod_worker, args=(data_source, p, use_gpu), num_proc=int(num_processes),
+                                        verbose=0)
         result = results[0]
     else:
         from pyspark.sql import SparkSession

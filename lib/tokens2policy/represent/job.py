@@ -8,7 +8,8 @@ Data flow: with a distributed backend the training view (filtered to one model v
 Spark to the staging table ``represent_training``; training workers read their own parquet shards of that
 snapshot (the driver only lists files). The local backend and the baselines train in the driver process, so
 they collect the view through Arrow instead. Encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
-per Python worker. Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
+per Python worker; with ``represent.encode=tokens_maxpool`` the token states are encoded the same way and max-pooled
+per unit (:func:`pool_token_codes`; units without sampled token states keep their document code). Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
 units (texts from ``units``) and ``represent.label_max_tokens`` token states.
 """
 from __future__ import annotations
@@ -96,6 +97,35 @@ def encode_frame(spark, df, rep, vector_col: str = "vector", keep=("experiment_i
     return df.select(*keep, vector_col).mapInPandas(_encode, T.StructType(fields))
 
 
+def pool_token_codes(spark, tokens, doc_codes, rep, keys=("experiment_id", "unit_id")):
+    """Spark: each unit's code as the max over the codes of its token states (``represent.encode=tokens_maxpool``).
+
+    tokens: token-state rows (keys..., vector); doc_codes: one row per unit (keys..., indices, values).
+    Returns one row per row of ``doc_codes``: (keys..., indices, values, pooled_tokens). A unit with token states
+    gets z_j = max_t z_tj over its tokens t (codes are ReLU outputs, so a neuron inactive on every token stays 0,
+    and the pooled code says "some token of this text expresses atom j this strongly", which a mean-pooled
+    document vector can blur). ``token_states`` holds a *sample* of units: a unit without token states keeps its
+    document code and gets ``pooled_tokens = 0`` (never dropped); otherwise ``pooled_tokens`` counts its tokens.
+    The pooled code is not bounded by k (up to k x tokens active neurons).
+    """
+    from pyspark.sql import functions as F
+
+    keys = list(keys)
+    tok_codes = encode_frame(spark, tokens.join(doc_codes.select(*keys), keys, "left_semi"), rep, keep=keys)
+    counts = tok_codes.groupBy(*keys).agg(F.count(F.lit(1)).cast("int").alias("pooled_tokens"))
+    maxima = (tok_codes.select(*keys, F.explode(F.arrays_zip("indices", "values")).alias("c"))
+              .groupBy(*keys, F.col("c.indices").alias("neuron")).agg(F.max("c.values").alias("value"))
+              .groupBy(*keys).agg(F.array_sort(F.collect_list(F.struct("neuron", "value"))).alias("c")))
+    pooled = counts.join(maxima, keys, "left").select(
+        *keys,
+        F.coalesce(F.transform("c", lambda s: s["neuron"]), F.array().cast("array<int>")).alias("indices"),
+        F.coalesce(F.transform("c", lambda s: s["value"]), F.array().cast("array<float>")).alias("values"),
+        "pooled_tokens")
+    kept = doc_codes.join(counts.select(*keys), keys, "left_anti").select(
+        *keys, "indices", "values", F.lit(0).alias("pooled_tokens"))
+    return pooled.unionByName(kept)
+
+
 # ------------------------------------------------------------------------------------------------
 # pyfunc wrapper logged to MLflow
 # ------------------------------------------------------------------------------------------------
@@ -152,22 +182,32 @@ def _pick_model_hash(emb, wanted):
     return rows[0]["model_hash"]
 
 
-def _training_view(spark, cfg: Config, emb, model_hash: str):
+def _token_states(spark, cfg: Config, model_hash: str, needed_by: str | None = None):
+    """token_states of one embedding version (and ``represent.experiment_id``); None when the table does not exist,
+    or a one-line error naming the setting ``needed_by`` that requires it."""
     from pyspark.sql import functions as F
 
     from tokens2policy.lakehouse import read_table, table_exists
+
+    if not table_exists(spark, cfg, "token_states"):
+        if needed_by:
+            raise ValueError(f"{needed_by} needs token_states, which the embed stage has not written")
+        return None
+    tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == model_hash)
+    if cfg.represent.experiment_id:
+        tok = tok.where(F.col("experiment_id") == cfg.represent.experiment_id)
+    return tok.where(F.col("vector").isNotNull())
+
+
+def _training_view(spark, cfg: Config, emb, model_hash: str):
+    from pyspark.sql import functions as F
 
     rc = cfg.represent
     parts = []
     if rc.train_on in ("documents", "both"):
         parts.append(emb.select("vector"))
     if rc.train_on in ("tokens", "both"):
-        if not table_exists(spark, cfg, "token_states"):
-            raise ValueError("represent.train_on needs token_states, which the embed stage has not written")
-        tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == model_hash)
-        if rc.experiment_id:
-            tok = tok.where(F.col("experiment_id") == rc.experiment_id)
-        parts.append(tok.select("vector"))
+        parts.append(_token_states(spark, cfg, model_hash, f"represent.train_on={rc.train_on}").select("vector"))
     view = parts[0]
     for p in parts[1:]:
         view = view.unionByName(p)
@@ -204,14 +244,16 @@ def _sample_fraction(n: int, cap: int) -> float:
 
 
 def _labels(spark, cfg: Config, rep, neurons, model_hash: str, n_units: int):
-    """Driver-side interpretation on a deterministic sample of units (and token states)."""
+    """Driver-side interpretation on a deterministic sample of units (and token states). Top documents rank the
+    codes stored in ``neurons`` (document or max-pooled token codes); bottom documents the document vectors'
+    encoder scores."""
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import read_table, table_exists
+    from tokens2policy.lakehouse import read_table
 
     rc = cfg.represent
     frac = _sample_fraction(n_units, rc.label_max_docs)
-    keyed = neurons.select("experiment_id", "unit_id")
+    keyed = neurons.select("experiment_id", "unit_id", "indices", "values")
     if frac < 1.0:
         keyed = keyed.where((F.abs(F.hash("experiment_id", "unit_id")) % 1000000) < int(frac * 1000000))
     units = read_table(spark, cfg, "units").select("experiment_id", "unit_id", "text")
@@ -222,14 +264,12 @@ def _labels(spark, cfg: Config, rep, neurons, model_hash: str, n_units: int):
     if rows.empty:
         return []
     x = np.stack(rows["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
-    codes = rep.encode(x)
+    codes = rows_to_csr(rows["indices"].tolist(), rows["values"].tolist(), int(rep.n_latents_))
     score_blocks = (rep.scores(x[a:a + 2048]) for a in range(0, len(x), 2048))
     ids = [f"{e}/{u}" if rc.experiment_id is None else str(u) for e, u in zip(rows["experiment_id"], rows["unit_id"])]
     tok_codes = tokens = None
-    if table_exists(spark, cfg, "token_states") and rc.label_max_tokens > 0:
-        tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == model_hash)
-        if rc.experiment_id:
-            tok = tok.where(F.col("experiment_id") == rc.experiment_id)
+    tok = _token_states(spark, cfg, model_hash) if rc.label_max_tokens > 0 else None
+    if tok is not None:
         tpdf = tok.select("token", "vector").limit(int(rc.label_max_tokens)).toPandas()
         if not tpdf.empty:
             tx = np.stack(tpdf["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
@@ -248,13 +288,20 @@ def run(spark, cfg: Config) -> dict:
     from pyspark.sql import types as T
 
     from tokens2policy.lakehouse import read_table, table_version, write_table
+    from tokens2policy.progress import spark_progress
+    from tokens2policy.stages import require_gpu
     from tokens2policy.tracking import stage_run
 
     rc = cfg.represent
+    if rc.encode == "tokens_maxpool" and rc.kind != "sae":
+        raise ConfigError(f"represent.encode=tokens_maxpool max-pools non-negative SAE codes; kind={rc.kind} codes "
+                          "can be negative (use encode=document)")
     if rc.kind == "sae" and rc.backend == "horovod":
         ok, why = horovod_available()
         if not ok:  # one line through the CLI, before any work is done
             raise ConfigError(why)
+    if rc.kind == "sae" and rc.use_gpu and rc.backend != "local":
+        require_gpu(spark, f"represent.use_gpu=true (backend {rc.backend})", "--set represent.use_gpu=false")
     versions = {"embeddings": table_version(spark, cfg, "embeddings"),
                 "token_states": table_version(spark, cfg, "token_states")}
     emb = read_table(spark, cfg, "embeddings", version=versions["embeddings"]).where(
@@ -274,15 +321,17 @@ def run(spark, cfg: Config) -> dict:
         emb = emb.where(F.col("model_hash") == model_hash)
         mlflow.log_param("resolved.model_hash", model_hash)
         try:
-            rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash))
+            note = f"SAE, {rc.epochs} epochs, backend {rc.backend}" if rc.kind == "sae" else rc.kind
+            with spark_progress(spark, "represent: train", note=note):
+                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash))
         except BackendUnavailableError as err:
             raise ConfigError(str(err)) from None
         n_latents = int(rep.n_latents_)
         mark("train")
 
         codes = encode_frame(spark, emb, rep).persist()
-        agg = codes.agg(F.count("*").alias("n"), F.sum("sse").alias("sse"), F.sum("sq").alias("sq"),
-                        F.sum(F.size("indices")).alias("nnz")).collect()[0]
+        with spark_progress(spark, "represent: encode"):
+            agg = codes.agg(F.count("*").alias("n"), F.sum("sse").alias("sse"), F.sum("sq").alias("sq")).collect()[0]
         n_units = int(agg["n"])
         # FVE needs the centred total sum of squares: sum ||x||^2 - n ||mean||^2 (mean by a Spark aggregate)
         dim = len(emb.select("vector").first()["vector"])
@@ -290,7 +339,16 @@ def run(spark, cfg: Config) -> dict:
         mean = np.array([sums[f"s{i}"] for i in range(dim)], dtype=np.float64) / max(n_units, 1)
         sst = float(agg["sq"]) - n_units * float(mean @ mean)
         neurons = codes.select("experiment_id", "unit_id", "indices", "values")
+        if rc.encode == "tokens_maxpool":
+            tok = _token_states(spark, cfg, model_hash, "represent.encode=tokens_maxpool")
+            neurons = pool_token_codes(spark, tok, neurons, rep)
+        else:
+            neurons = neurons.withColumn("pooled_tokens", F.lit(0))
         write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True)
+        # the written codes, not a recomputation (token pooling is an expensive plan)
+        neurons = read_table(spark, cfg, "neurons")
+        written = neurons.agg(F.sum(F.size("indices")).alias("nnz"),
+                              F.sum((F.col("pooled_tokens") > 0).cast("long")).alias("pooled")).collect()[0]
         mark("encode")
 
         exploded = neurons.select(F.explode(F.arrays_zip("indices", "values")).alias("c")).select(
@@ -311,8 +369,11 @@ def run(spark, cfg: Config) -> dict:
             "normalized_mse": float(agg["sse"]) / float(agg["sq"]) if agg["sq"] else float("nan"),
             "fraction_variance_explained": 1.0 - float(agg["sse"]) / sst if sst > 0 else float("nan"),
             "dead_fraction": n_dead / float(n_latents),
-            "mean_l0": float(agg["nnz"]) / max(n_units, 1),
+            "mean_l0": float(written["nnz"] or 0) / max(n_units, 1),
             "n_units": float(n_units), "n_latents": float(n_latents),
+            # encode=tokens_maxpool: units whose code pools token states / keeps the document code (no sampled tokens)
+            "units_token_pooled": float(written["pooled"] or 0),
+            "units_document_code": float(n_units - int(written["pooled"] or 0)),
         }
         mlflow.log_metrics(metrics)
         mlflow.log_params({"resolved.kind": rep.kind, "resolved.n_latents": n_latents,
@@ -352,5 +413,6 @@ def run(spark, cfg: Config) -> dict:
     summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
                "model_uri": info.model_uri, "seconds": timings,
                "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
+               "encode": rc.encode, "units_document_code": int(metrics["units_document_code"]),
                **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}
     return summary

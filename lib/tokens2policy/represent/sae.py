@@ -131,7 +131,8 @@ def _module_class():
             dec = torch.randn(n_latents, d_in, generator=g)
             dec /= dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.W_dec = nn.Parameter(dec)
-            self.W_enc = nn.Parameter(dec.t().clone())  # encoder = decoder^T at init
+            # encoder = decoder^T at init (contiguous: Horovod broadcasts and allreduces only contiguous tensors)
+            self.W_enc = nn.Parameter(dec.t().clone(memory_format=torch.contiguous_format))
             self.b_enc = nn.Parameter(torch.zeros(n_latents))
             self.b_pre = nn.Parameter(torch.zeros(d_in))
             # normalization statistics (buffers: saved with the state dict, not trained)
