@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from tokens2policy.fold_tasks import fold_partition_keys, run_fold_tasks  # noqa: F401 (re-exported)
+
 from .calibration import calibration_table
 from .design import (
     FeatureSpec, build_feature_spec, feature_matrix, modifier_values, resolve_modifiers,
@@ -83,46 +85,18 @@ def cross_fit_local(pdf: pd.DataFrame, spec: FeatureSpec, outcomes, params, seed
                      ignore_index=True)
 
 
-def fold_partition_keys(spark, n_folds: int) -> List[int]:
-    """For each i < n_folds a long key whose Spark hash lands in partition i of ``repartition(n_folds, key)`` —
-    so the K fold tasks get K distinct partitions (plain hashing of 0..K-1 can put two folds in one task)."""
-    from pyspark.sql import functions as F
-
-    rows = spark.range(0, 64 * n_folds).select("id", F.expr(f"pmod(hash(id), {n_folds})").alias("p")).collect()
-    first: Dict[int, int] = {}
-    for r in rows:
-        first.setdefault(int(r["p"]), int(r["id"]))
-    if len(first) < n_folds:
-        raise RuntimeError(f"could not find a partition key for each of {n_folds} folds")
-    return [first[i] for i in range(n_folds)]
-
-
 def cross_fit_spark(spark, joined, spec: FeatureSpec, outcomes, params, seed, folds: Sequence[int]) -> pd.DataFrame:
-    """Nuisances with one Spark task per fold: the rows are replicated once per fold, hash-partitioned on a key
-    chosen so fold i lands in partition i, and ``groupBy(key).applyInPandas`` fits each fold in its own task (the
-    grouping reuses that partitioning: no further shuffle). Adds ``partition_id`` and ``fit_seconds`` per row so
-    the caller can check and log the task layout."""
-    from pyspark.sql import functions as F
-
+    """Nuisances with one Spark task per fold (:func:`tokens2policy.fold_tasks.run_fold_tasks`): every row reaches
+    each fold's task, which trains on the other folds and predicts its own (:func:`fit_task`). The result carries
+    ``partition_id`` and ``fit_seconds`` per row so the caller can check and log the task layout."""
     outcomes = list(outcomes)
-    keys = fold_partition_keys(spark, len(folds))
-    fold_df = spark.createDataFrame([(int(k), key) for k, key in zip(folds, keys)], "task_fold int, task_key long")
-    replicated = joined.crossJoin(F.broadcast(fold_df)).repartition(len(folds), "task_key")
     unit_type = joined.schema["unit_id"].dataType.simpleString()
-    schema = (f"unit_id {unit_type}, outcome string, mu0 double, mu1 double, e double, task_fold int, "
-              "partition_id int, fit_seconds double")
+    schema = f"unit_id {unit_type}, outcome string, mu0 double, mu1 double, e double"
 
-    def task(pdf: pd.DataFrame) -> pd.DataFrame:
-        from pyspark import TaskContext
+    def task(pdf: pd.DataFrame, k: int) -> pd.DataFrame:
+        return fit_task(pdf, k, spec, outcomes, params, seed)
 
-        start = time.perf_counter()
-        k = int(pdf["task_fold"].iloc[0])
-        res = fit_task(pdf.drop(columns=["task_fold", "task_key"]), k, spec, outcomes, params, seed)
-        ctx = TaskContext.get()
-        return res.assign(task_fold=k, partition_id=ctx.partitionId() if ctx else -1,
-                          fit_seconds=time.perf_counter() - start)
-
-    return replicated.groupBy("task_key").applyInPandas(task, schema).toPandas()
+    return run_fold_tasks(spark, joined, folds, task, schema).toPandas()
 
 
 def top_neurons(indices: Sequence, n: int) -> List[int]:
@@ -296,6 +270,7 @@ def run(spark, cfg) -> dict:
     import mlflow
 
     from tokens2policy.lakehouse import experiment_filter, read_table, table_version
+    from tokens2policy.progress import spark_progress
     from tokens2policy.tracking import stage_run
 
     units = read_table(spark, cfg, "units")
@@ -321,7 +296,8 @@ def run(spark, cfg) -> dict:
             folds = sorted(int(k) for k in pdf["fold"].unique())
             cols = ["unit_id", "treatment", "fold"] + outcomes + covariates + ["indices", "values"]
             start = time.perf_counter()
-            nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
+            with spark_progress(spark, f"effects {exp}: nuisance cross-fit", note=f"{len(folds)} folds"):
+                nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
             wall = time.perf_counter() - start
             clock.lap("nuisances")
             n_tasks = int(nu_pdf["partition_id"].nunique())

@@ -4,8 +4,11 @@ Distributed exactly like the in-memory engine: every statistic NEXIS needs is a 
 so :class:`SparkSource` evaluates it per partition with ``mapInPandas`` and sums the partial results on the
 driver, where the same selection loop (``engine.run_search``) runs. The GCM poly2 nuisances are fit per fold
 from per-fold Gram matrices summed across the cluster (rows grouped by the stored ``fold`` column), so each
-fold's out-of-fold fit equals the in-memory one. One Spark job per statistic: moments once, cross-products once
-per feature that enters the set, robust meats / GCM passes once per step.
+fold's out-of-fold fit equals the in-memory one. The GCM LightGBM nuisances have no additive statistics: fold k's
+model is trained in one Spark task on the rows of the other folds (``tokens2policy.fold_tasks``, the pattern the
+effects stage uses), and a pass over the partitions predicts every row with its own fold's model (see
+:meth:`SparkSource.lgbm_nuisances`). One Spark job per statistic: moments once, cross-products once per feature
+that enters the set, robust meats / GCM passes once per step.
 
 Kinds follow the NEXIS API: ``Z`` = SAE neuron (the ``z`` matrix), ``W`` = structured covariate (``w``); the
 ``source`` column says ``neuron`` / ``covariate`` unambiguously.
@@ -14,13 +17,17 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections import OrderedDict
 from typing import Dict, List
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tokens2policy.fold_tasks import run_fold_tasks
+
 from .engine import Tester, marginal_from_tester, run_search
+from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
 from .stats import Block
 
 MODIFIERS_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, source string, label string, "
@@ -60,21 +67,26 @@ def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
 class SparkSource:
     """A Source whose ``reduce`` is a mapInPandas over the partitions of a DataFrame plus a driver-side sum."""
 
-    blocks: List = []  # no in-memory blocks: nuisance='lgbm' is refused by the Tester
-
     def __init__(self, df, spec: Dict):
         self.df, self.spec = df, spec
         self.mw = len(spec["covariates"])
         self.M = self.mw + spec["m"]
+        self.fold_tasks: List[Dict] = []  # layout of every per-fold LightGBM fit job (S size, target, partitions)
 
     def reduce(self, method, *args, **kwargs):
+        """Sum over partitions of ``Block.<method>(*args, **kwargs)`` — or of ``method(block)`` for a callable."""
         spec = self.spec
+        if callable(method):
+            stat = method
+        else:
+            def stat(block):
+                return getattr(block, method)(*args, **kwargs)
 
         def partials(batches):
             total = None
             for pdf in batches:
                 if len(pdf):
-                    total = _add(total, getattr(block_from_pandas(pdf, spec), method)(*args, **kwargs))
+                    total = _add(total, stat(block_from_pandas(pdf, spec)))
             if total is not None:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
@@ -84,6 +96,120 @@ class SparkSource:
         if total is None:
             raise ValueError("no rows to identify on")
         return total
+
+    # ---------------------------------------------------------------- LightGBM GCM nuisances, per fold
+    @property
+    def blocks(self):
+        """The engine's LightGBM branch asks its single in-memory block for ``gcm_sums(S, φ_res)``; here that block
+        is the whole partitioned frame and φ_res is carried by the fitted fold models (see :class:`SparkTester`)."""
+        return [_AllPartitions(self)]
+
+    def design_frame(self, S):
+        """unit_id, fold code, y, t and the dense columns x0..x{|S|-1} of S: all a nuisance fit needs (|S| is
+        small; Z itself never travels)."""
+        spec = self.spec
+        xcols = [f"x{c}" for c in range(len(S))]
+        key_type = self.df.schema["unit_id"].dataType.simpleString()
+        schema = ", ".join([f"unit_id {key_type}", "fold int", "y double", "t double"] + [f"{c} double" for c in xcols])
+
+        def rows(batches):
+            for pdf in batches:
+                if not len(pdf):
+                    continue
+                b = block_from_pandas(pdf, spec)
+                out = pd.DataFrame({"unit_id": pdf["unit_id"].to_numpy(), "fold": b.folds.astype(np.int32),
+                                    "y": b.y, "t": b.t})
+                XS = b.columns(S)
+                for c, name in enumerate(xcols):
+                    out[name] = XS[:, c]
+                yield out
+
+        return self.df.mapInPandas(rows, schema)
+
+    def fit_fold_models(self, design, S, n_folds, seed, m_models=None, e=None):
+        """Fold k's LightGBM model (``nuisance.lgbm_fit``), one Spark task per fold, trained on the rows of the
+        other folds (of the :meth:`design_frame` ``design``) in unit_id order: of y on X_S, or — given the outcome
+        models ``m_models`` — of the pseudo-outcome φ = (y - m̂)(t - e)/(e(1 - e)), each training row's m̂ from the
+        model of its own fold."""
+        xcols = [f"x{c}" for c in range(len(S))]
+
+        def task(pdf: pd.DataFrame, k: int) -> pd.DataFrame:
+            pdf = pdf.sort_values("unit_id", kind="stable")
+            X = pdf[xcols].to_numpy(dtype=float).reshape(len(pdf), len(xcols))
+            target = pdf["y"].to_numpy(dtype=float)
+            if m_models is not None:
+                m_hat = predict_out_of_fold(m_models, X, pdf["fold"].to_numpy())
+                target = pseudo_outcome(target, pdf["t"].to_numpy(dtype=float), m_hat, e)
+            return pd.DataFrame({"model": [pickle.dumps(lgbm_fit(X, target, seed), protocol=4)]})
+
+        spark = self.df.sparkSession
+        out = run_fold_tasks(spark, design, range(n_folds), task, "model binary",
+                             training_only=True).collect()
+        by_fold = {int(r["task_fold"]): pickle.loads(r["model"]) for r in out}
+        if sorted(by_fold) != list(range(n_folds)):
+            raise ValueError(f"LightGBM nuisance: folds {sorted(by_fold)} came back, expected 0..{n_folds - 1}")
+        self.fold_tasks.append({"s": len(S), "target": "y" if m_models is None else "phi",
+                                "partitions": sorted({int(r["partition_id"]) for r in out}),
+                                "fit_seconds_max": max(float(r["fit_seconds"]) for r in out)})
+        return [by_fold[k] for k in range(n_folds)]
+
+    def lgbm_nuisances(self, S, n_folds, e, seed):
+        """(m models, g models): the cross-fitted outcome model m̂(X_S) and the model of φ on X_S, per fold. The
+        narrow design frame is cached for the two fits, so the rows are read from the partitions once."""
+        design = self.design_frame(S).cache()
+        try:
+            m_models = self.fit_fold_models(design, S, n_folds, seed)
+            return m_models, self.fit_fold_models(design, S, n_folds, seed, m_models=m_models, e=e)
+        finally:
+            design.unpersist()
+
+
+def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e):
+    """One partition's GCM sums with φ_res = φ - ĝ(X_S), φ = (y - m̂(X_S))(t - e)/(e(1 - e)), every row predicted
+    by its own fold's models — the arithmetic of the in-memory ``nexis(..., nuisance="lgbm")``."""
+    XS = block.columns(S)
+    phi = pseudo_outcome(block.y, block.t, predict_out_of_fold(m_models, XS, block.folds), e)
+    return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds))
+
+
+class _AllPartitions:
+    """Stands for the engine's single block in the LightGBM GCM branch: the sums are reduced across partitions."""
+
+    def __init__(self, src: SparkSource):
+        self.src = src
+
+    def gcm_sums(self, S, fitted):
+        m_models, g_models, e = fitted
+        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))
+
+
+class SparkTester(Tester):
+    """The engine's :class:`~tokens2policy.identify.engine.Tester` whose LightGBM GCM nuisances are fit per fold
+    across the cluster (:meth:`SparkSource.lgbm_nuisances`) instead of on one in-memory block.
+
+    The fitted fold models are small (2K model strings), so unlike the engine, which keeps only the latest S's
+    n-vector φ_res, the models of the last ``MODEL_CACHE`` conditioning sets are kept: the final p(j | S∖{j}) and
+    the marginal screen revisit sets the search already fit (fits are deterministic, so reuse changes nothing)."""
+
+    MODEL_CACHE = 32
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fold_models: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def _gcm_residual(self, S):
+        if self.nuisance != "lgbm":
+            return super()._gcm_residual(S)
+        cache = self._fold_models
+        key = tuple(int(s) for s in S)  # order matters: it is the feature order of the models
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            cache[key] = self.src.lgbm_nuisances(list(key), self.K, self.e, self.seed)
+            while len(cache) > self.MODEL_CACHE:
+                cache.popitem(last=False)
+        m_models, g_models = cache[key]
+        return "lgbm", (m_models, g_models, self.e)
 
 
 def _numeric_covariates(units, names):
@@ -95,12 +221,16 @@ def _numeric_covariates(units, names):
 
 def identify_frame(df, spec, cfg_identify, seed=0):
     """Run NEXIS + the marginal screen on a prepared DataFrame (columns y, treatment, [fold], [cluster],
-    covariates, indices, values). Returns (NexisResult, MarginalResult)."""
+    covariates, indices, values; GCM with LightGBM also unit_id, the key that orders each fold's training rows).
+    Returns (NexisResult, MarginalResult). With LightGBM the result equals ``nexis(..., nuisance="lgbm")`` on the
+    rows sorted by unit_id with the same fold ids."""
     ic = cfg_identify
     G = len(spec.get("cluster_codes") or {})
     K = len(spec.get("fold_codes") or {})
+    if ic.test == "gcm" and ic.nuisance == "lgbm" and "unit_id" not in df.columns:
+        raise ValueError("GCM with nuisance='lgbm' needs a unit_id column (it orders each fold's training rows)")
     src = SparkSource(df, spec)
-    tester = Tester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True)
+    tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True)
     params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
                   nuisance=ic.nuisance, max_rounds=ic.max_rounds, min_active=ic.min_active)
     res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
@@ -110,8 +240,11 @@ def identify_frame(df, spec, cfg_identify, seed=0):
 
 
 def _validate_spark_options(ic, has_fold, has_cluster):
-    if ic.test == "gcm" and ic.nuisance != "poly2":
-        raise ValueError("the Spark identify job fits GCM nuisances from per-fold Grams: use identify.nuisance=poly2")
+    if ic.test == "gcm" and ic.nuisance == "lgbm":
+        try:
+            import lightgbm  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("identify.nuisance=lgbm needs the lightgbm package (pip install lightgbm)") from exc
     if ic.test == "gcm" and not has_fold:
         raise ValueError("identify.test=gcm needs the stored 'fold' column in units")
     if ic.test == "cluster" and not has_cluster:
@@ -123,6 +256,7 @@ def run(spark, cfg) -> dict:
     from pyspark.sql import functions as F
 
     from tokens2policy.lakehouse import read_table, table_exists, table_version, write_table
+    from tokens2policy.progress import spark_progress
     from tokens2policy.tracking import stage_run
 
     ic = cfg.identify
@@ -161,9 +295,13 @@ def run(spark, cfg) -> dict:
                     cols.append(F.col("cluster").cast("string").alias("cluster"))
                 if ic.test == "gcm":
                     cols.append(F.col("fold").cast("int").alias("fold"))
+                if ic.test == "gcm" and ic.nuisance == "lgbm":
+                    cols.append("unit_id")  # orders each fold's training rows (same models as in memory)
                 df = joined.where(F.col(outcome).isNotNull()).select(*cols).cache()
                 try:
-                    res, mg = identify_frame(df, spec, ic, cfg.seed)
+                    with spark_progress(spark, f"identify {exp}/{outcome}", note=f"NEXIS {ic.test}, {m} neurons",
+                                        open_ended=True):  # one Spark job per statistic: the total grows
+                        res, mg = identify_frame(df, spec, ic, cfg.seed)
                 finally:
                     df.unpersist()
                 mod_rows += modifier_rows(exp, outcome, res, covariates, ic)
