@@ -10,8 +10,10 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 
 * ``moments``            one pass, O(nnz): Gram-type sums of every column with 1, t, y, ty and of its square.
 * ``cross(S)``           O(nnz · |S|): F'x_s and F'(t x_s), the cross-products a newly selected feature adds.
-* ``robust(...)``        HC1 meat / cluster scores given per-candidate coefficients: O(n k^4 + nnz · p)
-                         via a zero/non-zero row split (rows where x_j = 0 share one closed form).
+* ``robust(...)``        HC1 meat / cluster scores given per-candidate coefficients. Dense columns (and sparse
+                         blocks of at most DIRECT_CELLS cells): O(n · |J| · p) as a few matrix products and column
+                         sums over cache-sized chunks of candidates. Large sparse blocks: O(n k^4 + nnz · p) via a
+                         zero/non-zero row split (rows where x_j = 0 share one closed form).
 * ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the poly2 ridge nuisances per fold and the GCM sums.
 
 Sparse Z is kept in CSC form and never densified.
@@ -27,6 +29,8 @@ CHUNK = 1 << 20  # non-zeros (or dense cells) handled per vectorized chunk
 # subtracts the zero-row formula on non-zero rows, which loses digits when a few high-leverage rows dominate
 # (tiny n), so small blocks take the direct path, which is then also the cheaper one.
 DIRECT_CELLS = 1 << 22
+# cells per column chunk of the dense robust path: its n x chunk temporaries stay cache-resident
+DENSE_CHUNK = 1 << 17
 
 
 def poly2(XS):
@@ -72,6 +76,11 @@ class Block:
 
     def columns(self, S):
         """Dense n x |S| matrix of the global columns S (O(n |S|), Z never densified as a whole)."""
+        S = np.asarray(S, dtype=np.int64).ravel()
+        if self.mw == 0 or (len(S) and S.min() >= self.mw):  # Z columns only: one slice
+            if self.sparse:
+                return self.Z[:, S - self.mw].toarray()
+            return self.Z[:, S - self.mw]
         out = np.empty((self.n, len(S)))
         for c, g in enumerate(S):
             if g < self.mw:
@@ -104,22 +113,10 @@ class Block:
         return np.vstack([top, bottom])
 
     def entries(self, J):
-        """Yield (rows, positions in J, values, full) over the columns J in chunks: for sparse Z its non-zero
-        entries (full=False); for dense columns (W, dense Z) every row (full=True)."""
+        """Yield (rows, positions in J, values) of the non-zero entries of the sparse-Z columns J, in chunks of
+        about CHUNK entries (the split columns of ``robust``; dense columns are read with ``columns``)."""
         J = np.asarray(J, dtype=np.int64)
-        pos = np.arange(len(J))
-        dense = (J < self.mw) | (not self.sparse) | (self.n * len(J) <= DIRECT_CELLS)
-        dp = pos[dense]
-        step = max(1, CHUNK // max(1, self.n))
-        rows_all = np.arange(self.n)
-        for lo in range(0, len(dp), step):
-            cols = dp[lo:lo + step]
-            X = self.columns(J[cols])
-            yield np.tile(rows_all, len(cols)), np.repeat(cols, self.n), X.ravel(order="F"), True
-        zp = pos[~dense]
-        if not len(zp):
-            return
-        zj = J[zp] - self.mw
+        zj = J - self.mw
         counts = np.diff(self.Z.indptr)[zj]
         start = 0
         while start < len(zj):
@@ -129,11 +126,12 @@ class Block:
                 total += counts[stop]
                 stop += 1
             sub = self.Z[:, zj[start:stop]]
-            yield sub.indices, np.repeat(zp[start:stop], np.diff(sub.indptr)), sub.data, False
+            yield sub.indices, start + np.repeat(np.arange(stop - start), np.diff(sub.indptr)), sub.data
             start = stop
 
     def is_sparse_column(self, J):
-        """Columns handled by the zero/non-zero split (see ``entries``)."""
+        """Columns handled by the zero/non-zero split of ``robust`` (sparse Z in a block of more than
+        DIRECT_CELLS cells)."""
         J = np.asarray(J, dtype=np.int64)
         return (J >= self.mw) & self.sparse & (self.n * len(J) > DIRECT_CELLS)
 
@@ -172,24 +170,30 @@ class Block:
 
         For candidate j, with ỹ = y - D·dy the residual of y on D, the full-regression residual is
         e = ỹ + Dπ_jβ_j - x_j β_j1 - t x_j β_j2 and the residualized regressors are x̃ = [x_j, t x_j] - Dπ_j.
-        On rows where x_j = 0 these are linear in q = [ỹ, v] within each arm, v = L_a⁻¹[1, X_S] an orthonormal
-        (over the arm's rows) basis of the arm's design (``linv[a]`` = L_a⁻¹ from the Cholesky factor of the
-        arm's Gram, computed by the driver). Their contribution over *all* rows is a contraction of the arm's
-        4th-moment tensor Σ vec(qq')vec(qq')' (HC1) or of per-cluster 2nd moments Σ_g qq' (cluster); the
-        orthonormal basis keeps these contractions free of cancellation. The non-zero rows then add
-        (true term - zero-row formula), O(nnz · p).
+
+        * Dense columns (W, dense Z, small sparse blocks): every row's exact term, as n x |J| matrices — D π_j for
+          all candidates of a chunk is one matrix product, so the cost is a few passes over n x |J| cells.
+        * Sparse columns (``is_sparse_column``): on rows where x_j = 0, e and x̃ are linear in q = [ỹ, v] within
+          each arm, v = L_a⁻¹[1, X_S] an orthonormal (over the arm's rows) basis of the arm's design (``linv[a]`` =
+          L_a⁻¹ from the Cholesky factor of the arm's Gram, computed by the driver). Their contribution over *all*
+          rows is a contraction of the arm's 4th-moment tensor Σ vec(qq')vec(qq')' (HC1) or of per-cluster 2nd
+          moments Σ_g qq' (cluster); the orthonormal basis keeps these contractions free of cancellation. The
+          non-zero rows then add (true term - zero-row formula), O(nnz · p).
         """
         J = np.asarray(J, dtype=np.int64)
         nJ, k = len(J), len(S)
         XS = self.columns(S)
-        y, t = self.y, self.t
+        t = self.t
         D = np.column_stack([np.ones(self.n), t, XS, t[:, None] * XS])
-        yres = y - D @ dy
+        yres = self.y - D @ dy
         pib = np.einsum("jpa,ja->jp", pi, beta)          # D-coefficients of the fitted x_j·β part
-        if kind == "hc1":
-            out = np.zeros((nJ, 3))
-        else:
-            out = np.zeros((n_clusters, nJ, 2))
+        out = np.zeros((nJ, 3)) if kind == "hc1" else np.zeros((n_clusters, nJ, 2))
+        split = self.is_sparse_column(J)
+        dense = np.nonzero(~split)[0]
+        if len(dense):
+            self._robust_dense(out, J, dense, D, yres, pi, beta, kind, n_clusters)
+        if not split.any():
+            return out
         for a in (0, 1):
             rows = t == a
             if not rows.any():
@@ -203,7 +207,7 @@ class Block:
                 r = np.concatenate([u[:, :1] + a * u[:, 1:2], u[:, 2:2 + k] + a * u[:, 2 + k:]], axis=1)
                 return r @ L
 
-            ce = np.hstack([np.ones((nJ, 1)), red(pib)]) * self.is_sparse_column(J)[:, None]
+            ce = np.hstack([np.ones((nJ, 1)), red(pib)]) * split[:, None]
             c1 = np.hstack([np.zeros((nJ, 1)), -red(pi[:, :, 0])])
             c2 = np.hstack([np.zeros((nJ, 1)), -red(pi[:, :, 1])])
             if kind == "hc1":
@@ -227,9 +231,10 @@ class Block:
                     H += onehot[:, lo:lo + step] @ (qc[:, :, None] * qc[:, None, :]).reshape(len(qc), -1)
                 for col, c in enumerate((c1, c2)):
                     out[:, :, col] += H @ (ce[:, :, None] * c[:, None, :]).reshape(nJ, -1).T
-        # non-zero rows of sparse columns: true term minus the zero-row formula already counted;
-        # dense columns: every row's true term (no split, no cancellation)
-        for rows, p, x, full in self.entries(J):
+        # non-zero rows of the split columns: true term minus the zero-row formula already counted
+        where = np.nonzero(split)[0]
+        for rows, p, x in self.entries(J[where]):
+            p = where[p]
             d = D[rows]
             e0 = yres[rows] + _rowdot(d, pib[p])
             a0 = -_rowdot(d, pi[p, :, 0])
@@ -238,8 +243,6 @@ class Block:
             e1 = e0 - x * beta[p, 0] - tx * beta[p, 1]
             a1 = a0 + x
             b1 = b0 + tx
-            if full:
-                e0 = a0 = b0 = 0.0
             if kind == "hc1":
                 e1s, e0s = e1 * e1, e0 * e0
                 for col, (u1, v1, u0, v0) in enumerate(((a1, a1, a0, a0), (a1, b1, a0, b0), (b1, b1, b0, b0))):
@@ -250,6 +253,30 @@ class Block:
                     out[:, :, col] += np.bincount(idx, e1 * u1 - e0 * u0,
                                                   minlength=n_clusters * nJ).reshape(n_clusters, nJ)
         return out
+
+    def _robust_dense(self, out, J, pos, D, yres, pi, beta, kind, n_clusters):
+        """Exact per-row HC1 meat / cluster scores of the candidates J[pos], read densely in column chunks."""
+        t = self.t
+        onehot = None
+        if kind != "hc1":
+            onehot = sp.csr_matrix((np.ones(self.n), (self.codes, np.arange(self.n))), shape=(n_clusters, self.n))
+        step = max(1, DENSE_CHUNK // max(1, self.n))
+        for lo in range(0, len(pos), step):
+            c = pos[lo:lo + step]
+            X = self.columns(J[c])                            # n x |c|
+            TX = t[:, None] * X
+            A1 = X - D @ pi[c, :, 0].T                        # residualized x_j
+            B1 = TX - D @ pi[c, :, 1].T                       # residualized t x_j
+            E1 = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]   # = ỹ - x̃β, the full-regression residual
+            if kind == "hc1":
+                E1 *= E1
+                EA = E1 * A1
+                out[c, 0] += np.einsum("ij,ij->j", EA, A1)
+                out[c, 1] += np.einsum("ij,ij->j", EA, B1)
+                out[c, 2] += np.einsum("ij,ij->j", E1 * B1, B1)
+            else:
+                out[:, c, 0] += onehot @ (E1 * A1)
+                out[:, c, 1] += onehot @ (E1 * B1)
 
     # ------------------------------------------------------------------ GCM statistics
     def fold_grams(self, S, n_folds, coef_m=None, e=None):
