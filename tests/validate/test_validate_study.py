@@ -21,13 +21,26 @@ def _cfg(*overrides):
 
 def test_selection_metrics_by_hand():
     assert selection_metrics([3, 7], [3, 7]) == dict(n_selected=2, n_true_selected=2, iou=1.0, precision=1.0,
-                                                     recall=1.0, any_selected=1.0)
+                                                     recall=1.0, any_selected=1.0, iou_aligned=1.0,
+                                                     precision_aligned=1.0, recall_aligned=1.0)
     m = selection_metrics([3, 4, 5], [3, 7])
     assert (m["iou"], m["precision"], m["recall"]) == (1 / 4, 1 / 3, 1 / 2)
+    # without groups the aligned metrics are the plain ones (each true feature its own group)
+    assert (m["iou_aligned"], m["precision_aligned"], m["recall_aligned"]) == (1 / 4, 1 / 3, 1 / 2)
     empty = selection_metrics([], [3, 7])
     assert empty["iou"] == 0.0 and np.isnan(empty["precision"]) and empty["recall"] == 0.0
+    assert empty["iou_aligned"] == 0.0 and np.isnan(empty["precision_aligned"])
     null = selection_metrics([1], [])
     assert np.isnan(null["iou"]) and null["any_selected"] == 1.0
+    assert np.isnan(null["iou_aligned"]) and null["precision_aligned"] == 0.0
+    # groups of interchangeable features: truth 3 ~ {3, 4}, truth 7 ~ {7, 9}. S = {4, 5, 9, 12}: both groups hit
+    # (by stand-ins), two false positives; 3 and 7 themselves were not selected
+    g = selection_metrics([4, 5, 9, 12], [3, 7], aligned=[[3, 4], [7, 9]])
+    assert (g["iou"], g["recall"]) == (0.0, 0.0)
+    assert (g["iou_aligned"], g["precision_aligned"], g["recall_aligned"]) == (2 / 4, 2 / 4, 1.0)
+    # two members of one group count once, and are not errors
+    g = selection_metrics([3, 4], [3, 7], aligned=[[3, 4], [7, 9]])
+    assert (g["iou_aligned"], g["precision_aligned"], g["recall_aligned"]) == (1 / 2, 1.0, 1 / 2)
 
 
 def test_intervals_match_textbook_values():

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import scipy.sparse as sp
 
-from tokens2policy.validate.text import TextDesign, load_representation, neuron_topic_f1, simulate_text, text_truth
+from tokens2policy.validate.study import selection_metrics
+from tokens2policy.validate.text import TextDesign, load_representation, neuron_topic_f1, neuron_topic_precision, \
+    representation_summary, simulate_text, text_aligned, text_truth
 
 NAMES = ("business", "entertainment", "politics", "sport", "tech")
 
@@ -35,6 +37,19 @@ def test_f1_equals_brute_force():
             assert f1[i, j] == (0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
 
 
+def test_precision_equals_brute_force():
+    rng = np.random.default_rng(2)
+    codes = sp.random(200, 9, density=0.3, random_state=3, format="csr")
+    topics = rng.choice(NAMES, 200)
+    prec = neuron_topic_precision(codes, topics, NAMES)
+    dense = codes.toarray() > 0
+    for i, name in enumerate(NAMES):
+        for j in range(9):
+            assert prec[i, j] == (np.sum(dense[:, j] & (topics == name)) / dense[:, j].sum() if dense[:, j].any()
+                                  else 0.0)
+    assert np.allclose(prec.sum(0)[dense.any(0)], 1.0)
+
+
 def test_truth_is_the_best_aligned_neuron_and_nexis_finds_it(tmp_path):
     rng = np.random.default_rng(1)
     topics = rng.choice(NAMES, 600)
@@ -61,3 +76,13 @@ def test_truth_is_the_best_aligned_neuron_and_nexis_finds_it(tmp_path):
 
     assert sorted(nexis(sim.y, sim.t, sim.z, test="hc1", min_active=20).selected.tolist()) == [7, 21]
     assert text_truth(TextDesign(effect=0.0, representation=path)) == {}
+    # topic-aligned neurons: 7 and 8 fire on sport articles only, 21 mostly on politics (~5 % noise on 600
+    # articles); the noise neurons fire on every topic (majority share ~0.2-0.3)
+    assert text_aligned(design) == {"sport": [7, 8], "politics": [21]}
+    assert sim.aligned == [[7, 8], [21]]
+    # a stand-in sport neuron is a miss for the best-F1 truth and a hit modulo alignment
+    m = selection_metrics([8, 21], sim.truth, sim.aligned)
+    assert (m["iou"], m["iou_aligned"], m["precision_aligned"]) == (1 / 3, 1.0, 1.0)
+    summary = representation_summary(path)
+    assert summary["topics"]["sport"]["best_neuron"] == 7 and summary["topics"]["sport"]["n_aligned"] == 2
+    assert summary["aligned"] == {"sport": [7, 8], "politics": [21]}

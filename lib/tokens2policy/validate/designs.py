@@ -22,7 +22,7 @@ given the aligned coordinates a proxy adds only the little it knows about the al
 The null design (``effect = 0``, ``quad = 0``) has a constant effect ``base``: no coordinate modifies the effect,
 so any selection is a family-wise error.
 
-Design 2 (semi-synthetic real text through embed -> SAE) is documented in docs/validation.md as not built yet.
+Design 2 (semi-synthetic real text through embed -> SAE) is in ``text.py``.
 """
 from __future__ import annotations
 
@@ -134,8 +134,10 @@ def draw_representation(d: EntangledDesign, rng: np.random.Generator):
     return A[perm], sds[perm], np.array([int(np.nonzero(perm == 0)[0][0]), int(np.nonzero(perm == 1)[0][0])])
 
 
-def sample_units(d: EntangledDesign, A: np.ndarray, sds: np.ndarray, n: int, rng: np.random.Generator):
-    """(U, Z) for n units of a drawn representation."""
+def sample_units(d: EntangledDesign, A: np.ndarray, sds: np.ndarray, n: int, rng: np.random.Generator, cols=None):
+    """(U, Z) for n units of a drawn representation; ``cols``: only these coordinates of Z, in that order (the
+    Monte-Carlo truths need a few columns of many units, not the whole representation)."""
+    A, sds = (A, sds) if cols is None else (A[np.asarray(cols, dtype=int)], sds[np.asarray(cols, dtype=int)])
     U = rng.standard_normal((n, 2))
     Z = U @ A.T + rng.standard_normal((n, A.shape[0])) * sds
     return U, Z

@@ -70,6 +70,8 @@ def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
         top = top[top["effect"] == top["effect"].max()]
         for _, r in top.iterrows():
             out[f"iou_maxn.{design}.{outcome}.{r['method']}"] = float(r["iou"])
+            if design == "text" and "iou_aligned" in r:  # design 2: modulo topic-aligned neurons
+                out[f"iou_aligned_maxn.{design}.{outcome}.{r['method']}"] = float(r["iou_aligned"])
     for _, r in sel[sel["design"] == "null"].iterrows():
         out[f"fwer.{r['outcome']}.{r['method']}"] = float(r["any_selected"])
     for _, r in cov.iterrows():
@@ -84,6 +86,7 @@ def run(spark, cfg) -> dict:
     from pyspark.sql import functions as F
 
     from tokens2policy.lakehouse import read_table, write_table
+    from tokens2policy.progress import spark_progress
     from tokens2policy.tracking import stage_run
 
     from . import plots
@@ -101,13 +104,13 @@ def run(spark, cfg) -> dict:
         run_id = mlrun.info.run_id
         mlflow.log_param("validate.n_tasks", len(tasks))
         if text_rep:
-            from .text import load_representation
+            from .text import representation_summary
 
-            rep = load_representation(text_rep)
-            mlflow.log_dict({"f1_best": {nm: float(rep["f1"][i].max()) for i, nm in enumerate(rep["names"])},
-                             "sae": rep["metrics"], "path": text_rep}, "validation/text_representation.json")
+            mlflow.log_dict(dict(representation_summary(text_rep), path=text_rep),
+                            "validation/text_representation.json")
         sdf = study_frame(spark, tasks, run_id, vcfg.size, vcfg.tasks_per_partition)
-        write_table(sdf, cfg, TABLE, mode="append")
+        with spark_progress(spark, "validate: simulation study", note=f"{len(tasks)} repetitions"):
+            write_table(sdf, cfg, TABLE, mode="append")
         rows = read_table(spark, cfg, TABLE).where(F.col("run_id") == run_id).toPandas()
         sel, cov = summarize_selection(rows), summarize_coverage(rows)
         mlflow.log_metrics(_headline_metrics(sel, cov))

@@ -27,7 +27,7 @@ def _style(method: str):
 
 def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, title: str, path: Path):
     plt = _plt()
-    cells = summary[summary["design"] != "null"][["design", "outcome"]].drop_duplicates().values.tolist()
+    cells = summary[~summary["design"].isin(["null", "text"])][["design", "outcome"]].drop_duplicates().values.tolist()
     if not cells:
         return None
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
@@ -62,7 +62,7 @@ def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, titl
 
 def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, methods=SHOWN_METHODS):
     """IoU against n at one effect size (default: the median effect of the sweep), one panel per design cell."""
-    real = summary[summary["design"] != "null"]
+    real = summary[~summary["design"].isin(["null", "text"])]
     if real.empty:
         return None
     effect = float(np.median(sorted(real["effect"].unique()))) if effect is None else effect
@@ -73,12 +73,54 @@ def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, method
 
 def iou_vs_effect(summary: pd.DataFrame, path, n: Optional[int] = None, methods=SHOWN_METHODS):
     """IoU against the effect size at one n (default: the middle n of the sweep)."""
-    real = summary[summary["design"] != "null"]
+    real = summary[~summary["design"].isin(["null", "text"])]
     if real.empty or real["effect"].nunique() < 2:
         return None
     ns = sorted(real["n"].unique())
     n = ns[len(ns) // 2] if n is None else n
     return _sweep(summary, "effect", "n", n, methods, "Recovery of the aligned coordinates vs effect size", Path(path))
+
+
+def text_iou_vs_n(summary: pd.DataFrame, path, methods=SHOWN_METHODS):
+    """Design 2: IoU against the best-F1 neurons (the issue's truth) and IoU modulo topic-aligned neurons, against
+    n, one row of panels per effect size."""
+    plt = _plt()
+    text = summary[(summary["design"] == "text") & (summary["effect"].astype(float) != 0)]  # effect 0: FWER only
+    if text.empty:
+        return None
+    effects = sorted(text["effect"].unique())
+    metrics = [("iou", "IoU vs best-F1 neurons")]
+    if "iou_aligned" in text:
+        metrics.append(("iou_aligned", "IoU modulo topic-aligned neurons"))
+    fig, axes = plt.subplots(len(effects), len(metrics), figsize=(4.6 * len(metrics), 3.4 * len(effects)),
+                             squeeze=False, sharey=True)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for r, eff in enumerate(effects):
+        sub = text[np.isclose(text["effect"].astype(float), float(eff))]
+        for c, (metric, label) in enumerate(metrics):
+            ax = axes[r][c]
+            for meth in methods:
+                g = sub[sub["method"] == meth].sort_values("n")
+                if g.empty:
+                    continue
+                err = np.vstack([g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]]).clip(0)
+                ax.errorbar(g["n"], g[metric], yerr=np.nan_to_num(err), label=meth, **_style(meth))
+            ax.set_xscale("log")
+            ax.set_xticks(sorted(sub["n"].unique()))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylim(-0.02, 1.05)
+            ax.set_xlabel("sample size n")
+            ax.set_title(f"{label} (effect={eff:g}, {int(sub['m'].iloc[0])} SAE latents)", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel("mean, 95% CI")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Design 2 (BBC News → MiniLM → TopK SAE): recovery of the driving topics' neurons", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def null_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
@@ -147,5 +189,6 @@ def all_figures(selection: pd.DataFrame, cov: pd.DataFrame, out_dir, alpha: floa
         "iou_vs_effect": iou_vs_effect(selection, out / "validation_iou_vs_effect.png"),
         "null_fwer": null_fwer(selection, out / "validation_null_fwer.png", alpha),
         "coverage": coverage(cov, out / "validation_coverage.png"),
+        "text_iou_vs_n": text_iou_vs_n(selection, out / "validation_text_iou_vs_n.png"),
     }
     return {k: Path(v) for k, v in made.items() if v is not None}

@@ -69,7 +69,8 @@ RESULT_COLUMNS = {  # column -> pandas dtype (the validation_runs contract, docs
     "n_true_selected": "int64", "iou": "float64", "precision": "float64", "recall": "float64",
     "any_selected": "float64", "estimand": "object", "estimate": "float64", "se": "float64",
     "ci_low": "float64", "ci_high": "float64", "true_value": "float64", "covered": "float64",
-    "seconds": "float64",
+    "seconds": "float64", "aligned": "object", "iou_aligned": "float64", "precision_aligned": "float64",
+    "recall_aligned": "float64",
 }
 
 
@@ -83,17 +84,32 @@ def resolve_methods(names: Optional[Sequence[str]]) -> List[Method]:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def selection_metrics(selected: Iterable[int], truth: Iterable[int]) -> Dict[str, float]:
+def selection_metrics(selected: Iterable[int], truth: Iterable[int],
+                      aligned: Optional[Sequence[Iterable[int]]] = None) -> Dict[str, float]:
     """IoU, precision, recall of a selected set against the true set (precision NaN for S = ∅; IoU, recall NaN for
-    an empty truth, where only ``any_selected`` — a family-wise error — is meaningful)."""
+    an empty truth, where only ``any_selected`` — a family-wise error — is meaningful).
+
+    ``aligned``: one group of interchangeable features per true feature (design 2: the neurons aligned with a
+    driving topic; default: the singletons of ``truth``). The ``*_aligned`` metrics score the selection modulo
+    that equivalence: a group is *hit* when S meets it, a selected feature outside every group is a false
+    positive, and several hits of one group are not penalized —
+    IoU_aligned = hits / (groups + false positives), precision_aligned = |S ∩ ∪groups| / |S|,
+    recall_aligned = hits / groups. With singleton groups they equal IoU, precision and recall."""
     S, T = set(int(s) for s in selected), set(int(s) for s in truth)
     inter, union = len(S & T), len(S | T)
+    groups = [set(int(j) for j in g) for g in aligned] if aligned is not None else [{j} for j in sorted(T)]
+    groups = [g for g in groups if g]
+    covered = set().union(*groups) if groups else set()
+    hits, false = sum(bool(S & g) for g in groups), len(S - covered)
     return {
         "n_selected": len(S), "n_true_selected": inter,
         "iou": inter / union if T else np.nan,
         "precision": inter / len(S) if S else np.nan,
         "recall": inter / len(T) if T else np.nan,
         "any_selected": float(len(S) > 0),
+        "iou_aligned": hits / (len(groups) + false) if groups else np.nan,
+        "precision_aligned": len(S & covered) / len(S) if S else np.nan,
+        "recall_aligned": hits / len(groups) if groups else np.nan,
     }
 
 
@@ -130,7 +146,7 @@ def _row(task, method="", family="", **kw) -> Dict:
                m=int(task.get("m", d.get("m", 0))),
                effect=float(d["effect"]), rep=int(task["rep"]), kind="selection", method=method, family=family,
                test="", backward=False, rho=np.nan, selected="[]", truth="[]", n_selected=0, n_true_selected=0,
-               estimand="")
+               estimand="", aligned="[]")
     row.update(kw)
     return row
 
@@ -140,6 +156,9 @@ def _selection_rows(task, sim, methods, alpha, seed, min_active=0) -> List[Dict]
 
     rows = []
     truth = sorted(int(i) for i in sim.truth) if sim.design.heterogeneity != 0 else []
+    groups = getattr(sim, "aligned", None) if truth else None   # design 2: the neurons aligned with each topic
+    groups = [sorted(int(j) for j in g) for g in groups] if groups is not None else [[j] for j in truth]
+    extra = dict(truth=json.dumps(truth), aligned=json.dumps(groups))
     for meth in methods:
         if meth.family != "nexis":
             continue
@@ -149,8 +168,7 @@ def _selection_rows(task, sim, methods, alpha, seed, min_active=0) -> List[Dict]
         sel = sorted(int(i) for i in res.selected)
         rows.append(_row(task, meth.name, "nexis", test=meth.test, backward=meth.backward,
                          rho=np.nan if meth.rho is None else meth.rho, selected=json.dumps(sel),
-                         truth=json.dumps(truth), seconds=time.perf_counter() - t0,
-                         **selection_metrics(sel, truth)))
+                         seconds=time.perf_counter() - t0, **extra, **selection_metrics(sel, truth, groups)))
     marg = [m for m in methods if m.family == "marginal"]
     if marg:
         t0 = time.perf_counter()
@@ -159,8 +177,8 @@ def _selection_rows(task, sim, methods, alpha, seed, min_active=0) -> List[Dict]
         for meth in marg:
             mask = {"raw": res.reject_raw, "bonferroni": res.reject_bonferroni, "bh": res.reject_bh}[meth.adjust]
             sel = [int(i) for i in np.nonzero(mask)[0]]
-            rows.append(_row(task, meth.name, "marginal", test="hc1", selected=json.dumps(sel),
-                             truth=json.dumps(truth), seconds=secs, **selection_metrics(sel, truth)))
+            rows.append(_row(task, meth.name, "marginal", test="hc1", selected=json.dumps(sel), seconds=secs,
+                             **extra, **selection_metrics(sel, truth, groups)))
     return rows
 
 
@@ -179,49 +197,49 @@ def _coverage_rows(task, sim, alpha, policy_cost, n_truth, rng) -> List[Dict]:
 
     d, rows = sim.design, []
     t0 = time.perf_counter()
-    a_col = int(sim.truth[0])
-    # the truths: closed form (gaussian) or Monte Carlo on fresh units of the same representation (binary)
-    U_f, Z_f = sample_units(d, sim.loadings, sim.noise_sd, n_truth, rng)
-    mu0_f, tau_f = outcome_means(d, U_f)
-    if d.outcome == "gaussian":
-        g_true = true_median_split_gate(d, sim.loadings[a_col], sim.noise_sd[a_col])
-        blp = true_blp(d, sim.loadings[sim.truth], sim.noise_sd[sim.truth])
-    else:
-        hi = Z_f[:, a_col] > 0
-        g_true = {"> median": tau_f[hi].mean(), "<= median": tau_f[~hi].mean()}
-        g_true["> median - <= median"] = g_true["> median"] - g_true["<= median"]
-        X = np.column_stack([np.ones(n_truth), Z_f[:, sim.truth]])
-        blp = np.linalg.lstsq(X, tau_f, rcond=None)[0]
-    for r in gate(sim.y, sim.t, sim.z[:, a_col], "continuous", feature="z_aligned1", alpha=alpha):
-        rows.append(_coverage_row(task, f"gate {r.group}", r.estimate, r.se, r.ci_low, r.ci_high,
-                                  g_true[r.group], 0.0))
-    names = [f"z{int(j)}" for j in sim.truth]
-    joint = joint_interaction(sim.y, sim.t, sim.z[:, sim.truth], names, alpha=alpha)
-    for r, truth_value, label in zip(joint, blp, ["blp intercept", "blp slope aligned1", "blp slope aligned2"]):
-        rows.append(_coverage_row(task, label, r.estimate, r.se, r.ci_low, r.ci_high, truth_value, 0.0))
-    # policy value: learn on half A, evaluate on half B (cross-fitted AIPW), truth on the fresh units
+    truth = [int(c) for c in sim.truth]
+    a_col = truth[0]
+    # policy value: learn on half A (NEXIS-hc1 + interaction OLS), evaluate on half B (cross-fitted AIPW)
     n = len(sim.y)
     perm = rng.permutation(n)
     A_, B_ = perm[: n // 2], perm[n // 2:]
     sel = nexis(sim.y[A_], sim.t[A_], sim.z[A_], alpha=alpha, test="hc1", rho=0.5, backward=True).selected
-    sel = np.asarray(sel, dtype=int)
-
-    def design_matrix(z, t):
-        zs = z[:, sel]
-        return np.column_stack([np.ones(len(t)), zs, t, zs * t[:, None]])
-
-    fit = ols(design_matrix(sim.z[A_], sim.t[A_]), sim.y[A_])
+    sel = [int(c) for c in sel]
     k = len(sel)
+    zs_a = sim.z[A_][:, sel]
+    fit = ols(np.column_stack([np.ones(len(A_)), zs_a, sim.t[A_], zs_a * sim.t[A_][:, None]]), sim.y[A_])
 
-    def cate(z):
-        return fit.coef[1 + k] + z[:, sel] @ fit.coef[2 + k:]
+    def cate(zs):  # zs: the selected columns
+        return fit.coef[1 + k] + zs @ fit.coef[2 + k:]
 
-    policy_b = (cate(sim.z[B_]) > policy_cost).astype(float)
+    policy_b = (cate(sim.z[B_][:, sel]) > policy_cost).astype(float)
     folds = make_folds(len(B_), 5, int(rng.integers(2 ** 31)))
     nu = cross_fit_nuisances(sim.z[B_], sim.t[B_], sim.y[B_], folds, NuisanceParams("ridge"), seed=0)
     scores = aipw_scores(sim.t[B_], sim.y[B_], nu["mu0"], nu["mu1"], nu["e"])
     pv = policy_value(scores, policy_b, cost=policy_cost, alpha=alpha)
-    pi_f = (cate(Z_f) > policy_cost).astype(float)
+    # the truths: closed form (gaussian) or Monte Carlo (binary; and the learned policy's value) on n_truth fresh
+    # units of the same representation, drawing only the coordinates they read (truth and selected)
+    need = sorted(set(truth) | set(sel))
+    pos = {c: i for i, c in enumerate(need)}
+    U_f, Z_need = sample_units(d, sim.loadings, sim.noise_sd, n_truth, rng, cols=need)
+    Z_f = lambda cols: Z_need[:, [pos[c] for c in cols]]  # noqa: E731
+    mu0_f, tau_f = outcome_means(d, U_f)
+    if d.outcome == "gaussian":
+        g_true = true_median_split_gate(d, sim.loadings[a_col], sim.noise_sd[a_col])
+        blp = true_blp(d, sim.loadings[truth], sim.noise_sd[truth])
+    else:
+        hi = Z_f([a_col])[:, 0] > 0
+        g_true = {"> median": tau_f[hi].mean(), "<= median": tau_f[~hi].mean()}
+        g_true["> median - <= median"] = g_true["> median"] - g_true["<= median"]
+        blp = np.linalg.lstsq(np.column_stack([np.ones(n_truth), Z_f(truth)]), tau_f, rcond=None)[0]
+    for r in gate(sim.y, sim.t, sim.z[:, a_col], "continuous", feature="z_aligned1", alpha=alpha):
+        rows.append(_coverage_row(task, f"gate {r.group}", r.estimate, r.se, r.ci_low, r.ci_high,
+                                  g_true[r.group], 0.0))
+    names = [f"z{j}" for j in truth]
+    joint = joint_interaction(sim.y, sim.t, sim.z[:, truth], names, alpha=alpha)
+    for r, truth_value, label in zip(joint, blp, ["blp intercept", "blp slope aligned1", "blp slope aligned2"]):
+        rows.append(_coverage_row(task, label, r.estimate, r.se, r.ci_low, r.ci_high, truth_value, 0.0))
+    pi_f = (cate(Z_f(sel)) > policy_cost).astype(float)
     v_true = float(np.mean(mu0_f + pi_f * (tau_f - policy_cost)))
     rows.append(_coverage_row(task, "policy value", pv["estimate"], pv["se"], pv["ci_low"], pv["ci_high"], v_true,
                               time.perf_counter() - t0))
@@ -284,7 +302,8 @@ SIZES = {
                         ("quadratic", "binary")],
                  n_values=[250, 500, 1000, 2000, 4000, 8000], effects=[0.25, 0.5, 1.0], repetitions=50, m=100,
                  null_outcomes=["gaussian", "binary"], null_n=2000, null_repetitions=500, coverage_n=2000,
-                 n_truth=100000, text=True, text_n_values=[250, 500, 1000, 2000, 4000], text_effects=[0.5, 1.0]),
+                 n_truth=100000, text=True, text_n_values=[250, 500, 1000, 2000, 4000, 8000],
+                 text_effects=[0.5, 1.0]),
 }
 
 
@@ -349,7 +368,10 @@ def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in sel.groupby(POINT_KEYS + ["method", "family"], sort=True):
         rec = dict(zip(POINT_KEYS + ["method", "family"], key))
         rec["reps"] = len(g)
-        for metric in ("iou", "precision", "recall", "n_selected"):
+        for metric in ("iou", "precision", "recall", "n_selected", "iou_aligned", "precision_aligned",
+                       "recall_aligned"):
+            if metric not in g:   # frames written before the aligned metrics existed
+                continue
             m, lo, hi, _ = mean_interval(g[metric])
             rec[metric], rec[f"{metric}_lo"], rec[f"{metric}_hi"] = m, lo, hi
         k = float(g["any_selected"].sum())

@@ -11,8 +11,19 @@ Each repetition (:func:`simulate_text`) draws n readers, each with a uniformly d
     Y = m[topic] + T (base + effect * sum_k modifiers[k] 1{topic = k}) + N(0, noise_sd^2)
 
 (the demo's outcome model without covariates and communities), and hands the SAE codes of the articles (a sparse
-matrix) to the methods. The truth is only as good as the SAE's best neuron: topics spread over several neurons
-make "the" best-aligned neuron an imperfect target, which the report shows through the best F1 values.
+matrix) to the methods.
+
+Two truths are scored (docs/validation.md, "Design 2"):
+
+* **best-F1 neuron** per driving topic — the issue's definition. A TopK SAE with k of L latents active fires each
+  neuron on about k/L of the articles (8/128 = 6 % for the demo dictionary), while a topic covers ~20 %, so a topic
+  is carried by several sub-topic neurons and no single neuron reaches a high F1; NEXIS' minimal set then contains
+  several neurons per topic and this strict truth under-rates every method.
+* **topic-aligned neurons**: the neurons whose activations are mostly on the driving topic, precision
+  P(topic = k | neuron active) > ``aligned_share`` (default 0.5: the topic is the neuron's majority topic). They
+  form one group of interchangeable neurons per driving topic (the best-F1 neuron always in it), scored by the
+  ``*_aligned`` metrics of :func:`tokens2policy.validate.study.selection_metrics`: a topic is recovered when a
+  selected neuron is aligned with it, and a selected neuron aligned with no driving topic is a false positive.
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ class TextDesign:
     noise_sd: float = 1.0
     treated_share: float = 0.5
     representation: str = ""                 # path of the .npz written by build_text_representation
+    aligned_share: float = 0.5               # topic-aligned neuron: P(topic | neuron active) above this
     kind: str = "text"
     outcome: str = "gaussian"
 
@@ -74,6 +86,17 @@ def neuron_topic_f1(codes: sp.spmatrix, topics: np.ndarray, names) -> np.ndarray
         tp = active.T @ member
         denom = n_active + member.sum()
         out[i] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), 0.0)
+    return out
+
+
+def neuron_topic_precision(codes: sp.spmatrix, topics: np.ndarray, names) -> np.ndarray:
+    """(len(names), n_latents) precision P(topic | neuron active) over the corpus (0 for a never-active neuron)."""
+    active = (sp.csr_matrix(codes) > 0).astype(np.float64)
+    n_active = np.asarray(active.sum(axis=0)).ravel()
+    out = np.zeros((len(names), active.shape[1]))
+    for i, name in enumerate(names):
+        tp = active.T @ (topics == name).astype(np.float64)
+        out[i] = np.where(n_active > 0, tp / np.maximum(n_active, 1.0), 0.0)
     return out
 
 
@@ -140,8 +163,10 @@ def load_representation(path: str) -> dict:
         z = np.load(path, allow_pickle=False)
         codes = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
         names = [str(s) for s in z["topic_names"]]
-        _CACHE[path] = dict(codes=codes, topics=z["topics"].astype(str), names=names, f1=z["f1"],
-                            metrics=json.loads(str(z["metrics"])))
+        topics = z["topics"].astype(str)
+        _CACHE[path] = dict(codes=codes, topics=topics, names=names, f1=z["f1"],
+                            precision=neuron_topic_precision(codes, topics, names),
+                            n_active=np.diff(sp.csc_matrix(codes).indptr), metrics=json.loads(str(z["metrics"])))
     return _CACHE[path]
 
 
@@ -156,6 +181,32 @@ def text_truth(design: TextDesign) -> Dict[str, tuple]:
     return out
 
 
+def text_aligned(design: TextDesign) -> Dict[str, list]:
+    """Driving topic -> its topic-aligned neurons (precision > ``design.aligned_share``, plus the best-F1 neuron)."""
+    rep = load_representation(design.representation)
+    out = {}
+    for topic, (best, _) in text_truth(design).items():
+        prec = rep["precision"][rep["names"].index(topic)]
+        out[topic] = sorted(set(np.nonzero(prec > design.aligned_share)[0].tolist()) | {best})
+    return out
+
+
+def representation_summary(path: str, design: Optional[TextDesign] = None) -> dict:
+    """What the truths rest on, for the run's record: per topic the best F1 (and runner-up), the number of
+    topic-aligned neurons, and the SAE's metrics."""
+    rep = load_representation(path)
+    design = design or TextDesign(representation=path)
+    out = {"sae": rep["metrics"], "n_latents": int(rep["codes"].shape[1]), "n_articles": int(rep["codes"].shape[0]),
+           "aligned_share": design.aligned_share, "topics": {}}
+    for i, name in enumerate(rep["names"]):
+        f1 = np.sort(rep["f1"][i])[::-1]
+        out["topics"][name] = {"best_neuron": int(np.argmax(rep["f1"][i])), "f1_best": float(f1[0]),
+                               "f1_runner_up": float(f1[1]) if len(f1) > 1 else None,
+                               "n_aligned": int((rep["precision"][i] > design.aligned_share).sum())}
+    out["aligned"] = {k: v for k, v in text_aligned(design).items()}
+    return out
+
+
 @dataclass
 class SimulatedText:
     y: np.ndarray
@@ -165,6 +216,7 @@ class SimulatedText:
     design: TextDesign
     topic: np.ndarray                       # each unit's (latent) topic
     f1: Dict[str, float] = field(default_factory=dict)
+    aligned: list = field(default_factory=list)   # per driving topic (order of ``truth``): its aligned neurons
 
 
 def simulate_text(design: TextDesign, seed) -> SimulatedText:
@@ -179,8 +231,11 @@ def simulate_text(design: TextDesign, seed) -> SimulatedText:
     t[rng.permutation(n)[: int(round(n * design.treated_share))]] = 1.0
     y = np.array([mains.get(k, 0.0) for k in topic]) + t * tau + design.noise_sd * rng.standard_normal(n)
     truth = text_truth(design)
-    return SimulatedText(y=y, t=t, z=rep["codes"][idx], truth=np.array(sorted(v[0] for v in truth.values())),
-                         design=design, topic=topic, f1={k: v[1] for k, v in truth.items()})
+    aligned = text_aligned(design)
+    order = sorted(truth, key=lambda k: truth[k][0])
+    return SimulatedText(y=y, t=t, z=rep["codes"][idx], truth=np.array([truth[k][0] for k in order], dtype=int),
+                         design=design, topic=topic, f1={k: v[1] for k, v in truth.items()},
+                         aligned=[aligned[k] for k in order])
 
 
 def text_seed(base_seed: int, design: TextDesign, rep: int) -> np.random.SeedSequence:
