@@ -48,6 +48,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+def check_force(names: List[str]) -> None:
+    """Every ``--force`` name is a stage (pipeline or extra, e.g. validate) or ``all``; else one ConfigError line."""
+    known = (*STAGE_NAMES, *(s.name for s in EXTRA_STAGES))
+    for name in names:
+        if name not in (*known, "all"):
+            raise ConfigError(f"--force {name}: unknown stage; choose one of {', '.join(known)} or all")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,9 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # stage lines interleave in order with progress lines (stderr)
     try:
         config = load_config(args.config, args.overrides)
-        for name in args.force:
-            if name not in (*STAGE_NAMES, "all"):
-                raise ConfigError(f"--force {name}: unknown stage; choose one of {', '.join(STAGE_NAMES)}")
+        check_force(args.force)
         names = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
         stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
         spark = get_spark(config)

@@ -71,3 +71,12 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     out = _t2p("run", "ingest", "--set", f"data_dir={tmp_path}", "--set", "ingest.n_fold=3")
     assert out.returncode == 2
     assert out.stderr.strip() == "t2p: error: unknown config key 'ingest.n_fold'"
+
+
+def test_force_accepts_every_stage_and_refuses_unknown_names():
+    from tokens2policy.cli import check_force
+    from tokens2policy.stages import EXTRA_STAGES, STAGE_NAMES
+
+    check_force([*STAGE_NAMES, *(s.name for s in EXTRA_STAGES), "all"])  # validate included: no error
+    with pytest.raises(ConfigError, match="--force embedd: unknown stage"):
+        check_force(["embed", "embedd"])

@@ -79,7 +79,9 @@ def test_fold_models_and_gcm_sums_equal_in_memory(spark):
         np.testing.assert_array_equal(lightgbm.Booster(model_str=m_models[k]).predict(XS), ref.predict(XS))
         assert m_models[k] != m_models[(k + 1) % K]  # really one model per fold
 
-    got = src.blocks[0].gcm_sums(S, (m_models, g_models, e))
+    from tokens2policy.identify.job import lgbm_gcm_block_sums
+
+    got = src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))  # summed over the partitions
     want = block.gcm_sums(S, phi_res)
     assert set(got) == set(want)
     for name in want:

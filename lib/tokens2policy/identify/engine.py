@@ -215,13 +215,15 @@ class Tester:
             self._gcm_cache = {key: f}  # only the latest S is reused (forward steps re-test it)
         return self._gcm_cache[key]
 
+    def _gcm_sums(self, S, f):
+        """The additive GCM sums given S's fitted nuisance ``f`` (a Spark tester reduces them over partitions)."""
+        if f[0] == "poly2":
+            return self.src.reduce("gcm_block_sums", S, f[1], f[2], self.e)
+        return self.src.blocks[0].gcm_sums(S, f[1])
+
     def _gcm(self, S, J):
         n, k = self.n, len(S)
-        f = self._gcm_residual(S)
-        if f[0] == "poly2":
-            sums = self.src.reduce("gcm_block_sums", S, f[1], f[2], self.e)
-        else:
-            sums = self.src.blocks[0].gcm_sums(S, f[1])
+        sums = self._gcm_sums(S, self._gcm_residual(S))
         S_ = np.asarray(S, dtype=np.int64)
         CC = np.empty((k + 1, k + 1))
         CC[0, 0] = n

@@ -98,12 +98,6 @@ class SparkSource:
         return total
 
     # ---------------------------------------------------------------- LightGBM GCM nuisances, per fold
-    @property
-    def blocks(self):
-        """The engine's LightGBM branch asks its single in-memory block for ``gcm_sums(S, φ_res)``; here that block
-        is the whole partitioned frame and φ_res is carried by the fitted fold models (see :class:`SparkTester`)."""
-        return [_AllPartitions(self)]
-
     def design_frame(self, S):
         """unit_id, fold code, y, t and the dense columns x0..x{|S|-1} of S: all a nuisance fit needs (|S| is
         small; Z itself never travels)."""
@@ -172,17 +166,6 @@ def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e):
     return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds))
 
 
-class _AllPartitions:
-    """Stands for the engine's single block in the LightGBM GCM branch: the sums are reduced across partitions."""
-
-    def __init__(self, src: SparkSource):
-        self.src = src
-
-    def gcm_sums(self, S, fitted):
-        m_models, g_models, e = fitted
-        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))
-
-
 class SparkTester(Tester):
     """The engine's :class:`~tokens2policy.identify.engine.Tester` whose LightGBM GCM nuisances are fit per fold
     across the cluster (:meth:`SparkSource.lgbm_nuisances`) instead of on one in-memory block.
@@ -210,6 +193,12 @@ class SparkTester(Tester):
                 cache.popitem(last=False)
         m_models, g_models = cache[key]
         return "lgbm", (m_models, g_models, self.e)
+
+    def _gcm_sums(self, S, f):
+        if f[0] != "lgbm":
+            return super()._gcm_sums(S, f)
+        m_models, g_models, e = f[1]
+        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))
 
 
 def _numeric_covariates(units, names):
