@@ -291,8 +291,11 @@ def run_stages(
     results = []
     force_all = "all" in force
     selected = [s for s in stages if s.name in names]
-    sc = spark.sparkContext
-    echo(f"[t2p] Spark {spark.version} master={sc.master} UI: {sc.uiWebUrl or 'disabled (spark.ui.enabled=false)'}")
+    try:
+        sc = spark.sparkContext
+        echo(f"[t2p] Spark {spark.version} master={sc.master} UI: {sc.uiWebUrl or 'disabled (spark.ui.enabled=false)'}")
+    except Exception:  # a Spark Connect session (Databricks serverless) has no SparkContext to ask
+        echo(f"[t2p] Spark {spark.version} (Spark Connect: see the Spark UI of the cluster)")
     history = last_successes(spark, config)
     checked: dict = {}
     # ETA from the last successful run of each stage still to come (unknown for a stage that never ran)
