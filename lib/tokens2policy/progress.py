@@ -247,6 +247,10 @@ class SparkProgress(Progress):
     def jobs(self) -> int:
         return len(self.job_ids)
 
+    def set_label(self, text: str) -> None:
+        """Replace the status shown after the job count (e.g. the search's current round), from the next poll."""
+        self.label = text
+
     def _tagged_job_ids(self) -> list:
         return sorted(int(j) for j in self.sc._jsc.sc().statusTracker().getJobIdsForTag(self.tag))
 
@@ -315,6 +319,9 @@ class _Silent:
     n, total, jobs, job_ids, seconds, mode = 0, None, 0, [], 0.0, "off"
 
     def note(self, text: str) -> None:
+        pass
+
+    def set_label(self, text: str) -> None:
         pass
 
 

@@ -125,3 +125,22 @@ def test_w_phase_seeds_joint_search():
     assert r.selected.tolist() == [4]
     phases = [x["phase"] for x in r.trace if x["action"] == "add"]
     assert phases == ["W", "joint"]
+
+
+def test_on_decision_sees_every_trace_record_as_it_is_made():
+    """The progress hook of the search: each record arrives once, in trace order, with the selected set so far."""
+    from tokens2policy.identify.engine import Tester, _prepare, run_search
+
+    rng = np.random.default_rng(7)
+    n, m = 600, 12
+    z = rng.normal(size=(n, m))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = t * (0.8 * z[:, 2] - 0.6 * z[:, 9]) + rng.normal(size=n)
+    src, G, K, mw = _prepare(y, t, z, None, None, None, "linear", "FWER", 0.05, 0.5, 5, 20, "poly2", 0)
+    seen = []
+    res = run_search(Tester(src, "linear", G, K, "poly2", 0), mw, alpha=0.05, adjust="FWER", rho=0.5,
+                     backward=True, max_rounds=20, on_decision=lambda rec, sel: seen.append((dict(rec), sel)))
+    assert [r for r, _ in seen] == res.trace
+    assert sorted(res.selected.tolist()) == [2, 9]
+    adds = [(r["feature"], sel) for r, sel in seen if r["action"] == "add"]
+    assert [f for f, _ in adds] == [sel[-1] for _, sel in adds]  # the set already holds the feature just added

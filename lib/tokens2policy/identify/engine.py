@@ -417,8 +417,9 @@ def _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_
 class Search:
     """Forward (Gate 1 + Gate 2) / backward selection to a fixed point, recording every decision."""
 
-    def __init__(self, tester: Tester, mw, alpha, adjust, rho, backward, max_rounds):
+    def __init__(self, tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, on_decision=None):
         self.T, self.mw = tester, mw
+        self.on_decision = on_decision  # called with each trace record as it is made (progress display)
         self.alpha, self.adjust, self.rho, self.backward, self.max_rounds = alpha, adjust, rho, backward, max_rounds
         self.S: List[int] = []
         self.t_add: Dict[int, float] = {}
@@ -431,6 +432,8 @@ class Search:
              "index": None if feature is None else (feature if feature < self.mw else feature - self.mw)}
         r.update(kw)
         self.trace.append(r)
+        if self.on_decision is not None:
+            self.on_decision(r, list(self.S))
 
     def _forward_step(self, candidates, phase, rnd):
         S = self.S
@@ -548,11 +551,14 @@ def nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=0.5, ba
                                   min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
 
 
-def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min_active=0, params=None):
-    """The selection loop on the driver, over any :class:`Tester` (in-memory or reduced from Spark)."""
+def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min_active=0, params=None,
+               on_decision=None):
+    """The selection loop on the driver, over any :class:`Tester` (in-memory or reduced from Spark).
+
+    ``on_decision(record, selected)`` sees every trace record as it is made, with the current selected set."""
     M = len(tester.s1)
     tester.M = M
-    search = Search(tester, mw, alpha, adjust, rho, backward, max_rounds)
+    search = Search(tester, mw, alpha, adjust, rho, backward, max_rounds, on_decision)
     const = tester.constant_columns()
     rare = tester.nnz < min_active
     for g in np.nonzero(const | rare)[0]:

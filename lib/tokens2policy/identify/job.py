@@ -208,7 +208,7 @@ def _numeric_covariates(units, names):
     return [c for c in names if c in types and isinstance(types[c], NumericType)]
 
 
-def identify_frame(df, spec, cfg_identify, seed=0):
+def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     """Run NEXIS + the marginal screen on a prepared DataFrame (columns y, treatment, [fold], [cluster],
     covariates, indices, values; GCM with LightGBM also unit_id, the key that orders each fold's training rows).
     Returns (NexisResult, MarginalResult). With LightGBM the result equals ``nexis(..., nuisance="lgbm")`` on the
@@ -223,7 +223,7 @@ def identify_frame(df, spec, cfg_identify, seed=0):
     params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
                   nuisance=ic.nuisance, max_rounds=ic.max_rounds, min_active=ic.min_active)
     res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                     max_rounds=ic.max_rounds, min_active=ic.min_active, params=params)
+                     max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
     mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
     return res, mg
 
@@ -288,9 +288,14 @@ def run(spark, cfg) -> dict:
                     cols.append("unit_id")  # orders each fold's training rows (same models as in memory)
                 df = joined.where(F.col(outcome).isNotNull()).select(*cols).cache()
                 try:
-                    with spark_progress(spark, f"identify {exp}/{outcome}", note=f"NEXIS {ic.test}, {m} neurons",
-                                        open_ended=True):  # one Spark job per statistic: the total grows
-                        res, mg = identify_frame(df, spec, ic, cfg.seed)
+                    label = f"NEXIS {ic.test}, {m} neurons"
+                    with spark_progress(spark, f"identify {exp}/{outcome}", note=label,
+                                        open_ended=True) as bar:  # one Spark job per statistic: the total grows
+
+                        def show(rec, selected, bar=bar, label=label):
+                            bar.set_label(f"{label}, {rec['phase']} round {rec['round']}, {len(selected)} selected")
+
+                        res, mg = identify_frame(df, spec, ic, cfg.seed, on_decision=show)
                 finally:
                     df.unpersist()
                 mod_rows += modifier_rows(exp, outcome, res, covariates, ic)
