@@ -130,3 +130,12 @@ def test_stage_with_missing_horovod_fails_with_one_line_config_error(make_cfg, w
     with pytest.raises(ConfigError) as err:
         job.run(None, make_cfg("represent.backend=horovod", "represent.num_processes=2"))
     assert "\n" not in str(err.value) and "horovod" in str(err.value)
+
+
+def test_local_backend_reports_each_epoch_as_recorded_in_the_history():
+    x, _, _ = planted_sparse(n=400, d=8, n_atoms=12, active=2, seed=3)
+    seen = []
+    sae = train_distributed(x.astype(np.float32), SAEParams(n_latents=16, k=2, epochs=3, batch_size=64, seed=1),
+                            backend="local", on_epoch=lambda epoch, entry: seen.append((epoch, dict(entry))))
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert [entry for _, entry in seen] == sae.history_

@@ -350,13 +350,16 @@ def _as_params(params) -> SAEParams:
 
 
 def train_distributed(data_source, params, backend: str = "torch", num_processes: int = 2,
-                      use_gpu: bool = False, spark=None, local_mode: bool | None = None) -> SparseAutoencoder:
+                      use_gpu: bool = False, spark=None, local_mode: bool | None = None,
+                      on_epoch=None) -> SparseAutoencoder:
     """Train a TopK SAE with the chosen backend and return a fitted :class:`SparseAutoencoder`.
 
     data_source: :class:`ParquetShards` (see :func:`delta_source`), :class:`ArraySource`, or a numpy array.
     params: :class:`SAEParams` or a dict of its fields (``batch_size`` is the global batch).
     backend: "local" (one process), "torch" (TorchDistributor / DDP), "horovod" (horovod.spark).
     local_mode: TorchDistributor's local mode; None -> True when the Spark master is ``local[...]``.
+    on_epoch: ``(epoch, history_entry)`` after each epoch, with the local backend (the distributed ones train in
+    Spark tasks, whose progress the driver follows as tasks).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -369,7 +372,7 @@ def train_distributed(data_source, params, backend: str = "torch", num_processes
         raise ValueError("data_source must be a ParquetShards, an ArraySource or a numpy array")
 
     if backend == "local":
-        result = train_loop(data_source.read_all(), p, LocalComm())
+        result = train_loop(data_source.read_all(), p, LocalComm(), on_epoch=on_epoch)
         result["world"] = 1
     elif backend == "horovod":
         ok, why = horovod_available()

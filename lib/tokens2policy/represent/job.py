@@ -214,7 +214,7 @@ def _training_view(spark, cfg: Config, emb, model_hash: str):
     return view.where(F.col("vector").isNotNull())
 
 
-def _fit(spark, cfg: Config, train_df):
+def _fit(spark, cfg: Config, train_df, on_epoch=None):
     from tokens2policy.lakehouse import read_table, write_table
 
     rc = cfg.represent
@@ -236,7 +236,7 @@ def _fit(spark, cfg: Config, train_df):
     params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
                        batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
-                             use_gpu=rc.use_gpu, spark=spark)
+                             use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
 
 
 def _sample_fraction(n: int, cap: int) -> float:
@@ -322,8 +322,13 @@ def run(spark, cfg: Config) -> dict:
         mlflow.log_param("resolved.model_hash", model_hash)
         try:
             note = f"SAE, {rc.epochs} epochs, backend {rc.backend}" if rc.kind == "sae" else rc.kind
-            with spark_progress(spark, "represent: train", note=note):
-                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash))
+            with spark_progress(spark, "represent: train", note=note) as bar:
+
+                def show(epoch, entry, bar=bar, note=note, epochs=rc.epochs):
+                    bar.set_label(f"{note}: epoch {epoch + 1}/{epochs}, "
+                                  f"{entry['dead_fraction_train']:.0%} latents dead")
+
+                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash), on_epoch=show)
         except BackendUnavailableError as err:
             raise ConfigError(str(err)) from None
         n_latents = int(rep.n_latents_)

@@ -251,10 +251,11 @@ def _moments(x, comm):
     return mean.float(), scale.float()
 
 
-def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int = 0) -> dict:
+def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int = 0, on_epoch=None) -> dict:
     """Train a TopK SAE on this worker's rows; gradients and statistics are reduced through ``comm``.
 
     Every worker must call this with the same ``params`` (same seed -> identical initialisation).
+    ``on_epoch(epoch, history_entry)`` is called on rank 0 after each epoch (progress display).
     Returns ``{"state": state_dict as numpy arrays, "config": {...}, "history": [...]}``.
     """
     torch = _torch()
@@ -264,7 +265,7 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
         old_threads = torch.get_num_threads()
         torch.set_num_threads(int(params.num_threads))
         try:
-            return train_loop(x_local, replace(params, num_threads=None), comm, log_every)
+            return train_loop(x_local, replace(params, num_threads=None), comm, log_every, on_epoch)
         finally:
             torch.set_num_threads(old_threads)
     x_local = np.ascontiguousarray(np.asarray(x_local, dtype=np.float32))
@@ -343,6 +344,8 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
         ep = comm.allreduce_sum(torch.tensor([ep_sse, float(ep_rows)], dtype=torch.float64))
         history.append({"epoch": epoch, "train_mse_normalized_space": float(ep[0] / max(float(ep[1]), 1.0)),
                         "dead_fraction_train": float((model.since_fired >= dead_after).float().mean())})
+        if on_epoch is not None and comm.rank == 0:
+            on_epoch(epoch, history[-1])
         if log_every and comm.rank == 0 and (epoch + 1) % log_every == 0:
             print(f"[sae] epoch {epoch + 1}/{params.epochs} mse={history[-1]['train_mse_normalized_space']:.4f}")
     model.cpu()
