@@ -11,13 +11,21 @@ import numpy as np
 import pandas as pd
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display on clusters or in CI)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write the PNG and free the figure (pyplot keeps every open figure alive otherwise)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
 
 
 def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, reference: Optional[float] = 0.0,
@@ -27,7 +35,7 @@ def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, refe
     ok = np.isfinite(est)
     if not ok.any():
         return None
-    plt = _plt()
+    plt = pyplot()
     n = len(labels)
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.32 * n))
     y = np.arange(n)[::-1]
@@ -43,9 +51,7 @@ def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, refe
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -54,7 +60,7 @@ def curves_plot(curves: pd.DataFrame, path: Path, title: str, group_col: Optiona
     have = [c for c in ("toc", "qini") if c in curves.columns]
     if "q" not in curves.columns or not have or curves.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(have), figsize=(5 * len(have), 3.6), squeeze=False)
     groups = [(None, curves)] if group_col is None else list(curves.groupby(group_col, sort=True))
     for ax, metric in zip(axes[0], have):
@@ -73,9 +79,7 @@ def curves_plot(curves: pd.DataFrame, path: Path, title: str, group_col: Optiona
         if group_col is not None and len(groups) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

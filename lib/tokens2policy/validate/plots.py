@@ -7,17 +7,12 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
+from tokens2policy.report.plots import pyplot, save_figure
+
 SHOWN_METHODS = ("nexis_linear", "nexis_hc1", "nexis_hc1_norho", "nexis_hc1_nobw", "nexis_gcm",
                  "marginal_raw", "marginal_bonferroni", "marginal_bh")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _style(method: str):
@@ -26,7 +21,7 @@ def _style(method: str):
 
 
 def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, title: str, path: Path):
-    plt = _plt()
+    plt = pyplot()
     cells = summary[~summary["design"].isin(["null", "text"])][["design", "outcome"]].drop_duplicates().values.tolist()
     if not cells:
         return None
@@ -54,9 +49,7 @@ def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, titl
     axes[0][0].set_ylabel("IoU(selected, aligned) — mean, 95% CI")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -84,7 +77,7 @@ def iou_vs_effect(summary: pd.DataFrame, path, n: Optional[int] = None, methods=
 def text_iou_vs_n(summary: pd.DataFrame, path, methods=SHOWN_METHODS):
     """Design 2: IoU against the best-F1 neurons (the issue's truth) and IoU modulo topic-aligned neurons, against
     n, one row of panels per effect size."""
-    plt = _plt()
+    plt = pyplot()
     text = summary[(summary["design"] == "text") & (summary["effect"].astype(float) != 0)]  # effect 0: FWER only
     if text.empty:
         return None
@@ -117,15 +110,13 @@ def text_iou_vs_n(summary: pd.DataFrame, path, methods=SHOWN_METHODS):
         axes[r][0].set_ylabel("mean, 95% CI")
     axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Design 2 (BBC News → MiniLM → TopK SAE): recovery of the driving topics' neurons", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
 def null_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
     """Family-wise error rate under the null (any selection) per method with Wilson 95 % CIs; the α line."""
-    plt = _plt()
+    plt = pyplot()
     null = summary[summary["design"] == "null"]
     if null.empty:
         return None
@@ -146,15 +137,13 @@ def null_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
         reps = int(g["reps"].max())
         ax.set_title(f"null design, {outcome} outcome, n={int(g['n'].iloc[0])}, {reps} repetitions", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
 def coverage(cov: pd.DataFrame, path, level: float = 0.95):
     """Empirical coverage of the nominal 95 % CIs per estimand (Wilson 95 % CIs), one row of points per design."""
-    plt = _plt()
+    plt = pyplot()
     if cov.empty:
         return None
     cov = cov.copy()
@@ -174,9 +163,7 @@ def coverage(cov: pd.DataFrame, path, level: float = 0.95):
     ax.set_xlabel("empirical coverage of the 95% CI (Wilson 95% CI)")
     ax.set_xlim(max(0.0, float(np.nanmin(cov["coverage_lo"])) - 0.05), 1.0)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
