@@ -135,13 +135,16 @@ def gcm_tests(y, t, F, S, J, folds, nuisance, seed):
 
 
 # ---------------------------------------------------------------------------------------------- search
-def bh_reject(p, alpha):
+def bh_reject(p, alpha, family=None):
+    """BH at alpha; ``family`` >= len(p) adds hypotheses tested later, padded explicitly here as p = 1."""
     p = np.asarray(p, float)
     m = len(p)
     if m == 0:
         return np.zeros(0, bool)
-    order = np.sort(p)
-    ok = order <= alpha * np.arange(1, m + 1) / m
+    padded = np.concatenate([p, np.ones(max(family or m, m) - m)])
+    M = len(padded)
+    order = np.sort(padded)
+    ok = order <= alpha * np.arange(1, M + 1) / M
     if not ok.any():
         return np.zeros(m, bool)
     cutoff = order[np.nonzero(ok)[0].max()]
@@ -203,7 +206,8 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
     t_add = {}     # |t| at addition
     events = []
 
-    def run_phase(candidates, phase):
+    def run_phase(candidates, phase, deferred=0):
+        """``deferred``: neurons the W-phase does not test but counts in its Gate-1 family (one α per search)."""
         converged = False
         for rnd in range(1, max_rounds + 1):
             # forward
@@ -220,9 +224,9 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
                 p = np.array([res[j][1] for j in testable])
                 R = len(testable)
                 if adjust == "FWER":
-                    elig = p <= alpha / R
+                    elig = p <= alpha / (R + deferred)
                 elif adjust == "FDR":
-                    elig = bh_reject(p, alpha)
+                    elig = bh_reject(p, alpha, R + deferred)
                 else:
                     elig = p <= alpha
                 if not elig.any():
@@ -270,7 +274,7 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
 
     conv = True
     if mw:
-        conv &= run_phase([j for j in usable if j < mw], "W")
+        conv &= run_phase([j for j in usable if j < mw], "W", deferred=len([j for j in usable if j >= mw]))
     conv &= run_phase(usable, "joint")
 
     final = {}

@@ -257,14 +257,19 @@ Block.gcm_block_sums = _gcm_block_sums
 
 
 # ============================================================================================== gates
-def bh_reject(p, alpha):
-    """Benjamini–Hochberg step-up rejections at level alpha."""
+def bh_reject(p, alpha, family=None):
+    """Benjamini–Hochberg step-up rejections at level alpha.
+
+    ``family`` (>= len(p)): the size of the whole family of hypotheses when only ``p`` are tested now and the rest
+    later (the W-phase of the search); the untested ones count as p = 1, so these rejections are a subset of what
+    BH over the whole family would reject."""
     p = np.asarray(p, float)
     m = len(p)
     if m == 0:
         return np.zeros(0, bool)
+    fam = m if family is None else max(int(family), m)
     srt = np.sort(p)
-    ok = np.nonzero(srt <= alpha * np.arange(1, m + 1) / m)[0]
+    ok = np.nonzero(srt <= alpha * np.arange(1, m + 1) / fam)[0]
     if not len(ok):
         return np.zeros(m, bool)
     return p <= srt[ok.max()]
@@ -435,7 +440,9 @@ class Search:
         if self.on_decision is not None:
             self.on_decision(r, list(self.S))
 
-    def _forward_step(self, candidates, phase, rnd):
+    def _forward_step(self, candidates, phase, rnd, deferred=0):
+        """One forward step over ``candidates``. ``deferred``: candidates of the same Gate-1 family that this phase
+        does not test (the neurons, during the W-phase): they enlarge the family, see :meth:`run_phase`."""
         S = self.S
         n = self.T.n
         if n - self.T.n_params(len(S)) < 1:
@@ -448,15 +455,15 @@ class Search:
         Jt, tt, pt = J[ok], tstat[ok], pval[ok]
         R = len(Jt)
         base = dict(n_candidates=int(len(J)), n_tested=int(R), n_collinear=int(len(J) - R),
-                    collinear=[int(j) for j in J[~ok]][:100])
+                    collinear=[int(j) for j in J[~ok]][:100], n_family=int(R + deferred))
         if R == 0:
             self._rec(phase, rnd, "forward", "stop_empty", **base)
             return False
         if self.adjust == "FWER":
-            thr = self.alpha / R
+            thr = self.alpha / (R + deferred)
             elig = pt <= thr
         elif self.adjust == "FDR":
-            elig = bh_reject(pt, self.alpha)
+            elig = bh_reject(pt, self.alpha, R + deferred)
             thr = float(pt[elig].max()) if elig.any() else 0.0
         else:
             thr = self.alpha
@@ -512,10 +519,17 @@ class Search:
             dropped = True
         return dropped
 
-    def run_phase(self, candidates, phase):
+    def run_phase(self, candidates, phase, deferred=0):
+        """Forward/backward rounds over ``candidates`` to a fixed point.
+
+        One α for the whole search: the W-phase tests only the covariates, but its Gate 1 counts the ``deferred``
+        neurons of the joint search in its family (Bonferroni α/(R + deferred); BH with the untested ones at p = 1).
+        Under the global null the first addition is the search's only possible error, and it is then a rejection
+        of one Bonferroni (BH) family over all W ∪ Z candidates given S = ∅ — so the W-phase spends no α of its
+        own (tests/identify/test_identify_truth.py::test_w_phase_spends_no_extra_alpha)."""
         candidates = np.asarray(candidates, dtype=np.int64)
         for rnd in range(1, self.max_rounds + 1):
-            while self._forward_step(candidates, phase, rnd):
+            while self._forward_step(candidates, phase, rnd, deferred):
                 pass
             if not (self.backward and self._backward(phase, rnd)):
                 return True
@@ -566,7 +580,7 @@ def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min
     usable = np.nonzero(~(const | rare))[0]
     converged = True
     if mw:
-        converged &= search.run_phase(usable[usable < mw], "W")
+        converged &= search.run_phase(usable[usable < mw], "W", deferred=int((usable >= mw).sum()))
     converged &= search.run_phase(usable, "joint")
     final = search.given_rest()
     for j in search.S:
