@@ -228,6 +228,22 @@ def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     return res, mg
 
 
+def frame_spec(df, ic, m, covariates) -> Dict:
+    """The Block spec of the rows actually analysed (``df``: one experiment, one outcome, non-null outcomes only):
+    cluster and fold levels are counted over these rows, as the in-memory ``nexis`` counts them over its input — a
+    unit without an outcome must not add a cluster to CR1S' G (issue 13, finding 6) or a fold to the cross-fit."""
+    from pyspark.sql import functions as F
+
+    spec = {"m": m, "covariates": covariates}
+    if ic.test == "cluster":
+        levels = sorted(str(r[0]) for r in df.select(F.col("cluster").cast("string")).distinct().collect())
+        spec["cluster_codes"] = {v: i for i, v in enumerate(levels)}
+    if ic.test == "gcm":
+        levels = sorted(int(r[0]) for r in df.select("fold").distinct().collect())
+        spec["fold_codes"] = {v: i for i, v in enumerate(levels)}
+    return spec
+
+
 def _validate_spark_options(ic, has_fold, has_cluster):
     if ic.test == "gcm" and ic.nuisance == "lgbm":
         try:
@@ -269,13 +285,6 @@ def run(spark, cfg) -> dict:
             u = units.where(F.col("experiment_id") == exp)
             nz = neurons.where(F.col("experiment_id") == exp).select("unit_id", "indices", "values")
             joined = u.join(nz, "unit_id", "left")
-            spec = {"m": m, "covariates": covariates}
-            if ic.test == "cluster":
-                levels = sorted(str(r[0]) for r in u.select(F.col("cluster").cast("string")).distinct().collect())
-                spec["cluster_codes"] = {v: i for i, v in enumerate(levels)}
-            if ic.test == "gcm":
-                levels = sorted(int(r[0]) for r in u.select("fold").distinct().collect())
-                spec["fold_codes"] = {v: i for i, v in enumerate(levels)}
             summary["experiments"][exp] = {}
             for outcome in outcomes:
                 cols = [F.col(outcome).cast("double").alias("y"), F.col("treatment").cast("double").alias("treatment"),
@@ -288,6 +297,7 @@ def run(spark, cfg) -> dict:
                     cols.append("unit_id")  # orders each fold's training rows (same models as in memory)
                 df = joined.where(F.col(outcome).isNotNull()).select(*cols).cache()
                 try:
+                    spec = frame_spec(df, ic, m, covariates)
                     label = f"NEXIS {ic.test}, {m} neurons"
                     with spark_progress(spark, f"identify {exp}/{outcome}", note=label,
                                         open_ended=True) as bar:  # one Spark job per statistic: the total grows
