@@ -27,7 +27,7 @@ def sparse_problem(seed, n=3000, m=300, active=0.1, planted=(7, 42, 123), effect
     return y, t, Z
 
 
-@pytest.mark.parametrize("test", ["linear", "hc1", "gcm"])
+@pytest.mark.parametrize("test", ["linear", "hc2", "gcm"])
 def test_planted_modifiers_recovered(test):
     y, t, Z = sparse_problem(seed=11)
     r = nexis(y, t, Z, test=test)
@@ -40,9 +40,9 @@ def test_planted_modifiers_recovered(test):
 
 def test_conditional_search_rejects_a_decoy_the_marginal_screen_picks():
     y, t, Z = sparse_problem(seed=3, corr_to=99)
-    mg = marginal(y, t, Z)
+    mg = marginal(y, t, Z, test="linear")
     assert mg.reject_bonferroni[99]          # the decoy looks like a modifier marginally
-    r = nexis(y, t, Z)
+    r = nexis(y, t, Z, test="linear")
     assert 99 not in r.selected.tolist()     # but not given the planted one
     assert 7 in r.selected.tolist()
 
@@ -60,13 +60,13 @@ def test_cluster_test_with_cluster_level_modifier_noise():
         t = (rng.random(n) < 0.5).astype(float)
         u = rng.normal(size=G)[cl]                             # cluster-level effect heterogeneity, not via Z
         y = t * u + rng.normal(size=n)
-        fp_iid += len(nexis(y, t, Z, test="hc1").selected) > 0
+        fp_iid += len(nexis(y, t, Z, test="hc2").selected) > 0
         fp_cl += len(nexis(y, t, Z, test="cluster", cluster=cl).selected) > 0
     assert fp_cl / n_rep <= 0.15
     assert fp_iid > fp_cl
 
 
-@pytest.mark.parametrize("test", ["linear", "hc1"])
+@pytest.mark.parametrize("test", ["linear", "hc2"])
 def test_fwer_controlled_under_null(test):
     """No modifier at all: the probability of selecting anything must stay near alpha (Bonferroni gate), while
     the unadjusted marginal screen rejects something most of the time (so the check has power to fail)."""
@@ -92,8 +92,8 @@ def test_fdr_selects_more_than_fwer_with_many_weak_modifiers():
     Z = rng.normal(size=(n, m))
     t = (rng.random(n) < 0.5).astype(float)
     y = t * (0.15 * Z[:, :12].sum(1)) + rng.normal(size=n)
-    fw = nexis(y, t, Z, adjust="FWER", rho=None)
-    fd = nexis(y, t, Z, adjust="FDR", rho=None)
+    fw = nexis(y, t, Z, adjust="FWER", rho=None, test="linear")
+    fd = nexis(y, t, Z, adjust="FDR", rho=None, test="linear")
     assert len(fd.selected) > len(fw.selected) >= 1
     assert set(fw.selected.tolist()) <= set(fd.selected.tolist())
     assert np.mean([j < 12 for j in fd.selected]) >= 0.8   # false discovery proportion <= 0.2
@@ -105,8 +105,8 @@ def test_gate2_stops_at_the_spectral_gap():
     Z = rng.normal(size=(n, m))
     t = (rng.random(n) < 0.5).astype(float)
     y = t * (1.0 * Z[:, 0] + 0.9 * Z[:, 1] + 0.12 * Z[:, 2]) + rng.normal(size=n)
-    strict = nexis(y, t, Z, rho=0.5)
-    loose = nexis(y, t, Z, rho=None)
+    strict = nexis(y, t, Z, rho=0.5, test="linear")
+    loose = nexis(y, t, Z, rho=None, test="linear")
     assert strict.selected.tolist() == [0, 1]
     assert 2 in loose.selected.tolist()
     stop = [r for r in strict.trace if r["action"] == "stop_gate2"]
@@ -120,7 +120,7 @@ def test_w_phase_seeds_joint_search():
     W = rng.normal(size=(n, 3))
     t = (rng.random(n) < 0.5).astype(float)
     y = t * (1.0 * W[:, 2] + 0.7 * Z[:, 4]) + W.sum(1) + rng.normal(size=n)
-    r = nexis(y, t, Z, w=W)
+    r = nexis(y, t, Z, w=W, test="linear")
     assert r.selected_w.tolist() == [2]
     assert r.selected.tolist() == [4]
     phases = [x["phase"] for x in r.trace if x["action"] == "add"]

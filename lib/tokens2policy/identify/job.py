@@ -28,7 +28,7 @@ from tokens2policy.fold_tasks import run_fold_tasks
 
 from .engine import Tester, marginal_from_tester, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
-from .stats import Block
+from .stats import Block, combine
 
 MODIFIERS_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, source string, label string, "
                     "p_value double, t double, direction string, round_added int, phase string, test string, "
@@ -39,14 +39,6 @@ TRACE_SCHEMA = ("experiment_id string, outcome string, seq int, phase string, ro
 MARGINAL_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, t double, p_value double, "
                    "p_bonferroni double, q_bh double, reject_raw boolean, reject_bonferroni boolean, "
                    "reject_bh boolean")
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    if isinstance(a, dict):
-        return {k: a[k] + b[k] for k in a}
-    return a + b
 
 
 def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
@@ -82,17 +74,21 @@ class SparkSource:
             def stat(block):
                 return getattr(block, method)(*args, **kwargs)
 
+        whole = bool(spec.get("cluster_codes"))
+
         def partials(batches):
             total = None
+            if whole:  # the cluster statistics need each cluster whole: one Block per partition (see run())
+                batches = [pd.concat([b for b in batches if len(b)] or [pd.DataFrame()], ignore_index=True)]
             for pdf in batches:
                 if len(pdf):
-                    total = _add(total, stat(block_from_pandas(pdf, spec)))
+                    total = combine(total, stat(block_from_pandas(pdf, spec)))
             if total is not None:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
         total = None
         for row in self.df.mapInPandas(partials, "payload binary").collect():
-            total = _add(total, pickle.loads(row["payload"]))
+            total = combine(total, pickle.loads(row["payload"]))
         if total is None:
             raise ValueError("no rows to identify on")
         return total
@@ -158,12 +154,13 @@ class SparkSource:
             design.unpersist()
 
 
-def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e):
+def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e, zspec=("linear",), n_folds=0):
     """One partition's GCM sums with φ_res = φ - ĝ(X_S), φ = (y - m̂(X_S))(t - e)/(e(1 - e)), every row predicted
-    by its own fold's models — the arithmetic of the in-memory ``nexis(..., nuisance="lgbm")``."""
+    by its own fold's models — the arithmetic of the in-memory ``nexis(..., nuisance="lgbm")``; the candidates'
+    residualization ``zspec`` as there (``Block.gcm_sums``)."""
     XS = block.columns(S)
     phi = pseudo_outcome(block.y, block.t, predict_out_of_fold(m_models, XS, block.folds), e)
-    return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds))
+    return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds), zspec, n_folds)
 
 
 class SparkTester(Tester):
@@ -198,7 +195,10 @@ class SparkTester(Tester):
         if f[0] != "lgbm":
             return super()._gcm_sums(S, f)
         m_models, g_models, e = f[1]
-        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))
+        zs, K = self.z_spec(S), self.K
+        if zs[0] == "lgbm":
+            raise ValueError("z_nuisance='lgbm' runs in memory only; use identify.z_nuisance=spline in the job")
+        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e, zs, K))
 
 
 def _numeric_covariates(units, names):
@@ -218,20 +218,28 @@ def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     K = len(spec.get("fold_codes") or {})
     if ic.test == "gcm" and ic.nuisance == "lgbm" and "unit_id" not in df.columns:
         raise ValueError("GCM with nuisance='lgbm' needs a unit_id column (it orders each fold's training rows)")
-    src = SparkSource(df, spec)
-    tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True)
-    params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                  nuisance=ic.nuisance, max_rounds=ic.max_rounds, min_active=ic.min_active)
-    res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                     max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
-    mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    whole = None
+    if ic.test == "cluster":  # every cluster in one partition: its statistics are functions of per-cluster sums
+        whole = df = df.repartition("cluster").cache()
+    try:
+        src = SparkSource(df, spec)
+        tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True, z_nuisance=ic.z_nuisance)
+        params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                      nuisance=ic.nuisance, z_nuisance=ic.z_nuisance, max_rounds=ic.max_rounds,
+                      min_active=ic.min_active)
+        res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                         max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
+        mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    finally:
+        if whole is not None:
+            whole.unpersist()
     return res, mg
 
 
 def frame_spec(df, ic, m, covariates) -> Dict:
     """The Block spec of the rows actually analysed (``df``: one experiment, one outcome, non-null outcomes only):
     cluster and fold levels are counted over these rows, as the in-memory ``nexis`` counts them over its input — a
-    unit without an outcome must not add a cluster to CR1S' G (issue 13, finding 6) or a fold to the cross-fit."""
+    unit without an outcome must not add a cluster to the cluster test's G (issue 13, finding 6) or a fold to the cross-fit."""
     from pyspark.sql import functions as F
 
     spec = {"m": m, "covariates": covariates}
