@@ -185,6 +185,9 @@ class RepresentConfig(Section):
     # neurons table: each unit's document-vector code, or the max over its sampled token states' codes
     # (units without sampled token states keep their document code; see docs/represent.md)
     encode: Literal["document", "tokens_maxpool"] = "document"
+    # nested (Matryoshka) dictionary prefixes, e.g. [16, 64]: the first 16 latents must reconstruct alone (coarse
+    # features), the next add detail; [] = a plain TopK SAE (docs/represent.md)
+    matryoshka: List[int] = Field(default_factory=list)
 
 
 class IdentifyConfig(Section):
@@ -214,6 +217,10 @@ class EffectsConfig(Section):
     modifier_encoding: Literal["value", "indicator"] = "indicator"  # sparse neurons: active indicator or activation
     n_quantile_groups: int = Field(5, ge=2)
     max_levels: int = Field(10, ge=2)  # numeric covariates with at most this many values split per level
+    # heterogeneity coverage (effects/coverage.py): warn when the selected modifiers explain less than this share of
+    # the held-out detectable heterogeneity (and the beyond-selection test rejects); residual features listed
+    coverage_warn_below: float = Field(0.8, gt=0, le=1)
+    coverage_residual_top: int = Field(5, ge=0)
 
 
 class PolicyConfig(Section):

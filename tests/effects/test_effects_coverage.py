@@ -139,3 +139,29 @@ def test_share_ci_covers_the_truth_over_replications():
         res = heterogeneity_coverage(d["phi"], d["s_sel"], d["s_full"], d["folds"], n_bootstrap=200, seed=r)
         hits += res.share_ci[0] <= truth <= res.share_ci[1]
     assert hits / reps >= 0.85
+
+
+def test_facts_read_back_from_calibration_rows_give_the_same_line():
+    from tokens2policy.effects.coverage import coverage_facts, outcome_coverage
+
+    d = _experiment(lambda X: 0.5 + 0.7 * X[:, 0] + 0.7 * X[:, 1], 3000, [0], seed=5)
+    # the neurons table layout: per-unit index/value arrays; neuron 3 carries x1's signal, neuron 0 is selected
+    X = d["X"]
+    idx = [np.array([0, 3, 7]) for _ in range(len(X))]
+    val = [np.array([X[i, 0], X[i, 1], X[i, 4]]) for i in range(len(X))]
+    res, rows, metrics, line = outcome_coverage(d["phi"], d["s_sel"], d["s_full"], d["folds"], indices=idx,
+                                                values=val, selected_neurons=[0], labels={"neuron_3": "x one"},
+                                                n_bootstrap=50, min_active=0)
+    assert list(res.residual["feature"]) == ["neuron_3", "neuron_7"]
+    assert line.startswith("WARNING") and "neuron_3 'x one'" in line
+    assert metrics["coverage_share"] == pytest.approx(res.share) and metrics["coverage_warning"] == 1.0
+    facts = coverage_facts(rows.assign(learner="dr_selected"), {"neuron_3": "x one"})
+    assert facts["share"] == pytest.approx(res.share) and facts["warning"] and facts["detected"]
+    assert facts["residual"][0] == {"feature": "neuron_3", "label": "x one",
+                                    "estimate": pytest.approx(res.residual["estimate"].iloc[0]),
+                                    "p_bonferroni": pytest.approx(res.residual["p_bonferroni"].iloc[0])}
+    # the stored line is the live line without the t-statistics
+    import re
+
+    assert facts["line"] == re.sub(r" \(t=[^)]*\)", "", line)
+    assert coverage_facts(None) is None

@@ -303,20 +303,25 @@ def coverage_warning(res: CoverageResult) -> bool:
                 and np.isfinite(res.beyond[4]) and res.beyond[4] <= res.alpha)
 
 
-def coverage_message(res: CoverageResult, labels: Optional[Mapping[str, str]] = None) -> str:
-    """One line for the run summary / report."""
-    if not res.detected:
+def coverage_message(res: CoverageResult, labels: Optional[Mapping[str, str]] = None,
+                     detected: Optional[bool] = None, warning: Optional[bool] = None) -> str:
+    """One line for the run summary / report (``detected`` / ``warning`` override the result's own flags, e.g.
+    when the result was read back from the ``calibration`` table)."""
+    detected = res.detected if detected is None else detected
+    warning = res.warning if warning is None else warning
+    if not detected or not np.isfinite(res.share):
         return (f"heterogeneity coverage: no heterogeneity detected on held-out folds (joint BLP p = "
                 f"{res.heterogeneity[2]:.2g}); nothing for the selected modifiers to cover")
     lo, hi = res.share_ci
     line = (f"heterogeneity coverage: the selected modifiers explain {100 * res.share:.0f}% "
             f"(95% CI {100 * lo:.0f}–{100 * hi:.0f}%) of the heterogeneity detectable on held-out folds")
-    if res.warning:
-        where = ""
-        if len(res.residual):
-            names = [f"{r.feature}" + (f" '{labels[r.feature]}'" if labels and labels.get(r.feature) else "")
-                     + f" (t={r.t:.1f})" for r in res.residual.head(3).itertuples()]
-            where = "; strongest unselected features: " + ", ".join(names)
+    if warning:
+        names = []
+        for r in res.residual.head(3).itertuples():
+            lab = labels.get(str(r.feature)) if labels else None
+            t = getattr(r, "t", np.nan)
+            names.append(f"{r.feature}" + (f" '{lab}'" if lab else "") + (f" (t={t:.1f})" if np.isfinite(t) else ""))
+        where = "; strongest unselected features: " + ", ".join(names) if names else ""
         line = ("WARNING: " + line + f" — the full-feature learner finds heterogeneity beyond them "
                 f"(p = {res.beyond[4]:.2g}){where}")
     return line
@@ -340,9 +345,76 @@ def coverage_frame(res: CoverageResult, n_units: Optional[int] = None) -> pd.Dat
     b, se, lo, hi, p = res.beyond
     add("coverage", "beyond_selected", b, se, lo, hi, p, "<= 0")
     add("coverage", "heterogeneity", res.heterogeneity[0], np.nan, np.nan, np.nan, res.heterogeneity[2], "= 0")
+    add("coverage", "detected", float(res.detected), null=f"joint BLP Wald p <= {res.alpha:g}")
     add("coverage", "warning", float(res.warning), null=f"share < {res.warn_below:g} and beyond_selected p <= "
                                                         f"{res.alpha:g}")
     for r in res.residual.itertuples():
         add("coverage_residual", str(r.feature), r.estimate, r.se, r.estimate - 1.96 * r.se,
             r.estimate + 1.96 * r.se, r.p_bonferroni, f"= 0 (Bonferroni over {int(r.n_tested)})")
     return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
+
+
+def neuron_candidates(indices: Sequence, values: Sequence, exclude: Sequence[int] = ()):
+    """(sparse unit x neuron matrix of the neurons not in ``exclude``, their names ``neuron_<i>``) from per-unit
+    index/value arrays (the ``neurons`` table layout)."""
+    import scipy.sparse as sp
+
+    lens = np.array([0 if ix is None else len(ix) for ix in indices], dtype=np.int64)
+    cols = np.concatenate([np.asarray(ix, np.int64) for ix in indices if ix is not None and len(ix)]) \
+        if lens.sum() else np.zeros(0, np.int64)
+    vals = np.concatenate([np.asarray(v, float) for v in values if v is not None and len(v)]) \
+        if lens.sum() else np.zeros(0)
+    rows = np.repeat(np.arange(len(lens)), lens)
+    m = int(cols.max()) + 1 if cols.size else 0
+    Z = sp.csr_matrix((vals, (rows, cols)), shape=(len(lens), m))
+    keep = np.setdiff1d(np.unique(cols), np.asarray(list(exclude), np.int64))
+    return Z[:, keep].tocsc(), [f"neuron_{int(i)}" for i in keep]
+
+
+def outcome_coverage(phi, s_selected, s_full, folds, cluster=None, indices=None, values=None,
+                     selected_neurons: Sequence[int] = (), labels: Optional[Mapping[str, str]] = None,
+                     alpha: float = 0.05, n_bootstrap: int = 200, seed: int = 0, warn_below: float = 0.8,
+                     n_residual: int = 5, min_active: int = 20):
+    """The effects stage's call: coverage of one outcome with the residual scan over the unselected neurons.
+
+    Returns ``(result, calibration rows, MLflow metrics (un-prefixed), summary line)``."""
+    features = names = None
+    if indices is not None:
+        features, names = neuron_candidates(indices, values, selected_neurons)
+        if features.shape[1] == 0:
+            features = names = None
+    res = heterogeneity_coverage(phi, s_selected, s_full, folds, cluster, alpha=alpha, n_bootstrap=n_bootstrap,
+                                 seed=seed, warn_below=warn_below, features=features, feature_names=names,
+                                 n_residual=n_residual, min_active=min_active)
+    metrics = {"coverage_share": res.share, "coverage_share_ci_low": res.share_ci[0],
+               "coverage_share_ci_high": res.share_ci[1], "coverage_warning": float(res.warning),
+               "coverage_explained_selected": res.explained["selected"][0],
+               "coverage_explained_joint": res.explained["joint"][0], "coverage_beyond_p": res.beyond[4]}
+    return res, coverage_frame(res), metrics, coverage_message(res, labels)
+
+
+def coverage_facts(calibration: Optional[pd.DataFrame], labels: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+    """Headline of the ``coverage`` rows of one outcome's ``calibration`` rows (for the report and the run
+    summary): share, CI, warning, the one-line message and the residual features with their labels."""
+    if calibration is None or calibration.empty or "metric" not in calibration.columns:
+        return None
+    cov = calibration[calibration["metric"] == "coverage"].set_index("group")
+    if "share_selected" not in cov.index:
+        return None
+    get = lambda g, c="estimate": float(cov.loc[g, c]) if g in cov.index else np.nan  # noqa: E731
+    resid = calibration[calibration["metric"] == "coverage_residual"]
+    residual = [{"feature": str(r.group), "label": (labels or {}).get(str(r.group)), "estimate": float(r.estimate),
+                 "p_bonferroni": float(r.p_value)} for r in resid.itertuples()]
+    res = CoverageResult(
+        share=get("share_selected"), share_ci=(get("share_selected", "ci_low"), get("share_selected", "ci_high")),
+        explained={k: (get(f"explained_{k}"), get(f"explained_{k}", "se"), get(f"explained_{k}", "ci_low"),
+                       get(f"explained_{k}", "ci_high")) for k in ("selected", "full", "joint")},
+        beyond=(get("beyond_selected"), get("beyond_selected", "se"), get("beyond_selected", "ci_low"),
+                get("beyond_selected", "ci_high"), get("beyond_selected", "p_value")),
+        heterogeneity=(get("heterogeneity"), 2, get("heterogeneity", "p_value")), n=int(cov["n"].iloc[0]),
+        alpha=np.nan, warn_below=np.nan, n_bootstrap=0,
+        residual=pd.DataFrame([{"feature": r["feature"], "t": np.nan, **r} for r in residual]))
+    warning, detected = bool(get("warning") == 1.0), bool(get("detected") == 1.0)
+    return {"share": res.share, "ci_low": res.share_ci[0], "ci_high": res.share_ci[1], "warning": warning,
+            "detected": detected, "heterogeneity_p": res.heterogeneity[2], "beyond_p": res.beyond[4],
+            "residual": residual, "line": coverage_message(res, labels, detected=detected, warning=warning)}
