@@ -234,7 +234,8 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None):
         params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
         return make_representation(rc.kind, **params).fit(source)
     params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
-                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
+                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads,
+                       matryoshka=tuple(rc.matryoshka))
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
                              use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
 
