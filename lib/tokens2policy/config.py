@@ -274,6 +274,15 @@ class ValidateConfig(Section):
     text_min_active: int = Field(20, ge=0)  # as identify.min_active: neurons active in fewer units are skipped
     text_epochs: Optional[int] = Field(None, ge=1)  # SAE epochs for the study's representation; None: represent.epochs
     text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
+    # design 3, distributed drivers (validate/drivers.py, docs/validation.md): corpora x representation variants
+    drivers: bool = False
+    drivers_corpora: List[Literal["bbc", "drugs"]] = Field(default_factory=lambda: ["bbc", "drugs"])
+    drivers_variants: List[str] = Field(default_factory=lambda: ["doc:128:8"])  # <doc|tok>:<latents>:<k>[:m<p>-<p>]
+    drivers_n_values: List[int] = Field(default_factory=lambda: [2000, 5000, 10000, 20000])
+    drivers_effects: List[float] = Field(default_factory=lambda: [1.0])  # 0.0 adds the null (FWER) point
+    drivers_repetitions: Optional[int] = Field(None, ge=1)  # None: validate.repetitions (or the size's)
+    drivers_methods: List[str] = Field(default_factory=lambda: ["nexis_gcm", "nexis_gcm_norho", "nexis_gcm_rho0.25"])
+    drivers_coverage: bool = True  # heterogeneity coverage of the first method's selection per repetition
 
     @field_validator("cells")
     @classmethod

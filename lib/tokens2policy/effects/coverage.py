@@ -125,13 +125,15 @@ def _blp(phi, S, folds, n_folds, clusters=None, n_clusters=1, w=None) -> _Fit:
     return _Fit(beta, cov, sigma, explained, df, resid)
 
 
-def explained_heterogeneity(phi, S, folds=None, cluster=None) -> float:
-    """Debiased variance of the best linear predictor of τ given the columns of ``S`` (see the module docstring)."""
+def explained_heterogeneity(phi, S, folds=None, cluster=None, debias: bool = True) -> float:
+    """Debiased variance of the best linear predictor of τ given the columns of ``S`` (see the module docstring).
+    ``debias=False``: the plug-in β'Σβ — for a noise-free target such as the true τ of a simulation."""
     phi = np.asarray(phi, float).ravel()
     S = np.asarray(S, float).reshape(phi.shape[0], -1)
     f, K = _codes(folds, phi.shape[0], "folds")
     c, G = _codes(cluster, phi.shape[0], "cluster") if cluster is not None else (None, 1)
-    return _blp(phi, S, f, K, c, G).explained
+    fit = _blp(phi, S, f, K, c, G)
+    return fit.explained if debias else float(fit.beta @ fit.sigma @ fit.beta)
 
 
 @dataclass
