@@ -188,6 +188,9 @@ class RepresentConfig(Section):
     # nested (Matryoshka) dictionary prefixes, e.g. [16, 64]: the first 16 latents must reconstruct alone (coarse
     # features), the next add detail; [] = a plain TopK SAE (docs/represent.md)
     matryoshka: List[int] = Field(default_factory=list)
+    # n_latents: null -> from the data: the largest power of 2 with (distinct documents x k / n_latents) >= this
+    # (capped at expansion x dim); null here too -> expansion x dim (docs/represent.md, "Choosing the dictionary")
+    docs_per_latent: Optional[int] = Field(None, ge=1)
 
 
 class IdentifyConfig(Section):

@@ -208,3 +208,28 @@ def test_matryoshka_prefixes_are_checked(prefixes, msg):
     with pytest.raises(ValueError, match=msg):
         SparseAutoencoder(n_latents=64, k=2, epochs=1, matryoshka=prefixes).fit(
             np.random.default_rng(0).random((40, 4)))
+
+
+def test_dictionary_size_from_the_corpus():
+    from tokens2policy.represent.sae import latents_for_corpus
+
+    # the demo corpus: 2,225 distinct articles, k = 8, >= 100 documents per latent on average -> 128
+    assert latents_for_corpus(2225, 8, 100, 3072) == 128
+    assert 2225 * 8 / 128 >= 100 > 2225 * 8 / 256
+    assert latents_for_corpus(979, 8, 100, 3072) == 64          # the drug-review corpus
+    assert latents_for_corpus(10 ** 6, 8, 100, 3072) == 3072     # capped at expansion x dim
+    assert latents_for_corpus(50, 8, 100, 3072) == 16            # floor max(2k, 16)
+    with pytest.raises(ValueError, match="positive"):
+        latents_for_corpus(0, 8, 100, 3072)
+
+
+def test_stage_resolves_the_dictionary_size_from_distinct_texts(spark, make_cfg):
+    from tokens2policy.represent.job import resolve_n_latents
+
+    # 3,000 units reading 500 distinct texts (the demo's situation: many readers per article)
+    rows = [(f"u{i}", f"h{i % 500}", 24) for i in range(3000)]
+    emb = spark.createDataFrame(rows, "unit_id string, content_hash string, dim int")
+    cfg = make_cfg("represent.n_latents=null", "represent.k=8", "represent.docs_per_latent=50")
+    assert resolve_n_latents(cfg, emb) == 64                 # 500 * 8 / 50 = 80 -> 64 (not 3000 * 8 / 50)
+    assert resolve_n_latents(make_cfg("represent.n_latents=100"), emb) == 100        # an explicit size wins
+    assert resolve_n_latents(make_cfg("represent.n_latents=null", "represent.docs_per_latent=null"), emb) is None

@@ -88,22 +88,22 @@ def test_tiny_study_finds_both_drivers_and_covers_the_truth(tmp_path, monkeypatc
 
     monkeypatch.setitem(drv.DRIVERS, "toy", (("tone=positive", 1.0), ("topic=b", -0.8)))
     path = _planted(tmp_path)
-    design = driver_design("toy", "doc:24:1", 4000, 1.0, path)
+    design = driver_design("toy", "doc:24:1", 2000, 1.0, path)
     assert design.kind == "drivers/toy/doc:24:1"
     rows = []
-    for task in _tasks(design, 6, ["nexis_gcm", "nexis_gcm_norho"]):
+    for task in _tasks(design, 4, ["nexis_gcm", "nexis_gcm_norho"]):
         rows += run_task(task)
     df = rows_frame(rows)
     sel = df[df.kind == "selection"]
     assert json.loads(sel.aligned.iloc[0]) == [[0], [2]]       # tone neuron, topic b neuron: the design's order
     summary = summarize_drivers(df)
     gcm = summary[summary.method == "nexis_gcm"].iloc[0]
-    # honest bounds at this size: both planted drivers are found in every one of the 6 repetitions
+    # honest bounds at this size: both planted drivers are found in every one of the 4 repetitions
     assert gcm["recall_tone=positive"] == 1.0 and gcm["recall_topic=b"] == 1.0 and gcm["both_found"] == 1.0
     # the selected neurons carry the tone and topic b only partly (80 % / 10 % firing): the selected-set learner
     # explains the detectable heterogeneity, which the truth from tau confirms; the CIs cover it
     cov = df[(df.kind == "coverage") & (df.estimand == "coverage share")]
-    assert len(cov) == 6 and cov.covered.mean() >= 5 / 6
+    assert len(cov) == 4 and cov.covered.mean() >= 3 / 4
     assert (cov.true_value > 0.8).all()
     assert gcm["tau_share_selected"] < gcm["tau_share_features"] + 1e-9
 

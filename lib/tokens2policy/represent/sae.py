@@ -42,6 +42,7 @@ __all__ = [
     "LocalComm",
     "train_loop",
     "reconstruction_metrics",
+    "latents_for_corpus",
     "csr_to_rows",
     "rows_to_csr",
 ]
@@ -374,6 +375,21 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
     return {"state": state, "config": {"d_in": d, "n_latents": m, "k": params.k, "aux_k": params.aux_k,
                                        "matryoshka": list(params.matryoshka)},
             "history": history}
+
+
+def latents_for_corpus(n_documents: int, k: int, docs_per_latent: int, max_latents: int) -> int:
+    """Dictionary size from the data: the largest power of two L with n_documents * k / L >= docs_per_latent.
+
+    A TopK code has k active latents per input, so a latent is active on n_documents * k / L documents on average.
+    NEXIS can only select a latent that fires on enough *distinct* texts to carry a driver (a latent of a handful
+    of documents is a sub-topic or a near-duplicate detector); the rule keeps that average at ``docs_per_latent``
+    or more, whatever the corpus size (docs/represent.md, "Choosing the dictionary"). Clipped to
+    [max(2k, 16), max_latents]."""
+    if n_documents < 1 or k < 1 or docs_per_latent < 1:
+        raise ValueError("n_documents, k and docs_per_latent must be positive")
+    target = n_documents * k / docs_per_latent
+    L = 2 ** int(math.floor(math.log2(target))) if target >= 1 else 1
+    return int(min(max(L, 2 * k, 16), max_latents))
 
 
 # ----------------------------------------------------------------------------------------------
