@@ -162,8 +162,10 @@ class RepresentConfig(Section):
     kind: Literal["sae", "raw", "pca"] = "sae"
     train_on: Literal["tokens", "documents", "both"] = "documents"
     expansion: int = 8
-    n_latents: Optional[int] = None
-    k: int = 32
+    n_latents: Optional[int] = None  # None: from docs_per_latent (docs/represent.md, "Choosing the dictionary")
+    # k = 8 and >= 100 distinct texts per latent: 128 latents on the 2,225-article demo corpus; bigger dictionaries
+    # split drivers into many small neurons (validation designs 2 and 3)
+    k: int = 8
     epochs: int = 20
     batch_size: int = 512
     lr: float = 1e-3
@@ -190,7 +192,7 @@ class RepresentConfig(Section):
     matryoshka: List[int] = Field(default_factory=list)
     # n_latents: null -> from the data: the largest power of 2 with (distinct documents x k / n_latents) >= this
     # (capped at expansion x dim); null here too -> expansion x dim (docs/represent.md, "Choosing the dictionary")
-    docs_per_latent: Optional[int] = Field(None, ge=1)
+    docs_per_latent: Optional[int] = Field(100, ge=1)
 
 
 class IdentifyConfig(Section):

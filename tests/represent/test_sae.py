@@ -233,3 +233,11 @@ def test_stage_resolves_the_dictionary_size_from_distinct_texts(spark, make_cfg)
     assert resolve_n_latents(cfg, emb) == 64                 # 500 * 8 / 50 = 80 -> 64 (not 3000 * 8 / 50)
     assert resolve_n_latents(make_cfg("represent.n_latents=100"), emb) == 100        # an explicit size wins
     assert resolve_n_latents(make_cfg("represent.n_latents=null", "represent.docs_per_latent=null"), emb) is None
+
+
+def test_prefixes_that_do_not_fit_a_data_sized_dictionary_are_dropped():
+    from tokens2policy.represent.job import nested_prefixes
+
+    assert nested_prefixes([16, 64], 128) == (16, 64)
+    assert nested_prefixes([16, 64], 64) == (16,)        # e.g. the 979-review corpus: 64 latents
+    assert nested_prefixes([16, 64], None) == (16, 64)

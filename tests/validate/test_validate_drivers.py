@@ -135,3 +135,19 @@ def test_rho_methods_resolve():
         ("nexis_gcm", "gcm", True, 0.5)]
     with pytest.raises(ValueError, match="unknown validation method"):
         resolve_methods(["nexis_gcm_rhoX"])
+
+
+def test_driver_metrics_have_names_mlflow_accepts():
+    from mlflow.utils.validation import _validate_metric_name
+
+    from tokens2policy.validate.drivers import driver_metrics
+
+    summary = pd.DataFrame([dict(design="drivers/bbc/doc:128:8:m16-64", n=10000, effect=1.0, method="nexis_gcm",
+                                 **{"recall_tone=positive": 1.0, "recall_topic=politics": 0.9}, both_found=0.9,
+                                 iou_aligned=0.6, coverage_share=0.8, coverage_share_truth=0.75),
+                            dict(design="drivers/bbc/doc:128:8:m16-64", n=10000, effect=0.0, method="nexis_gcm",
+                                 any_selected=0.05)])
+    out = driver_metrics(summary)
+    assert len(out) == 7
+    for key in out:
+        _validate_metric_name(key)   # raised on '=' before (run A of docs/validation.md failed at this step; fixed)

@@ -224,6 +224,12 @@ def resolve_n_latents(cfg: Config, emb) -> int | None:
     return latents_for_corpus(int(row["n"]), rc.k, rc.docs_per_latent, rc.expansion * int(row["dim"]))
 
 
+def nested_prefixes(prefixes, n_latents) -> tuple:
+    """The configured Matryoshka prefixes that fit the dictionary (a data-sized dictionary may be smaller than a
+    prefix; n_latents None: all)."""
+    return tuple(int(p) for p in prefixes if n_latents is None or int(p) < int(n_latents))
+
+
 def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     from tokens2policy.lakehouse import read_table, write_table
 
@@ -246,7 +252,7 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
         return make_representation(rc.kind, **params).fit(source)
     params = SAEParams(n_latents=n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
                        batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads,
-                       matryoshka=tuple(rc.matryoshka))
+                       matryoshka=nested_prefixes(rc.matryoshka, n_latents))
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
                              use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
 

@@ -250,7 +250,7 @@ def driver_metrics(summary: pd.DataFrame) -> Dict[str, float]:
             for col in [c for c in g.columns if c.startswith("recall_") and not c.endswith(("_lo", "_hi"))] + \
                     ["both_found", "iou_aligned", "coverage_share", "coverage_share_truth"]:
                 if col in top and pd.notna(top[col]):
-                    out[f"{base}.{col}"] = float(top[col])
+                    out[_key(f"{base}.{col}")] = float(top[col])
         for _, r in g[g["effect"] == 0].iterrows():
             out[_key(f"drivers.{design}.n{int(r['n'])}.{method}.fwer")] = float(r["any_selected"])
     return out

@@ -150,7 +150,12 @@ def build_text_representation(cfg, out_dir, epochs: Optional[int] = None, n_arti
         X, keep = np.vstack(vectors), np.asarray(keep)
         np.savez_compressed(emb_path, X=X, keep=keep)
     rc = cfg.represent
-    sae = SparseAutoencoder(n_latents=rc.n_latents, k=rc.k, lr=rc.lr, epochs=epochs or rc.epochs,
+    n_latents = rc.n_latents
+    if n_latents is None and rc.docs_per_latent:   # the stage's rule on the corpus' distinct texts
+        from tokens2policy.represent.sae import latents_for_corpus
+
+        n_latents = latents_for_corpus(len(X), rc.k, rc.docs_per_latent, rc.expansion * X.shape[1])
+    sae = SparseAutoencoder(n_latents=n_latents, k=rc.k, lr=rc.lr, epochs=epochs or rc.epochs,
                             batch_size=min(rc.batch_size, len(X)), seed=cfg.seed, expansion=rc.expansion,
                             num_threads=1).fit(X)
     codes = sp.csr_matrix(sae.encode(X))
