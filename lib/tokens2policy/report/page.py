@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tokens2policy.config import Config
+from tokens2policy.effects.coverage import coverage_facts
 from tokens2policy.report import plots
 from tokens2policy.report.load import ReportData, feature_key, pick, trailing_int
 
@@ -571,6 +572,8 @@ def build_page(config: Config, datasets: List[ReportData], out_dir: Path, run_in
             page.add(f"<h2>Outcome: {esc(outcome)}</h2>" if outcome else "<h2>Effect modifiers</h2>")
             section_trace(page, data, outcome)
             cards = section_modifiers(page, data, outcome, ofacts)
+            ofacts["coverage"] = coverage_facts(_for_outcome(data.get("calibration"), outcome), {
+                f"neuron_{k}": str(r.get("label")) for k, r in neuron_lookup(data.get("neuron_labels")).items()})
             section_forest(page, data, outcome, cards, tag)
             section_calibration(page, data, outcome, tag)
             section_policy(page, data, outcome, ofacts, tag)

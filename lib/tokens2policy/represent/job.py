@@ -30,7 +30,7 @@ from tokens2policy.config import Config, ConfigError
 from .baselines import load_representation, make_representation
 from .distributed import BackendUnavailableError, delta_source, horovod_available, train_distributed
 from .labels import label_neurons
-from .sae import SAEParams, SparseAutoencoder, csr_to_rows, reconstruction_metrics, rows_to_csr
+from .sae import SAEParams, SparseAutoencoder, csr_to_rows, latents_for_corpus, reconstruction_metrics, rows_to_csr
 
 OK_STATUS = ("ok", "truncated", "chunked")
 REGISTERED_MODEL = "tokens2policy-represent"
@@ -214,10 +214,27 @@ def _training_view(spark, cfg: Config, emb, model_hash: str):
     return view.where(F.col("vector").isNotNull())
 
 
-def _fit(spark, cfg: Config, train_df, on_epoch=None):
+def resolve_n_latents(cfg: Config, emb) -> int | None:
+    """``represent.n_latents``, or from the data when it is null and ``represent.docs_per_latent`` is set (the
+    number of distinct texts: ``content_hash`` of the embeddings; units sharing a text count once)."""
+    rc = cfg.represent
+    if rc.n_latents is not None or rc.docs_per_latent is None or rc.kind != "sae":
+        return rc.n_latents
+    row = emb.selectExpr("count(distinct content_hash) as n", "max(dim) as dim").first()
+    return latents_for_corpus(int(row["n"]), rc.k, rc.docs_per_latent, rc.expansion * int(row["dim"]))
+
+
+def nested_prefixes(prefixes, n_latents) -> tuple:
+    """The configured Matryoshka prefixes that fit the dictionary (a data-sized dictionary may be smaller than a
+    prefix; n_latents None: all)."""
+    return tuple(int(p) for p in prefixes if n_latents is None or int(p) < int(n_latents))
+
+
+def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     from tokens2policy.lakehouse import read_table, write_table
 
     rc = cfg.represent
+    n_latents = rc.n_latents if n_latents is None else n_latents
     if rc.kind != "sae" or rc.backend == "local":
         # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy
         pdf = train_df.toPandas()
@@ -233,8 +250,9 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None):
     if rc.kind != "sae":  # the baselines are for ablations on data that fits one machine
         params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
         return make_representation(rc.kind, **params).fit(source)
-    params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
-                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
+    params = SAEParams(n_latents=n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
+                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads,
+                       matryoshka=nested_prefixes(rc.matryoshka, n_latents))
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
                              use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
 
@@ -328,7 +346,9 @@ def run(spark, cfg: Config) -> dict:
                     bar.set_label(f"{note}: epoch {epoch + 1}/{epochs}, "
                                   f"{entry['dead_fraction_train']:.0%} latents dead")
 
-                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash), on_epoch=show)
+                n_latents = resolve_n_latents(cfg, emb)
+                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash), on_epoch=show,
+                           n_latents=n_latents)
         except BackendUnavailableError as err:
             raise ConfigError(str(err)) from None
         n_latents = int(rep.n_latents_)
