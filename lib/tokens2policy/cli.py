@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
         stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
         spark = get_spark(config)
-        print(f"[t2p] data_dir={config.data_path}")
+        print(f"[t2p] data_dir={config.data_uri}")
         results = run_stages(spark, config, names, force=args.force, stages=stages)  # prints the Spark UI URL first
     except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError) as exc:
         return _fail(str(exc))

@@ -1,15 +1,27 @@
 """Every job run is an MLflow run: resolved config, input table versions, metrics and artifacts.
 
-The embedded default is a SQLite tracking store and a file artifact store under ``data_dir/mlflow``; a configured
-``tracking.tracking_uri`` (or Databricks' own) replaces it.
+The embedded default is a SQLite tracking store and a file artifact store under ``data_dir/mlflow`` (a local
+``data_dir`` only); a configured ``tracking.tracking_uri`` (or Databricks' own) replaces it, and then the artifact
+location of a new experiment is the tracking server's choice unless ``tracking.artifact_root`` sets one.
+
+What is logged never carries credentials: :func:`redacted_config` masks ``spark.conf`` values whose key looks
+secret (Spark's own ``spark.redaction.regex`` plus key/credential/SAS names) and the user-info and credential
+query parameters of every URI in the config.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterator, Mapping, Optional
+import re
+from typing import Any, Dict, Iterator, Mapping, Optional
 
-from tokens2policy.config import Config
+from tokens2policy.config import Config, ConfigError
+
+# Spark's spark.redaction.regex default, widened to cloud credential settings (fs.s3a.access.key,
+# fs.azure.account.key.*, *.sas.*, *.credential*, *.auth*)
+SECRET_KEY = re.compile(r"(?i)secret|password|token|access[._-]?key|account[._-]?key|\bkey\b|\.key$|sas|credential|"
+                        r"auth|private|passphrase|session[._-]?token")
+REDACTED = "*********(redacted)"
 
 
 def tracking_uri(config: Config) -> str:
@@ -17,11 +29,20 @@ def tracking_uri(config: Config) -> str:
         return config.tracking.tracking_uri
     if "DATABRICKS_RUNTIME_VERSION" in os.environ:
         return "databricks"
+    if not config.data_is_local:
+        raise ConfigError(f"data_dir={config.data_dir} is remote and the embedded MLflow store is a local SQLite file: "
+                          "set tracking.tracking_uri (an MLflow server, databricks, or sqlite:////local/mlflow.db)")
     return f"sqlite:///{config.data_path / 'mlflow' / 'mlflow.db'}"
 
 
-def artifact_root(config: Config) -> str:
-    return config.tracking.artifact_root or (config.data_path / "mlflow" / "artifacts").as_uri()
+def artifact_root(config: Config) -> Optional[str]:
+    """Artifact location for a new MLflow experiment: ``tracking.artifact_root``; else ``<data_dir>/mlflow/
+    artifacts`` for the embedded store; else None (the tracking server's default artifact root)."""
+    if config.tracking.artifact_root:
+        return config.tracking.artifact_root
+    if config.tracking.tracking_uri is None and "DATABRICKS_RUNTIME_VERSION" not in os.environ:
+        return (config.data_path / "mlflow" / "artifacts").as_uri()
+    return None
 
 
 def configure_mlflow(config: Config):
@@ -29,7 +50,7 @@ def configure_mlflow(config: Config):
     import mlflow
 
     uri = tracking_uri(config)
-    if uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///") and config.tracking.tracking_uri is None:
         (config.data_path / "mlflow").mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if config.tracking.registry_uri:
@@ -40,6 +61,26 @@ def configure_mlflow(config: Config):
     exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_root(config))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _redact_value(value: Any) -> Any:
+    from tokens2policy.lakehouse.storage import redact_uri
+
+    if isinstance(value, str):
+        return redact_uri(value) if ("://" in value or "?" in value or "@" in value) else value
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items()}
+    return value
+
+
+def redacted_config(config: Config) -> Dict[str, Any]:
+    """``config.to_dict()`` fit to log: secret-looking ``spark.conf`` values masked, credentials in URIs masked."""
+    cfg = _redact_value(config.to_dict())
+    conf = cfg.get("spark", {}).get("conf") or {}
+    cfg["spark"]["conf"] = {k: (REDACTED if SECRET_KEY.search(k) else v) for k, v in conf.items()}
+    return cfg
 
 
 def _flatten(prefix: str, value, out: Dict[str, str]) -> None:
@@ -60,7 +101,7 @@ def stage_run(
     configure_mlflow(config)
     with mlflow.start_run(run_name=stage, nested=nested or mlflow.active_run() is not None) as run:
         mlflow.set_tag("t2p.stage", stage)
-        cfg = config.to_dict()
+        cfg = redacted_config(config)
         mlflow.log_dict(cfg, "config.json")
         flat: Dict[str, str] = {}
         _flatten("", {k: cfg[k] for k in ("data_dir", "seed", stage) if k in cfg}, flat)
