@@ -151,8 +151,9 @@ class SourceConfig(Section):
             if label is None or isinstance(label, (list, dict)):
                 raise ValueError(f"label {label!r} is not a scalar (a string, number or true/false)")
         a, b = (label_key(x) for x in v)
-        if a == b:
-            raise ValueError(f"control {v[0]!r} and treated {v[1]!r} name the same value ({a[1]!r}); "
+        same = a == b if a[0] == b[0] == "number" else label_text(v[0]) == label_text(v[1])
+        if same:
+            raise ValueError(f"control {v[0]!r} and treated {v[1]!r} name the same value ({label_text(v[0])!r}); "
                              "quote the labels as they appear in the data, e.g. ['0', '1']")
         return v
 
@@ -169,17 +170,23 @@ class SourceConfig(Section):
         return v
 
 
-def label_key(label: Any):
-    """What a treatment label matches, as a comparable key: ("number", float) for a number, ("text", str) for
-    the trimmed (Unicode whitespace) text of anything else, lower-cased for true/false so booleans match."""
+def label_text(label: Any) -> str:
+    """A treatment label as the text it matches: trimmed (Unicode whitespace), ``true``/``false`` lower-cased so a
+    boolean column (and True/TRUE) matches, numbers as written (``1``, ``1.5``)."""
     if isinstance(label, bool):
-        return "text", "true" if label else "false"
-    if isinstance(label, (int, float)):
+        return "true" if label else "false"
+    text = strip_unicode(str(label))
+    return text.lower() if text.lower() in ("true", "false") else text
+
+
+def label_key(label: Any):
+    """What a treatment label matches, as a comparable key: ("number", float) for a number, else ("text",
+    :func:`label_text`)."""
+    if isinstance(label, (int, float)) and not isinstance(label, bool):
         if isinstance(label, float) and not math.isfinite(label):
             raise ValueError(f"label {label!r} is not a finite number")
         return "number", float(label)
-    text = strip_unicode(str(label))
-    return "text", text.lower() if text.lower() in ("true", "false") else text
+    return "text", label_text(label)
 
 
 _UNICODE_EDGE = re.compile(r"^[\s\u200b\ufeff]+|[\s\u200b\ufeff]+$")
