@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from tokens2policy.config import Config, ConfigError
 
@@ -109,3 +109,83 @@ def stage_run(
         for table, version in (inputs or {}).items():
             mlflow.log_param(f"input_version.{table}", "none" if version is None else int(version))
         yield run
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the model registry: names, aliases and the requirement on this package
+# ------------------------------------------------------------------------------------------------------------
+_DEFAULT_NAMES = {
+    "represent": ("tokens2policy-represent", "represent"),
+    "policy": ("tokens2policy-policy-{experiment}-{outcome}", "policy_{experiment}_{outcome}"),
+}
+
+
+def _name_part(value: str, catalog: bool) -> str:
+    """A data value (experiment id, outcome) made safe for a registered-model name: letters, digits, ``_`` (and
+    ``-`` outside Unity Catalog); when that changed the value, a short hash keeps two ids apart."""
+    import hashlib
+
+    allowed = r"[^A-Za-z0-9_]" if catalog else r"[^A-Za-z0-9_\-]"
+    clean = re.sub(allowed, "_", str(value))
+    if catalog:
+        clean = clean.lower()
+    if clean != str(value) and not (catalog and clean == str(value).lower()):
+        clean += "_" + hashlib.sha1(str(value).encode("utf-8")).hexdigest()[:6]
+    return clean
+
+
+def model_name(config: Config, kind: str, experiment: Optional[str] = None, outcome: Optional[str] = None) -> str:
+    """The registered-model name of the ``represent`` or ``policy`` model (``tracking.<kind>_model_name``).
+
+    ``{experiment}``/``{outcome}`` are filled with registry-safe forms of the ids (``{catalog}``/``{schema}`` with
+    the lakehouse's). In catalog mode a name without a dot becomes ``<catalog>.<schema>.<name>`` (Unity Catalog's
+    three-level names; lower case, letters, digits and ``_``).
+    """
+    catalog_mode = config.lakehouse.mode == "catalog"
+    template = getattr(config.tracking, f"{kind}_model_name") or _DEFAULT_NAMES[kind][int(catalog_mode)]
+    lh = config.lakehouse
+    name = template.format(experiment=_name_part(experiment if experiment is not None else "all", catalog_mode),
+                           outcome=_name_part(outcome if outcome is not None else "all", catalog_mode),
+                           catalog=lh.catalog or "", schema=lh.schema_)
+    if catalog_mode and "." not in name:
+        name = ".".join(p for p in (lh.catalog, lh.schema_, name) if p)
+    return name
+
+
+def register_alias(config: Config, name: str, version) -> Optional[str]:
+    """Point ``tracking.model_alias`` (``champion``) at a new registered version; return ``models:/name@alias``."""
+    import mlflow
+
+    alias = config.tracking.model_alias
+    if not alias:
+        return None
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    return f"models:/{name}@{alias}"
+
+
+def package_requirement(config: Config) -> Tuple[str, Dict[str, str]]:
+    """(requirement line, extra model artifacts) for this package in a logged model's ``requirements.txt``.
+
+    With a built wheel of the running version (``tracking.package_wheel``, else ``dist/tokens2policy-<version>-
+    *.whl`` of the source checkout) the wheel is logged inside the model (``artifacts/<wheel>``) and the line
+    points at it: MLflow installs requirements from the model directory, so a serving environment installs
+    exactly this code. Without one: ``tokens2policy==<version>`` (a package index must serve it).
+    """
+    import glob
+
+    from tokens2policy import __version__
+    from tokens2policy.config import REPO_ROOT
+    from tokens2policy.lakehouse.storage import is_local, local_path
+
+    wheel = config.tracking.package_wheel
+    if wheel is None and REPO_ROOT is not None:
+        found = sorted(glob.glob(str(REPO_ROOT / "dist" / f"tokens2policy-{__version__}-*.whl")))
+        wheel = found[-1] if found else None
+    if wheel is None:
+        return f"tokens2policy=={__version__}", {}
+    if not is_local(wheel):
+        raise ConfigError(f"tracking.package_wheel={wheel}: give a local path to the built wheel (make dist)")
+    path = local_path(wheel)
+    if not os.path.isfile(path):
+        raise ConfigError(f"tracking.package_wheel={wheel} does not exist: build it with `make dist`")
+    return f"artifacts/{os.path.basename(path)}", {"package_wheel": path}
