@@ -109,7 +109,8 @@ def redact_uri(location: str) -> str:
 # I/O: Hadoop FileSystem through the Spark JVM, fsspec otherwise
 # ------------------------------------------------------------------------------------------------------------
 def _jvm_fs(spark, location: str):
-    """(Hadoop Path, FileSystem) for a location, or None when ``spark`` has no JVM (Spark Connect) or is None."""
+    """(Hadoop Path, FileSystem, the py4j JVM view) for a location through the JVM of ``spark`` (the active session
+    when None), or None when there is no JVM (Spark Connect, no session)."""
     if spark is None:
         from pyspark.sql import SparkSession
 
@@ -118,7 +119,15 @@ def _jvm_fs(spark, location: str):
     if jvm is None:
         return None
     path = jvm.org.apache.hadoop.fs.Path(resolve(location))
-    return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
+    return path, path.getFileSystem(spark._jsc.hadoopConfiguration()), jvm
+
+
+def _via_jvm(spark, location: str):
+    """The JVM route when a session is handed in (any location, local ones too: the same code as for hdfs://) or
+    the location is remote; None means the local disk or fsspec."""
+    if spark is None and is_local(location):
+        return None
+    return _jvm_fs(spark, location)
 
 
 def _fsspec(location: str):
@@ -134,12 +143,12 @@ def _fsspec(location: str):
 def exists(location: str, spark=None) -> bool:
     """Whether a file or directory exists at ``location`` (its own file system asked, never the local disk for a
     remote location)."""
+    jfs = _via_jvm(spark, location)
+    if jfs is not None:
+        path, fs, _ = jfs
+        return bool(fs.exists(path))
     if is_local(location):
         return os.path.exists(local_path(location))
-    jfs = _jvm_fs(spark, location)
-    if jfs is not None:
-        path, fs = jfs
-        return bool(fs.exists(path))
     fs, path = _fsspec(location)
     return bool(fs.exists(path))
 
@@ -154,9 +163,9 @@ def list_files(location: str, spark=None) -> List[FileEntry]:
     lists it; files and directories whose name starts with ``_`` or ``.`` are skipped below the root, as Spark's
     file sources do. [] when nothing matches."""
     out: List[FileEntry] = []
-    jfs = None if is_local(location) and spark is None else _jvm_fs(spark, location)
+    jfs = _via_jvm(spark, location)
     if jfs is not None:
-        path, fs = jfs
+        path, fs, _ = jfs
         statuses = fs.globStatus(path) if is_glob(location) else ([fs.getFileStatus(path)] if fs.exists(path)
                                                                    else [])
         for st in statuses or []:
@@ -201,13 +210,13 @@ def _mtime_ms(info: dict) -> int:
 
 
 def mkdirs(location: str, spark=None) -> None:
+    jfs = _via_jvm(spark, location)
+    if jfs is not None:
+        path, fs, _ = jfs
+        fs.mkdirs(path)
+        return
     if is_local(location):
         os.makedirs(local_path(location), exist_ok=True)
-        return
-    jfs = _jvm_fs(spark, location)
-    if jfs is not None:
-        path, fs = jfs
-        fs.mkdirs(path)
         return
     fs, path = _fsspec(location)
     fs.makedirs(path, exist_ok=True)
@@ -215,20 +224,20 @@ def mkdirs(location: str, spark=None) -> None:
 
 def write_text(location: str, text: str, spark=None) -> None:
     """Write (overwrite) a UTF-8 text file."""
-    if is_local(location):
-        p = local_path(location)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        return
-    jfs = _jvm_fs(spark, location)
+    jfs = _via_jvm(spark, location)
     if jfs is not None:
-        path, fs = jfs
+        path, fs, _ = jfs
         stream = fs.create(path, True)
         try:
             stream.write(bytearray(text.encode("utf-8")))
         finally:
             stream.close()
+        return
+    if is_local(location):
+        p = local_path(location)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w", encoding="utf-8") as fh:
+            fh.write(text)
         return
     fs, path = _fsspec(location)
     with fs.open(path, "w", encoding="utf-8") as fh:
@@ -236,23 +245,17 @@ def write_text(location: str, text: str, spark=None) -> None:
 
 
 def read_text(location: str, spark=None) -> str:
-    if is_local(location):
-        with open(local_path(location), encoding="utf-8") as fh:
-            return fh.read()
-    jfs = _jvm_fs(spark, location)
+    jfs = _via_jvm(spark, location)
     if jfs is not None:
-        path, fs = jfs
-        spark_ = spark
-        if spark_ is None:
-            from pyspark.sql import SparkSession
-
-            spark_ = SparkSession.getActiveSession()
-        jvm = spark_._jvm
+        path, fs, jvm = jfs
         stream = fs.open(path)
-        try:
+        try:  # commons-io ships with Spark; py4j hands the String back
             return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
         finally:
             stream.close()
+    if is_local(location):
+        with open(local_path(location), encoding="utf-8") as fh:
+            return fh.read()
     fs, path = _fsspec(location)
     with fs.open(path, "r", encoding="utf-8") as fh:
         return fh.read()
@@ -264,21 +267,20 @@ def upload_dir(local_dir: str, location: str, spark=None) -> List[str]:
     for root, _, names in os.walk(local_dir):
         for name in sorted(names):
             files.append(os.path.relpath(os.path.join(root, name), local_dir))
-    if is_local(location):
+    jfs = _via_jvm(spark, location)
+    if jfs is not None:
+        path, fs, jvm = jfs
+        fs.mkdirs(path)
+        for f in files:
+            src = jvm.org.apache.hadoop.fs.Path(os.path.join(local_dir, f))
+            fs.copyFromLocalFile(False, True, src, jvm.org.apache.hadoop.fs.Path(
+                join(resolve(location), *f.split(os.sep))))
+    elif is_local(location):
         import shutil
 
         dest = local_path(location)
         if os.path.abspath(dest) != os.path.abspath(local_dir):
             shutil.copytree(local_dir, dest, dirs_exist_ok=True)
-        return [join(location, *f.split(os.sep)) for f in files]
-    jfs = _jvm_fs(spark, location)
-    if jfs is not None:
-        path, fs = jfs
-        jvm_path = type(path)
-        fs.mkdirs(path)
-        for f in files:
-            src = os.path.join(local_dir, f)
-            fs.copyFromLocalFile(False, True, jvm_path(src), jvm_path(join(resolve(location), *f.split(os.sep))))
     else:
         fs, path = _fsspec(location)
         fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
@@ -287,15 +289,15 @@ def upload_dir(local_dir: str, location: str, spark=None) -> List[str]:
 
 def child_dirs(location: str, spark=None) -> List[str]:
     """Names of the directories directly under ``location`` ([] when it does not exist)."""
-    if is_local(location):
-        p = local_path(location)
-        return sorted(d for d in os.listdir(p) if os.path.isdir(os.path.join(p, d))) if os.path.isdir(p) else []
-    jfs = _jvm_fs(spark, location)
+    jfs = _via_jvm(spark, location)
     if jfs is not None:
-        path, fs = jfs
+        path, fs, _ = jfs
         if not fs.exists(path):
             return []
         return sorted(st.getPath().getName() for st in fs.listStatus(path) if st.isDirectory())
+    if is_local(location):
+        p = local_path(location)
+        return sorted(d for d in os.listdir(p) if os.path.isdir(os.path.join(p, d))) if os.path.isdir(p) else []
     fs, path = _fsspec(location)
     if not fs.exists(path):
         return []
