@@ -33,14 +33,17 @@ REPO_ROOT: Optional[Path] = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and 
 PROFILE_NAMES = ("local", "cluster", "databricks")
 
 
-def profiles_dir() -> Path:
-    """Where the bundled profiles are: ``conf/`` of the source checkout, else the package's ``profiles/``."""
+def profiles_dir():
+    """Where the bundled profiles are: ``conf/`` of the source checkout, else the package's ``profiles/`` (an
+    importlib.resources Traversable: also inside a zip shipped with ``spark-submit --py-files``)."""
     if REPO_ROOT is not None:
         return REPO_ROOT / "conf"
-    return _PACKAGE_DIR / "profiles"
+    from importlib.resources import files
+
+    return files("tokens2policy") / "profiles"
 
 
-def profile_path(name: str) -> Path:
+def profile_path(name: str):
     """A bundled profile by name (``local``, ``cluster``, ``databricks``; ``.yaml`` optional)."""
     stem = name[:-5] if name.endswith(".yaml") else name
     return profiles_dir() / f"{stem}.yaml"
@@ -476,39 +479,40 @@ def _first_error(err: ValidationError) -> str:
     return f"config key '{key}': {e['msg']} (got {e.get('input')!r})"
 
 
-def find_profile(path: os.PathLike | str) -> Path:
+def find_profile(path: os.PathLike | str):
     """A profile file: the path as given when it exists, else a bundled profile named like it (``local``,
-    ``local.yaml`` or ``conf/local.yaml``), so the names in the docs work from any directory."""
+    ``local.yaml`` or ``conf/local.yaml``), so the names in the docs work from any directory and install."""
     given = Path(os.path.expanduser(str(path)))
     if given.exists():
         return given
     text = str(path).replace("\\", "/")
     stem = text[len("conf/"):] if text.startswith("conf/") else text
     stem = stem[:-5] if stem.endswith(".yaml") else stem
-    if stem in PROFILE_NAMES and profile_path(stem).exists():
+    if stem in PROFILE_NAMES and profile_path(stem).is_file():
         return profile_path(stem)
     return given
 
 
 def load_config(path: Optional[os.PathLike | str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Load a YAML profile (default ``conf/local.yaml``) and apply ``a.b=c`` overrides.
+    """Load a YAML profile (default: the bundled ``local`` profile) and apply ``a.b=c`` overrides.
 
     Raises :class:`ConfigError` with one line naming the offending key for every user error.
     """
     data: Dict[str, Any] = {}
     profile = find_profile(path) if path is not None else DEFAULT_PROFILE
-    if path is not None or profile.exists():
-        if not profile.exists():
-            raise ConfigError(f"config file not found: {path} (bundled profiles: {', '.join(PROFILE_NAMES)})")
-        try:
-            loaded = yaml_load(profile.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"config file {profile} is not valid YAML{where}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {profile} must hold a mapping at the top level")
-        data = loaded
+    if not profile.is_file():  # never silently the built-in defaults
+        if path is None:
+            raise ConfigError(f"the default profile {profile} is missing from this installation: pass --config")
+        raise ConfigError(f"config file not found: {path} (bundled profiles: {', '.join(PROFILE_NAMES)})")
+    try:
+        loaded = yaml_load(profile.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {profile} is not valid YAML{where}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {profile} must hold a mapping at the top level")
+    data = loaded
     for assignment in overrides or []:
         _apply_override(data, assignment)
     try:
