@@ -33,7 +33,9 @@ class NotebookArgs:
 
 def _default_config() -> str:
     name = "databricks.yaml" if "DATABRICKS_RUNTIME_VERSION" in os.environ else "local.yaml"
-    return f"conf/{name}"  # a bundled profile (load_config finds it in the checkout or the installed package)
+    if REPO_ROOT is not None:
+        return str(REPO_ROOT / "conf" / name)
+    return f"conf/{name}"  # installed: load_config finds the bundled profile inside the package
 
 
 def split_overrides(text: Optional[str]) -> List[str]:
