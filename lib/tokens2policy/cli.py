@@ -1,6 +1,7 @@
 """``t2p``: run pipeline stages on a config profile.
 
     t2p setup                                   fetch and cache the Delta jars (run once; the Makefile does it)
+    t2p setup --test-jars                       also cache Hadoop's minicluster jars (the test suite's real HDFS)
     t2p setup --horovod                         also compile and install Horovod, the optional SAE training backend
     t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...] [--progress MODE]
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
+    setup.add_argument("--test-jars", action="store_true",
+                       help="also cache Hadoop's minicluster jars, with which the test suite starts a real HDFS")
     setup.add_argument("--horovod", action="store_true",
                        help="also build Horovod 0.28.1 (pytorch + gloo) from source into this Python environment "
                        "for represent.backend=horovod (a few minutes; needs g++)")
@@ -67,6 +70,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             fetch_delta_jars()
         except RuntimeError as exc:
             return _fail(str(exc))
+        if args.test_jars:
+            from tokens2policy.lakehouse.jars import fetch_minicluster_jars
+
+            try:
+                fetch_minicluster_jars()
+            except RuntimeError as exc:  # only the HDFS tests need them: they skip with this reason
+                print(f"t2p: warning: {exc}; the HDFS tests will skip", file=sys.stderr)
         if args.horovod:
             from tokens2policy.represent.horovod_install import install_horovod
 
@@ -99,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
         stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
         spark = get_spark(config)
-        print(f"[t2p] data_dir={config.data_path}")
+        print(f"[t2p] data_dir={config.data_uri}")
         results = run_stages(spark, config, names, force=args.force, stages=stages)  # prints the Spark UI URL first
     except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError) as exc:
         return _fail(str(exc))

@@ -583,7 +583,7 @@ def build_page(config: Config, datasets: List[ReportData], out_dir: Path, run_in
     header = (
         "<h1>tokens2policy run report</h1>"
         f"<p class='meta'>generated {esc(run_info.get('generated', _dt.datetime.now().isoformat(timespec='seconds')))}"
-        f" · data_dir {esc(config.data_path)} · MLflow run {esc(run_info.get('mlflow_run_id', '—'))}</p>"
+        f" · data_dir {esc(config.data_uri)} · MLflow run {esc(run_info.get('mlflow_run_id', '—'))}</p>"
         f"<p class='meta'>input tables (Delta versions): {esc(inputs)}</p>"
         + ("<div class='missing'><b>Not in this report</b> (stages not run yet, or columns not produced):<ul>"
            + "".join(f"<li>{esc(m)}</li>" for m in all_missing) + "</ul></div>" if all_missing else "")

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 
@@ -149,21 +150,62 @@ def _pyfunc_class():
     return RepresentationModel
 
 
-def _log_model(rep, metrics: dict, register: bool):
-    import mlflow
+def model_signature():
+    """Input: ``vector`` (an array of numbers: the embedding; array<float> columns widen safely); output: the sparse
+    code as ``indices``/``values``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
 
+    return ModelSignature(inputs=Schema([ColSpec(Array("double"), "vector")]),
+                          outputs=Schema([ColSpec(Array("integer"), "indices"), ColSpec(Array("double"), "values")]))
+
+
+def _log_model(cfg: Config, rep, dim: int, register: bool):
+    """Log the representation as a pyfunc (signature, an input example, requirements on the built wheel), register
+    it under ``tracking.represent_model_name`` and move the ``tracking.model_alias`` alias to the new version.
+
+    Returns (ModelInfo, the model's pinned URI: ``models:/<name>/<version>`` when registered, else ``runs:/...``).
+    """
+    import mlflow
+    import pandas as pd
+
+    from tokens2policy.tracking import model_name, package_requirement, register_alias
+
+    requirement, extra = package_requirement(cfg)
+    name = model_name(cfg, "represent", experiment=cfg.represent.experiment_id)
     tmp = tempfile.mkdtemp(prefix="t2p_rep_")
     try:
         rep.save(os.path.join(tmp, "representation"))
         info = mlflow.pyfunc.log_model(
             name="representation", python_model=_pyfunc_class()(),
-            artifacts={"representation": os.path.join(tmp, "representation")},
+            artifacts={"representation": os.path.join(tmp, "representation"), **extra},
+            signature=model_signature(),
+            # a zero vector: a valid input that carries no unit's data
+            input_example=pd.DataFrame({"vector": [np.zeros(int(dim), dtype=np.float32).tolist()]}),
             # explicit requirements: inferring them loads the model in a subprocess (slow, and offline here)
-            pip_requirements=["tokens2policy", "torch", "numpy", "scipy", "scikit-learn", "pandas"],
-            registered_model_name=REGISTERED_MODEL if register else None)
+            pip_requirements=[requirement, "torch", "numpy", "scipy", "scikit-learn", "pandas"],
+            registered_model_name=name if register else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return info
+    version = getattr(info, "registered_model_version", None)
+    if register and version:
+        register_alias(cfg, name, version)
+        return info, f"models:/{name}/{version}"
+    return info, info.model_uri
+
+
+def represent_model_uri(spark, cfg: Config, neurons_version: Optional[int]) -> Optional[str]:
+    """The model that wrote ``neurons`` at ``neurons_version``: the pinned URI represent stored in that commit's
+    metadata (None for neurons written otherwise)."""
+    from tokens2policy.lakehouse import commit_metadata
+
+    if neurons_version is None:
+        return None
+    meta = commit_metadata(spark, cfg, "neurons", neurons_version)
+    try:
+        return json.loads(meta).get("represent_model_uri") if meta else None
+    except (ValueError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +411,11 @@ def run(spark, cfg: Config) -> dict:
             neurons = pool_token_codes(spark, tok, neurons, rep)
         else:
             neurons = neurons.withColumn("pooled_tokens", F.lit(0))
-        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True)
+        # the model first, so that the neurons' commit records the exact version that produced them
+        info, model_uri = _log_model(cfg, rep, dim, register=rc.register_model)
+        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True,
+                    user_metadata=json.dumps({"represent_model_uri": model_uri,
+                                              "mlflow_run_id": mlflow.active_run().info.run_id}))
         # the written codes, not a recomputation (token pooling is an expensive plan)
         neurons = read_table(spark, cfg, "neurons")
         written = neurons.agg(F.sum(F.size("indices")).alias("nnz"),
@@ -407,7 +453,6 @@ def run(spark, cfg: Config) -> dict:
             for h in rep.history_:
                 mlflow.log_metric("train_mse_normalized_space", h["train_mse_normalized_space"], step=h["epoch"])
         mark("stats")
-        info = _log_model(rep, metrics, register=rc.register_model)
         mark("log_model")
 
         labels = _labels(spark, cfg, rep, neurons, model_hash, n_units)
@@ -436,7 +481,7 @@ def run(spark, cfg: Config) -> dict:
         mark("labels")
         mlflow.log_dict(timings, "timings.json")
     summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
-               "model_uri": info.model_uri, "seconds": timings,
+               "model_uri": model_uri, "seconds": timings,
                "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
                "encode": rc.encode, "units_document_code": int(metrics["units_document_code"]),
                **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}
