@@ -136,3 +136,18 @@ def test_int8_vectors_close_to_torch(onnx_cache, st_model):
     cos = cosine_rows(np.stack(got.vectors), np.stack(ref.vectors))
     assert cos.min() >= 0.99 and cos.mean() >= 0.995
     assert cos.mean() < 0.99999  # really quantized (not silently the fp32 graph)
+
+
+def test_cached_onnx_model_loads_without_torch_or_transformers(onnx_model, onnx_cache):
+    """A Python worker with the export cached imports neither torch nor transformers (a lighter, faster load)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tokens2policy.config import EmbedConfig\n"
+            "from tokens2policy.embed.models import resolve_model\n"
+            f"m = resolve_model(EmbedConfig(runtime='onnx', cache_dir={onnx_cache!r})).load()\n"
+            "assert m.encode(['a short text']).status == ['ok']\n"
+            "print(sorted(x for x in ('torch', 'transformers', 'sentence_transformers') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
