@@ -88,6 +88,8 @@ setup(
         "spark": ["pyspark>=4.2.0,<4.3", "delta-spark==4.4.0"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
         "gpu": ["nvidia-ml-py>=12"],
+        # embed.runtime=onnx / embed.quantize=int8 (docs/embed.md); the default runtime needs neither
+        "onnx": ["onnxruntime>=1.20", "onnx>=1.16"],
         # Build it with `t2p setup --horovod` (C++ standard / CMake workarounds for current torch; docs/represent.md).
         # Not horovod[spark]: it pins pyarrow<11 (pyspark 4.2 needs >= 18) for Horovod's Spark *estimators* only;
         # horovod.spark.run, which the backend uses, imports without it.

@@ -259,6 +259,10 @@ class EmbedConfig(Section):
     cpu_threads: Optional[int] = None  # torch threads per Python worker; None: cores / concurrent tasks
     partitions: Optional[int] = None  # None: max(default parallelism, texts / 20000)
     load_log: Optional[str] = None  # diagnostics: append one JSON line per model load (pid, seconds, device)
+    # forward pass: torch, or ONNX Runtime (exported once per machine into cache_dir); auto: docs/embed.md
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
+    quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime dynamic quantization (a new model_hash)
+    cache_dir: Optional[str] = None  # local ONNX export cache; None: $T2P_CACHE_DIR or ~/.cache/tokens2policy
 
 
 class RepresentConfig(Section):
