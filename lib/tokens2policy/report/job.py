@@ -2,7 +2,8 @@
 
 ``<data_dir>/reports/<timestamp>/index.html`` (or ``report.out_dir``) holds the page; the figures are both inlined
 (the page needs no other file) and saved beside it. The whole folder is logged as the MLflow run's ``report``
-artifact, and ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests).
+artifact, ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests) and
+``screenshot.png`` the top of the page as headless Chromium renders it (when Chromium is installed).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from tokens2policy.config import Config
 from tokens2policy.report.load import input_versions, load_lakehouse
 from tokens2policy.report.page import build_page
+from tokens2policy.report.screenshot import try_screenshot
 
 
 def reports_root(config: Config) -> Path:
@@ -55,12 +57,14 @@ def build_report(spark, config: Config, run_id: Optional[str] = None,
     out = new_report_dir(config)
     page, lakehouse = build_facts(spark, config, out, versions, run_id)
     index = out / "index.html"
-    index.write_text(page.html, encoding="utf-8")  # type: ignore[attr-defined]
+    index.write_text(page.html, encoding="utf-8")
     facts = {**page.facts, "versions": lakehouse.versions, "report_path": str(index)}
     (out / "facts.json").write_text(json.dumps(facts, indent=2, default=_json_default), encoding="utf-8")
+    shot = try_screenshot(index, out / "screenshot.png") if config.report.screenshot else None
     return {
         "report_path": str(index),
         "report_dir": str(out),
+        "screenshot": str(shot) if shot else None,
         "figures": [p.name for p in page.figures],
         "experiments": list(page.facts["experiments"]),
         "missing": page.facts["missing"],
@@ -104,5 +108,6 @@ def run(spark, config: Config) -> Dict[str, Any]:
 
 def _summary(res: Dict[str, Any]) -> Dict[str, Any]:
     """The small dict ``run_stages`` records (no facts: they live in facts.json)."""
-    keep: List[str] = ["report_path", "report_dir", "figures", "experiments", "missing", "mlflow_run_id"]
+    keep: List[str] = ["report_path", "report_dir", "screenshot", "figures", "experiments", "missing",
+                       "mlflow_run_id"]
     return {k: res[k] for k in keep if k in res}
