@@ -179,17 +179,35 @@ def table_head(spark, config: Config, name: str, limit: int = 20, version: Optio
     return pd.DataFrame([[readable(v) for v in r] for r in rows], columns=df.columns)
 
 
+def _missing(v: Any) -> bool:
+    return v is None or v is pd.NaT or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _cell_text(v: Any, column: str) -> str:
+    if _missing(v):
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.1f}" if column == "seconds" else f"{v:.4g}"
+    if column in ("last_run", "last_commit"):
+        return str(v)[:19]  # to the second
+    return str(v)
+
+
 def to_text(df: pd.DataFrame) -> str:
-    """A DataFrame as aligned terminal text (no index; missing values as "—", seconds to 0.1 s, times to the
-    second)."""
+    """A DataFrame as aligned terminal text: no index, numbers right-aligned (4 significant digits; seconds to
+    0.1 s), text left-aligned, times to the second, missing values as "—"."""
     if df.empty:
         return "(no rows)"
-    out = df.copy()
-    for col in out.columns:
-        if col == "seconds":
-            out[col] = [("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}")
-                        for v in out[col]]
-        elif pd.api.types.is_datetime64_any_dtype(out[col]) or col in ("last_run", "last_commit"):
-            out[col] = [("" if v is None or v is pd.NaT else str(v)[:19]) for v in out[col]]
-    out = out.astype(object).where(out.notna(), "—")
-    return out.to_string(index=False, justify="left", max_colwidth=None)
+    columns = [str(c) for c in df.columns]
+    cells = [[_cell_text(v, c) for v in df[c].tolist()] for c in columns]
+    numeric = [all(_missing(v) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in df[c].tolist())
+               for c in columns]
+    widths = [max(len(c), *(len(x) for x in col)) for c, col in zip(columns, cells)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(columns)] + [line([col[i] for col in cells]) for i in range(len(df))])

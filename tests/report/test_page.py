@@ -99,3 +99,18 @@ def test_templates_ship_with_the_package():
     assert '"tokens2policy.report": ["templates/*"]' in setup
     names = {p.name for p in (Path(report.__file__).parent / "templates").iterdir()}
     assert {"report.html.j2", "answer.html.j2", "details.html.j2", "macros.html.j2", "report.css"} <= names
+
+
+def test_the_answers_picture_is_one_contrast_per_modifier():
+    """Largest contrast first; without contrast rows every GATE row of the selected modifiers is drawn."""
+    from tokens2policy.report.page import forest_rows
+
+    gates = synthetic_tables()["gates"]
+    cards = [{"feature": "12", "label": "sport coverage"}, {"feature": "7", "label": "politics"}]
+    rows, xlabel, contrasts = forest_rows(gates, cards)
+    assert contrasts and rows["name"].tolist() == ["sport coverage", "politics"]
+    assert rows["estimate"].tolist() == [1.55, -1.5] and rows["ci_low"].tolist() == [1.119, -2.029]
+    assert xlabel == "effect difference, active − inactive (95% CI)"
+    rows, xlabel, contrasts = forest_rows(gates[gates.group != "active - inactive"], cards[::-1])
+    assert not contrasts and rows["name"].tolist() == ["politics · active", "politics · inactive",
+                                                       "sport coverage · active", "sport coverage · inactive"]

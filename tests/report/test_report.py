@@ -89,11 +89,14 @@ def test_the_answer_comes_first(page):
     assert raw.index('<section class="answer"') < raw.index('<section class="details"')
     assert text.index("The answer — experiment exp_a") < text.index("Experiment summary")
     assert "NEXIS selected 2 direct effect modifiers of the effect on engagement" in a_text
+    assert ("In short: 2 direct effect modifiers (1 raises the effect, 1 lowers it); the recommended policy learned "
+            "treats 77.5% of units and gains +0.125 [0.066, 0.183] over treating everyone; against the demo's truth "
+            "it found 2 of 2 true modifiers.") in a_text
     # in the order of selection, each with its contrast and CI from `gates`
     i, j = a_text.index("sport coverage"), a_text.index("politics and elections")
     assert i < j
-    assert "larger where it is active than where it is inactive: difference +1.550 [1.119, 1.981]" in a_text
-    assert "smaller where it is active than where it is inactive: difference −1.500 [-2.029, -0.971]" in a_text
+    assert "1 sport coverage 12 larger where active vs inactive +1.550 [1.119, 1.981] 1.50e-09" in a_text
+    assert "2 politics and elections 7 smaller where active vs inactive −1.500 [-2.029, -0.971]" in a_text
     assert answer.count('src="data:image/png;base64,') == 1 and 'alt="GATE forest plot"' in answer
     # the recommended policy (the only learned one in this table), its rules, value and gains with CIs
     assert "learned" in a_text and "treats 77.5% of units" in a_text
@@ -119,8 +122,9 @@ def test_selection_against_the_known_truth(page):
     a_text = _text(page["raw"][page["raw"].index('<section class="answer" id="answer-exp_a"'):
                                page["raw"].index('<section class="details"')])
     assert "Found 2 of 2 true modifiers" in a_text
-    assert (f"topic=sport (effect +1.50): found by sport coverage ({100 * share[12]['sport']:.0f}% of its active "
-            f"units are sport; covers {100 * recall12:.0f}% of them)") in a_text
+    assert "topic=sport (effect +1.50): found by 1 selected neuron which ones sport coverage feature 12: " \
+           f"{100 * share[12]['sport']:.0f}% of its active units are sport; it covers {100 * recall12:.0f}% of them" \
+           in a_text
     # the other experiment has no truth rows: no comparison there
     assert "truth" not in page["facts"]["experiments"][OTHER].get("outcomes", {}).get("engagement", {})
 

@@ -123,6 +123,8 @@ def json_pairs(v: Any) -> Optional[List[List[str]]]:
 
 
 def cell(v: Any) -> Dict[str, Any]:
+    if isinstance(v, (bool, np.bool_)):
+        return {"text": fmt(v), "num": False}
     pairs = json_pairs(v)
     if pairs is not None:
         return {"kv": pairs}
@@ -131,12 +133,24 @@ def cell(v: Any) -> Dict[str, Any]:
     return {"text": _text(v), "num": False}
 
 
+def _is_count(column: Any) -> bool:
+    """Columns of counts (shown without decimals even when a null made pandas store them as floats)."""
+    name = str(column)
+    return name in ("n", "round", "round_added", "leaf_id", "seq", "rows") or name.startswith("n_")
+
+
+def _as_count(v: Any) -> Any:
+    return int(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() else v
+
+
 def table(df: Optional[pd.DataFrame], columns: Optional[Sequence[str]] = None, max_rows: int = 200) -> Dict[str, Any]:
     """A table context for the ``table`` macro: the given columns that exist (all when None), at most max_rows."""
     if df is None or df.empty:
         return {"columns": [], "rows": [], "more": 0}
     cols = [c for c in (columns or df.columns) if c in df.columns]
-    rows = [[cell(r[c]) for c in cols] for _, r in df[cols].head(max_rows).iterrows()]
+    counts = {c for c in cols if _is_count(c)}
+    rows = [[cell(_as_count(r[c]) if c in counts else r[c]) for c in cols]
+            for _, r in df[cols].head(max_rows).iterrows()]
     return {"columns": cols, "rows": rows, "more": max(0, len(df) - max_rows)}
 
 
@@ -388,12 +402,20 @@ def modifier_cards(page: Page, data: ReportData, outcome: Optional[str]) -> Dict
             if g.empty:
                 card["gates_missing"] = f"no GATE rows for feature {card['feature']}"
             else:
+                # the contrast first, then the groups, then the joint model's interaction rows
+                g = g.iloc[sorted(range(len(g)), key=lambda i: (_gate_rank(g.iloc[i]), i))]
                 card["gates"] = g.to_dict("records")
                 card["gates_table"] = table(g.assign(**{"95% CI": ci_list(g)}),
                                             ["group", "split", "n", "n_treated", "estimate", "se", "95% CI",
                                              "p_value", "estimated_on", "sample"])
         ctx["cards"].append(card)
     return ctx
+
+
+def _gate_rank(row: pd.Series) -> int:
+    if is_contrast(row.get("group")):
+        return 0
+    return 2 if str(row.get("split")) == "joint" else 1
 
 
 def _facts_card(card: Dict[str, Any]) -> Dict[str, Any]:
@@ -433,31 +455,52 @@ def selection_trace(page: Page, data: ReportData, outcome: Optional[str], labels
             "counts": counts, "table": table(shown, order, max_rows=page.config.report.max_trace_rows)}
 
 
+def forest_rows(gates: pd.DataFrame, cards: List[dict]):
+    """The rows of the answer's picture, as (frame with name/estimate/ci_low/ci_high, x-axis label, contrasts?).
+
+    One row per selected modifier: its GATE contrast (e.g. active − inactive), largest first — the per-group GATEs
+    are in each modifier's card. Without contrast rows: every GATE row of the selected modifiers in order of
+    selection, then any other rows of ``gates``."""
+    labels: Dict[Any, str] = {}
+    order: List[Any] = []
+    for c in cards:
+        g = gates_of(gates, c["feature"])
+        for i in (g.index if g is not None else []):
+            labels.setdefault(i, c["label"])
+            order += [i] if i not in order else []
+    groups = gates["group"].astype(str) if "group" in gates.columns else pd.Series("", index=gates.index)
+    contrast = [i for i in order if is_contrast(groups[i])]
+    if contrast:
+        g = gates.loc[contrast].sort_values("estimate", ascending=False, kind="stable")
+        same = groups[g.index].nunique() == 1
+        names = [labels[i] if same else f"{labels[i]} · {groups[i]}" for i in g.index]
+        xlabel = (f"effect difference, {groups[g.index[0]].replace(' - ', ' − ')} (95% CI)" if same
+                  else "effect difference (95% CI)")
+    else:
+        g = gates.loc[order + [i for i in gates.index if i not in order]]
+        features = g["feature"] if "feature" in g.columns else pd.Series("", index=g.index)
+        names = [f"{labels.get(i, feature_key(features[i]))} · {groups[i]}" for i in g.index]
+        xlabel = "effect (95% CI)"
+    rows = pd.DataFrame({"name": names, "estimate": g["estimate"].to_numpy(float),
+                         "ci_low": g["ci_low"].to_numpy(float), "ci_high": g["ci_high"].to_numpy(float)})
+    return rows, xlabel, bool(contrast)
+
+
 def forest_figure(page: Page, data: ReportData, outcome: Optional[str], cards: List[dict], tag: str):
-    """The GATE forest plot: the selected modifiers' rows first (labelled, in order of selection), then any other
-    rows of ``gates`` (e.g. the joint treatment row). Returns (figure or None, missing note or None, note)."""
+    """The answer's picture (:func:`forest_rows`) as a forest plot. Returns (figure or None, missing note or None,
+    note)."""
     gates = _for_outcome(data.get("gates"), outcome)
     if gates is None:
         return None, "table 'gates' (effects has not run)", None
     if not {"estimate", "ci_low", "ci_high"} <= set(gates.columns):
         return None, "table 'gates' lacks estimate/ci_low/ci_high", None
-    order: List[int] = []
-    for c in cards:
-        g = gates_of(gates, c["feature"])
-        order += [i for i in (g.index if g is not None else []) if i not in order]
-    order += [i for i in gates.index if i not in order]
-    g = gates.loc[order].head(page.config.report.max_forest_rows)
-    labels_by_feature = {c["feature"]: c["label"] for c in cards}
-    names = []
-    for f, grp in zip(g.get("feature", [""] * len(g)), g.get("group", [""] * len(g))):
-        key = feature_key(f)
-        label = labels_by_feature.get(key) or labels_by_feature.get(trailing_int(key) or "", key)
-        names.append(f"{label} · {grp}")
-    title = f"GATEs with 95% CIs{' — ' + outcome if outcome else ''}"
-    contrasts = [is_contrast(grp) for grp in g.get("group", [""] * len(g))]
-    path = plots.forest_plot(names, g["estimate"], g["ci_low"], g["ci_high"], page.out / f"gates_forest_{tag}.png",
-                             title, emphasis=contrasts)
-    note = f"first {len(g)} of {len(gates)} GATE rows shown" if len(gates) > len(g) else None
+    rows, xlabel, contrasts = forest_rows(gates, cards)
+    shown = rows.head(page.config.report.max_forest_rows)
+    what = "GATE contrasts of the selected modifiers" if contrasts else "GATEs with 95% CIs"
+    path = plots.forest_plot(shown["name"], shown["estimate"], shown["ci_low"], shown["ci_high"],
+                             page.out / f"gates_forest_{tag}.png", what + (f" — {outcome}" if outcome else ""),
+                             xlabel=xlabel)
+    note = f"first {len(shown)} of {len(rows)} rows shown" if len(rows) > len(shown) else None
     return page.figure(path, "GATE forest plot"), None if path else "GATE forest plot: nothing to plot", note
 
 
@@ -661,6 +704,9 @@ def recommended_policy(data: ReportData, outcome: Optional[str], config: Config)
                             excludes_zero=finite(gain.get("ci_low")) and finite(gain.get("ci_high"))
                             and (gain["ci_low"] > 0 or gain["ci_high"] < 0))
                 out["gains"].append(gain)
+    # the gain the headline quotes: over treating everyone (the default without a targeting rule)
+    out["headline_gain"] = next((g for g in out["gains"] if g["baseline"] == "treat_all"),
+                                out["gains"][0] if out["gains"] else None)
     rules = _for_outcome(data.get("policy_rules"), outcome)
     if rules is not None and "rule" in rules.columns:
         mine = rules[rules["policy"].astype(str) == name] if "policy" in rules.columns else rules
@@ -807,7 +853,10 @@ def answer(page: Page, data: ReportData, outcome: Optional[str], cards_ctx: Dict
         policy_missing = ("table 'policy_value' (policy has not run)" if value is None else
                           "no rows in 'policy_value' for this experiment (the policy stage has not run on it)"
                           if value.empty else "no recommended policy in 'policy_value'")
+    ups = [(m["contrast"]["estimate"] >= 0) if m["contrast"] and finite(m["contrast"]["estimate"])
+           else not m["negative"] for m in mods]
     return {"outcome": outcome, "present": cards_ctx["present"], "n_selected": len(cards), "modifiers": mods,
+            "n_up": sum(ups), "n_down": len(ups) - sum(ups),
             "settings": identify_settings(_for_outcome(data.get("modifiers"), outcome)),
             "forest": figure, "forest_missing": fig_missing, "forest_note": fig_note, "policy": policy,
             "truth": truth, "coverage": coverage_rows(data, outcome),

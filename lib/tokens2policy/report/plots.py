@@ -29,9 +29,8 @@ def save_figure(fig, path) -> None:
 
 
 def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, reference: Optional[float] = 0.0,
-                xlabel: str = "effect (95% CI)", emphasis: Optional[Sequence[bool]] = None) -> Optional[Path]:
-    """Point estimates with CI bars, one row per label, top to bottom in the given order; rows flagged in
-    ``emphasis`` (e.g. GATE contrasts) get a bold label and a filled background band."""
+                xlabel: str = "effect (95% CI)") -> Optional[Path]:
+    """Point estimates with CI bars, one row per label, top to bottom in the given order."""
     est, lo, hi = (np.asarray(a, dtype=float) for a in (est, lo, hi))
     ok = np.isfinite(est)
     if not ok.any():
@@ -49,13 +48,9 @@ def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, refe
         ax.plot(est[~has_ci & ok], y[~has_ci & ok], "o", color="#999999", ms=4)
     if reference is not None:
         ax.axvline(reference, color="#aa3333", lw=0.8, ls="--")
+    ax.set_ylim(-0.7, n - 0.3)  # a margin above the first and below the last row
     ax.set_yticks(y)
     ax.set_yticklabels([str(l)[:60] for l in labels], fontsize=8)
-    if emphasis is not None:
-        for yi, tick, strong in zip(y, ax.get_yticklabels(), emphasis):
-            if strong:
-                tick.set_fontweight("bold")
-                ax.axhspan(yi - 0.45, yi + 0.45, color="#eef2f7", zorder=0)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
