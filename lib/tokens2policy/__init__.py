@@ -18,8 +18,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
 # public name -> module that defines it (loaded on first access: `import tokens2policy` stays light)
 _EXPORTS = {
     "run": "tokens2policy.api",
@@ -38,13 +36,17 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # on first use (a git call in a source checkout; docs: _version.py)
+        from tokens2policy._version import version
+
+        return version()
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'tokens2policy' has no attribute '{name}'")
+        raise AttributeError(f"module 'tokens2policy' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later accesses skip this function
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})

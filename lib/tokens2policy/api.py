@@ -69,7 +69,7 @@ def run_with(spark, config: Config, stage: Union[str, Sequence[str]] = "all", fo
     check_force(force)
     names = stage_list(stage)
     stages = STAGES + tuple(s for s in EXTRA_STAGES if s.name in names)
-    log.info("[t2p] data_dir=%s", config.data_path)
+    log.info("[t2p] data_dir=%s", config.data_uri)
     return run_stages(spark, config, names, force=list(force), stages=stages)
 
 

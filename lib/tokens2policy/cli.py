@@ -1,6 +1,7 @@
 """``t2p``: run pipeline stages on a config profile, and see where runs stand.
 
     t2p setup                                   fetch and cache the Delta jars (run once; the Makefile does it)
+    t2p setup --test-jars                       also cache Hadoop's minicluster jars (the test suite's real HDFS)
     t2p setup --horovod                         also compile and install Horovod, the optional SAE training backend
     t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...] [--progress MODE]
     t2p status [--config ...] [--set ...]       each stage: last run, seconds, versions, up to date or stale and why
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", parents=[common],
                            help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
+    setup.add_argument("--test-jars", action="store_true",
+                       help="also cache Hadoop's minicluster jars, with which the test suite starts a real HDFS")
     setup.add_argument("--horovod", action="store_true",
                        help="also build Horovod 0.28.1 (pytorch + gloo) from source into this Python environment "
                        "for represent.backend=horovod (a few minutes; needs g++)")
@@ -79,6 +82,13 @@ def _setup(args) -> int:
         fetch_delta_jars()
     except RuntimeError as exc:
         return _fail(str(exc))
+    if args.test_jars:
+        from tokens2policy.lakehouse.jars import fetch_minicluster_jars
+
+        try:
+            fetch_minicluster_jars()
+        except RuntimeError as exc:  # only the HDFS tests need them: they skip with this reason
+            log.warning("%s; the HDFS tests will skip", exc)
     if args.horovod:
         from tokens2policy.represent.horovod_install import install_horovod
 

@@ -180,24 +180,52 @@ def config_fingerprint(config: Config, stage: Stage) -> str:
 
 
 def source_fingerprint(spark, config: Config) -> str:
-    """What identifies the experiment logs' current content: a Delta version, or file names/sizes/mtimes."""
+    """What identifies the experiment logs' current content, so that an unchanged source skips ingest.
+
+    A Delta source (by path or name, ``source.kind`` delta or table): its latest version. Files (parquet, csv,
+    json, or a Delta path that is not a table): names, sizes and modification times as the file system that owns
+    the location lists them (Hadoop's FileSystem through Spark: ``hdfs://``, ``s3a://``, ``abfss://``, globs too).
+    A view, a non-Delta catalog table or ``source.query``: a checksum of the rows computed by Spark (row count plus
+    two aggregates of a 64-bit row hash), which reads the source once.
+    """
+    from tokens2policy.lakehouse import storage
+
     src = config.source
-    if src.kind == "demo" or not src.path:
+    key = src.location_key
+    location = getattr(src, key) if key else None
+    if src.kind == "demo" or not location:
         return src.kind
-    if src.kind == "delta":
-        from delta.tables import DeltaTable
+    if src.kind in ("delta", "table"):
+        version = _delta_version(spark, location, by_name=src.kind == "table" or ("/" not in location
+                                                                                  and ":" not in location))
+        if version is not None:
+            return f"delta@{version}"
+    if src.kind in ("table", "query"):
+        df = spark.read.table(location) if src.kind == "table" else spark.sql(location)
+        return "rows@" + _content_checksum(df)
+    entries = [(e.path, e.size, e.mtime_ms) for e in storage.list_files(location, spark)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
-        is_path = "/" in src.path or ":" in src.path
-        table = DeltaTable.forPath(spark, src.path) if is_path else DeltaTable.forName(spark, src.path)
-        return f"delta@{table.history(1).select('version').first()[0]}"
-    import os
 
-    entries = []
-    for root, _, files in os.walk(src.path) if os.path.isdir(src.path) else [("", [], [src.path])]:
-        for f in files:
-            st = os.stat(os.path.join(root, f))
-            entries.append((os.path.join(root, f), st.st_size, int(st.st_mtime)))
-    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+def _delta_version(spark, location: str, by_name: bool) -> Optional[int]:
+    """The latest Delta version of a table (by path or name), or None when it is not a Delta table."""
+    from delta.tables import DeltaTable
+
+    try:
+        if not by_name and not DeltaTable.isDeltaTable(spark, location):
+            return None
+        table = DeltaTable.forName(spark, location) if by_name else DeltaTable.forPath(spark, location)
+        return int(table.history(1).select("version").first()[0])
+    except Exception:  # not Delta (a view, a Hive/JDBC table), or no such table: the caller reads it as rows
+        return None
+
+
+def _content_checksum(df) -> str:
+    from pyspark.sql import functions as F
+
+    h = F.xxhash64(*[F.col("`" + c.replace("`", "``") + "`") for c in df.columns])
+    row = df.select(h.alias("h")).agg(F.count(F.lit(1)), F.bit_xor("h"), F.sum(F.pmod("h", F.lit(2147483647)))).first()
+    return hashlib.sha256(json.dumps([int(row[0]), row[1], row[2]], default=str).encode()).hexdigest()[:16]
 
 
 def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:

@@ -36,19 +36,29 @@ def test_slots_render_the_columns_other_stages_add(tmp_path):
     calibration) appear in the answer as the tables state them; without them, nothing is said."""
     t = _tables()
     _, plain = _build(tmp_path / "a", t)
-    assert "estimated on" not in plain and "Heterogeneity coverage" not in plain
+    assert "estimated on" not in plain and "heterogeneity coverage" not in plain
     t["gates"] = t["gates"].assign(estimated_on="held-out units (n = 200)")
     t["policy_value"] = t["policy_value"].assign(sample="fold ≠ selection")
-    cov = pd.DataFrame({"experiment_id": EXP, "outcome": "engagement", "learner": "dr", "metric": "coverage",
-                        "group": "selected vs all features", "q": np.nan, "estimate": 0.62, "se": 0.1,
-                        "ci_low": 0.42, "ci_high": 0.82, "p_value": np.nan, "null_hypothesis": "", "n": 400}, index=[0])
+    from tokens2policy.effects.coverage import CoverageResult, coverage_frame
+
+    residual = pd.DataFrame({"feature": ["neuron_3"], "estimate": [0.4], "se": [0.1], "p_bonferroni": [0.001],
+                             "t": [4.0], "n_tested": [10]})
+    low = CoverageResult(share=0.25, share_ci=(0.1, 0.4), explained={k: (0.1, 0.02, 0.06, 0.14) for k in
+                                                                     ("selected", "full", "joint")},
+                         beyond=(0.5, 0.1, 0.3, 0.7, 1e-4), heterogeneity=(30.0, 2, 1e-6), n=400, alpha=0.05,
+                         warn_below=0.5, n_bootstrap=200, residual=residual)
+    cov = coverage_frame(low).assign(experiment_id=EXP, outcome="engagement", learner="dr", q=np.nan)
     t["calibration"] = pd.concat([t["calibration"], cov], ignore_index=True)
     page, text = _build(tmp_path / "b", t)
     assert "GATEs: estimated on held-out units (n = 200)" in text
     assert "policy values: estimated on fold ≠ selection" in text
-    assert "Heterogeneity coverage (selected vs all features): 0.620 [0.420, 0.820] dr" in text
+    # the effects stage's own line, a warning naming the strongest unselected feature with its label
+    assert ("WARNING: heterogeneity coverage: the selected modifiers explain 25% (95% CI 10–40%) of the "
+            "heterogeneity detectable on held-out folds") in text
+    assert "neuron_3 'weather'" in text
+    assert page.facts["experiments"][EXP]["outcomes"]["engagement"]["coverage"]["warning"] is True
     # near the top: before the forest plot
-    assert page.html.index("Heterogeneity coverage") < page.html.index('alt="GATE forest plot"')
+    assert page.html.index("heterogeneity coverage") < page.html.index('alt="GATE forest plot"')
 
 
 def test_answer_without_later_stages_says_what_is_missing(tmp_path):

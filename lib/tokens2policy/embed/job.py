@@ -30,7 +30,8 @@ from pyspark.sql import types as T
 from tokens2policy.config import Config
 from tokens2policy.embed.models import ModelSpec, resolve_model
 from tokens2policy.embed.udf import make_embed_udf
-from tokens2policy.lakehouse import delta_table, read_table, table_exists, table_version, write_table
+from tokens2policy.lakehouse import (delta_table, read_table, sql_string_literal, table_exists, table_version,
+                                     write_table)
 from tokens2policy.progress import spark_progress
 from tokens2policy.tracking import stage_run, tracking_uri
 
@@ -85,7 +86,7 @@ def _rows_written(spark, cfg, name: str) -> int:
 
 
 def _key_match(h: str) -> str:
-    return "t.experiment_id <=> s.experiment_id AND t.unit_id <=> s.unit_id AND t.model_hash = '" + h + "'"
+    return "t.experiment_id <=> s.experiment_id AND t.unit_id <=> s.unit_id AND t.model_hash = " + sql_string_literal(h)
 
 
 def _delete_units(spark, cfg, name: str, keys: DataFrame, h: str) -> None:

@@ -33,7 +33,9 @@ class NotebookArgs:
 
 def _default_config() -> str:
     name = "databricks.yaml" if "DATABRICKS_RUNTIME_VERSION" in os.environ else "local.yaml"
-    return str(REPO_ROOT / "conf" / name)
+    if REPO_ROOT is not None:
+        return str(REPO_ROOT / "conf" / name)
+    return f"conf/{name}"  # installed: load_config finds the bundled profile inside the package
 
 
 def split_overrides(text: Optional[str]) -> List[str]:
@@ -68,7 +70,8 @@ def notebook_args(namespace: Optional[Dict[str, Any]] = None, defaults: Optional
         else:
             values[name] = os.environ.get(f"T2P_{name.upper()}", defaults[name])
     config = values["config"] or defaults["config"]
-    if not os.path.isabs(config) and not os.path.exists(config):
+    if not os.path.isabs(config) and not os.path.exists(config) and REPO_ROOT is not None \
+            and (REPO_ROOT / config).exists():
         config = str(REPO_ROOT / config)
     return NotebookArgs(config, split_overrides(values["overrides"]),
                         str(values["force"]).strip().lower() in ("1", "true", "yes", "y"))

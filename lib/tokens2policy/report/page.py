@@ -13,9 +13,9 @@ Two slots of the answer are filled by later stages' columns, and stay empty (not
 * **which units an estimate comes from** (selection-aware estimation): a ``estimated_on`` or ``sample`` column in
   ``gates``, ``policy_value`` or ``calibration`` is shown verbatim next to the numbers it qualifies
   (:func:`estimated_on_notes`);
-* **heterogeneity coverage** (how much of the detectable heterogeneity the selected modifiers explain): rows of
-  ``calibration`` whose ``metric`` contains ``coverage`` are shown with their CI near the top
-  (:func:`coverage_rows`).
+* **heterogeneity coverage** (how much of the detectable heterogeneity the selected modifiers explain): the
+  ``coverage`` rows of ``calibration`` (written by the effects stage, ``effects/coverage.py``) are shown as one line
+  near the top, as a warning with the strongest unselected features when the share is low (:func:`coverage_summary`).
 
 This module turns tables into plain dicts (the *context*); the HTML is in the Jinja2 templates under
 ``report/templates/`` (autoescaped: a label or an example text cannot inject markup).
@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tokens2policy.config import Config
+from tokens2policy.effects.coverage import coverage_facts
 from tokens2policy.report import plots
 from tokens2policy.report.load import ReportData, TruthCounts, feature_key, pick, trailing_int
 
@@ -775,15 +776,14 @@ def truth_comparison(truth: Optional[TruthCounts], drivers: Optional[pd.DataFram
             "n_other": len(others), "aligned_share": aligned_share}
 
 
-def coverage_rows(data: ReportData, outcome: Optional[str]) -> List[Dict[str, Any]]:
-    """SLOT (heterogeneity coverage, issue 18): ``calibration`` rows whose metric contains "coverage", as they are
-    (estimate, CI, learner, group); empty until the effects stage writes them."""
-    cal = _for_outcome(data.get("calibration"), outcome)
-    if cal is None or "metric" not in cal.columns:
-        return []
-    rows = cal[cal["metric"].astype(str).str.lower().str.contains("coverage")]
-    return [_record(r, ("metric", "group", "learner", "estimate", "ci_low", "ci_high", "p_value", "n"))
-            for _, r in rows.iterrows()]
+def coverage_summary(data: ReportData, outcome: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Heterogeneity coverage (issue 18): how much of the heterogeneity detectable on held-out folds the selected
+    modifiers explain, from the ``coverage`` rows of ``calibration`` (:func:`~tokens2policy.effects.coverage.
+    coverage_facts`: share with CI, warning, the residual features with their labels). None without those rows."""
+    from tokens2policy.effects.coverage import coverage_facts
+
+    labels = {f"neuron_{k}": str(r.get("label")) for k, r in neuron_lookup(data.get("neuron_labels")).items()}
+    return coverage_facts(_for_outcome(data.get("calibration"), outcome), labels)
 
 
 ESTIMATED_ON_COLUMNS = ("estimated_on", "sample")
@@ -853,13 +853,15 @@ def answer(page: Page, data: ReportData, outcome: Optional[str], cards_ctx: Dict
         policy_missing = ("table 'policy_value' (policy has not run)" if value is None else
                           "no rows in 'policy_value' for this experiment (the policy stage has not run on it)"
                           if value.empty else "no recommended policy in 'policy_value'")
+    coverage = coverage_summary(data, outcome)
+    ofacts["coverage"] = coverage  # the run summary prints its line
     ups = [(m["contrast"]["estimate"] >= 0) if m["contrast"] and finite(m["contrast"]["estimate"])
            else not m["negative"] for m in mods]
     return {"outcome": outcome, "present": cards_ctx["present"], "n_selected": len(cards), "modifiers": mods,
             "n_up": sum(ups), "n_down": len(ups) - sum(ups),
             "settings": identify_settings(_for_outcome(data.get("modifiers"), outcome)),
             "forest": figure, "forest_missing": fig_missing, "forest_note": fig_note, "policy": policy,
-            "truth": truth, "coverage": coverage_rows(data, outcome),
+            "truth": truth, "coverage": coverage,
             "estimated_on": estimated_on_notes(data, outcome), "modifiers_missing": modifiers_missing,
             "policy_missing": policy_missing, "truth_missing": truth_missing}
 
@@ -896,7 +898,7 @@ def build_page(config: Config, datasets: List[ReportData], out_dir: Path, run_in
     context = {
         "title": "tokens2policy report",
         "generated": run_info.get("generated", _dt.datetime.now().isoformat(timespec="seconds")),
-        "data_dir": str(config.data_path), "mlflow_run_id": run_info.get("mlflow_run_id", "—"),
+        "data_dir": str(config.data_uri), "mlflow_run_id": run_info.get("mlflow_run_id", "—"),
         "inputs": ", ".join(f"{k}@v{v}" for k, v in versions.items() if v is not None) or "none",
         "missing": page.facts["missing"], "experiments": experiments,
     }

@@ -75,6 +75,8 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                     for g in gates[:3]:
                         lines.append(f"{pre}       GATE {g.get('group', '')}: {fmt(g.get('estimate'))} "
                                      f"95% CI {ci(g.get('ci_low'), g.get('ci_high'))}")
+            if (of.get("coverage") or {}).get("line"):
+                lines.append(pre + of["coverage"]["line"])
             values = of.get("policy_value")
             if values is None:
                 lines.append(pre + "policy value: (table 'policy_value' missing — policy has not run)")
