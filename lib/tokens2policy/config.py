@@ -357,6 +357,7 @@ class ReportConfig(Section):
     max_forest_rows: int = 40  # GATE rows in the forest plot
     alpha: float = 0.05  # level of the marginal-screening comparison (raw / Bonferroni / BH)
     log_to_mlflow: bool = True
+    screenshot: bool = True  # screenshot.png of the page's top by headless Chromium, when it is installed
 
 
 class ValidateConfig(Section):
@@ -538,6 +539,18 @@ def load_config(path: Optional[os.PathLike | str] = None, overrides: Optional[Li
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {profile} must hold a mapping at the top level")
     data = loaded
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+
+
+def apply_overrides(config: Config, overrides: Optional[List[str]] = None) -> Config:
+    """A copy of ``config`` with ``a.b=c`` overrides applied (the rules and one-line errors of :func:`load_config`);
+    the Python API's way to change a loaded config."""
+    data = config.to_dict()
     for assignment in overrides or []:
         _apply_override(data, assignment)
     try:

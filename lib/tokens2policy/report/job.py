@@ -2,7 +2,8 @@
 
 ``<data_dir>/reports/<timestamp>/index.html`` (or ``report.out_dir``) holds the page; the figures are both inlined
 (the page needs no other file) and saved beside it. The whole folder is logged as the MLflow run's ``report``
-artifact, and ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests).
+artifact, ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests) and
+``screenshot.png`` the top of the page as headless Chromium renders it (when Chromium is installed).
 The reports folder may be any URI (``hdfs://``, ``s3a://``, ``abfss://``, ``dbfs:/``): the page is then built in a
 local staging folder and copied there through Hadoop's FileSystem (``lakehouse.storage``).
 """
@@ -19,6 +20,7 @@ from tokens2policy.config import Config
 from tokens2policy.lakehouse import storage
 from tokens2policy.report.load import input_versions, load_lakehouse
 from tokens2policy.report.page import build_page
+from tokens2policy.report.screenshot import try_screenshot
 
 
 def reports_root(config: Config) -> str:
@@ -90,9 +92,10 @@ def build_report(spark, config: Config, run_id: Optional[str] = None,
     page, lakehouse = build_facts(spark, config, out, versions, run_id)
     index = out / "index.html"
     report_path = str(index) if staging is None else storage.join(report_dir, "index.html")
-    index.write_text(page.html, encoding="utf-8")  # type: ignore[attr-defined]
+    index.write_text(page.html, encoding="utf-8")
     facts = {**page.facts, "versions": lakehouse.versions, "report_path": report_path}
     (out / "facts.json").write_text(json.dumps(facts, indent=2, default=_json_default), encoding="utf-8")
+    shot = try_screenshot(index, out / "screenshot.png") if config.report.screenshot else None
     if staging is not None:
         storage.upload_dir(str(out), report_dir, spark)
     return {
@@ -100,6 +103,7 @@ def build_report(spark, config: Config, run_id: Optional[str] = None,
         "report_dir": report_dir,
         "local_dir": str(out),
         "staging": staging,
+        "screenshot": None if shot is None else str(shot) if staging is None else storage.join(report_dir, shot.name),
         "figures": [p.name for p in page.figures],
         "experiments": list(page.facts["experiments"]),
         "missing": page.facts["missing"],
@@ -153,5 +157,6 @@ def run(spark, config: Config) -> Dict[str, Any]:
 
 def _summary(res: Dict[str, Any]) -> Dict[str, Any]:
     """The small dict ``run_stages`` records (no facts: they live in facts.json)."""
-    keep: List[str] = ["report_path", "report_dir", "figures", "experiments", "missing", "mlflow_run_id"]
+    keep: List[str] = ["report_path", "report_dir", "screenshot", "figures", "experiments", "missing",
+                       "mlflow_run_id"]
     return {k: res[k] for k in keep if k in res}

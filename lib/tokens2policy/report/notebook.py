@@ -79,15 +79,11 @@ def notebook_args(namespace: Optional[Dict[str, Any]] = None, defaults: Optional
 
 def run_notebook_stage(stages: Sequence[str] | str, args: NotebookArgs, spark=None) -> List[dict]:
     """Run stages (one name, a list, or "all") like ``t2p run``: reuse the active Spark session, skip up-to-date
-    stages unless ``args.force``, and return the per-stage summaries."""
-    from tokens2policy.lakehouse import get_spark
-    from tokens2policy.stages import STAGE_NAMES, run_stages
+    stages unless ``args.force``, and return the per-stage summaries (through :func:`tokens2policy.api.run`)."""
+    from tokens2policy.api import run, stage_list
 
-    cfg = args.load()
-    names = list(STAGE_NAMES) if stages == "all" else ([stages] if isinstance(stages, str) else list(stages))
-    spark = spark or get_spark(cfg)
-    force = (["all"] if stages == "all" else names) if args.force else []
-    return run_stages(spark, cfg, names, force=force)
+    force = (["all"] if stages == "all" else stage_list(stages)) if args.force else []
+    return run(stages, config=args.load(), spark=spark, force=force)
 
 
 def report_html(results: Sequence[dict]) -> Optional[str]:
