@@ -167,8 +167,11 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
             uri = log_stage_policy_model(chain["cfg"], "exp", "y", chain["sub"], chain["mods"], chain["vals"],
                                          chain["kinds"], chain["tree"], chain["cutoff"],
                                          representation_dir=chain["sae"].save(str(tmp_path / "sae")))
-        assert uri == "models:/tokens2policy-policy/1"
-        assert mlflow.MlflowClient().get_model_version("tokens2policy-policy", "1").status == "READY"
+        assert uri == "models:/tokens2policy-policy-exp-y/1"  # one registered model per experiment/outcome
+        client = mlflow.MlflowClient()
+        assert client.get_model_version("tokens2policy-policy-exp-y", "1").status == "READY"
+        assert str(client.get_model_version_by_alias("tokens2policy-policy-exp-y", "champion").version) == "1"
+        assert mlflow.models.Model.load(uri).saved_input_example_info is not None
         raw = chain["pdf"][["text"] + COVARIATES]
         ref = _expected(chain, "tree")
 

@@ -19,6 +19,7 @@ from scipy import stats
 from tokens2policy.fold_tasks import fold_partition_keys, run_fold_tasks  # noqa: F401 (re-exported)
 
 from .calibration import calibration_table
+from .coverage import outcome_coverage
 from .design import (
     FeatureSpec, build_feature_spec, feature_matrix, modifier_values, resolve_modifiers,
 )
@@ -169,7 +170,7 @@ def _learners(cfg, seed):
     }
 
 
-def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates):
+def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, labels=None):
     """GATE, effects and calibration frames for one (experiment, outcome)."""
     e = cfg.effects
     y_all = pdf[outcome].astype(float).to_numpy()
@@ -192,7 +193,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates):
 
     Z, _ = encode_modifiers(values, kinds, e.modifier_encoding) if mods else (np.zeros((len(sub), 0)), [])
     X = feature_matrix(sub, spec)
-    effects, calib, curves, metrics = [], [], [], {}
+    effects, calib, curves, metrics, oof = [], [], [], {}, {}
     for name, learner in _learners(cfg, cfg.seed).items():
         Zl = Z if name.endswith("_selected") else X
         learner.fit(X, t, y, folds, Z=Zl, cluster=cluster, nuisances=nuisances)
@@ -204,6 +205,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates):
             "mu0": nuisances["mu0"], "mu1": nuisances["mu1"], "propensity": nuisances["e"],
             "dr_score0": learner.scores_[:, 0], "dr_score1": learner.scores_[:, 1]}))
         phi = learner.scores_[:, 1] - learner.scores_[:, 0]
+        oof[name] = learner.oof_cate_
         cal = calibration_table(phi, learner.oof_cate_, cluster=cluster, n_groups=e.n_quantile_groups,
                                 n_bootstrap=e.n_bootstrap, alpha=e.alpha, seed=cfg.seed)
         table = cal["table"].assign(q=np.nan)
@@ -224,6 +226,15 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates):
         for key, (metric, group) in {"blp_ate": ("blp", "ate"), "blp_differential": ("blp", "differential_prediction"),
                                      "autoc": ("rate", "autoc"), "qini": ("rate", "qini")}.items():
             metrics[f"{outcome}.{name}.{key}"] = float(tb.loc[(metric, group), "estimate"])
+    # heterogeneity coverage (effects/coverage.py): dr_selected against dr_full on the same held-out scores
+    res, cov_rows, cov_metrics, line = outcome_coverage(
+        phi, oof["dr_selected"], oof["dr_full"], folds, cluster, sub["indices"].tolist(), sub["values"].tolist(),
+        [m.neuron for m in mods if m.source == "neuron"], labels, alpha=e.alpha, n_bootstrap=e.n_bootstrap,
+        seed=cfg.seed, warn_below=e.coverage_warn_below, n_residual=e.coverage_residual_top,
+        min_active=cfg.identify.min_active)
+    calib.append(cov_rows.assign(q=np.nan, experiment_id=exp, outcome=outcome, learner="dr_selected"))
+    metrics.update({f"{outcome}.{k}": v for k, v in cov_metrics.items()})
+    metrics[f"{outcome}.coverage_line"] = line
     return gates, pd.concat(effects, ignore_index=True), pd.concat(calib, ignore_index=True), curves, metrics
 
 
@@ -284,6 +295,7 @@ def run(spark, cfg) -> dict:
     with stage_run(cfg, "effects", inputs=versions):
         exps = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
         mods_every = modifiers.toPandas()
+        labels = neuron_label_map(spark, cfg)
         for exp in exps:
             clock = _Clock()
             joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
@@ -307,7 +319,10 @@ def run(spark, cfg) -> dict:
             for outcome in outcomes:
                 mods_pdf = mods_all[mods_all["outcome"] == outcome] if "outcome" in mods_all else mods_all
                 g, eff, cal, curves, metrics = analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec,
-                                                               covariates)
+                                                               covariates, labels)
+                line = metrics.pop(f"{outcome}.coverage_line")
+                summary.setdefault("coverage", {}).setdefault(exp, {})[outcome] = line
+                print(f"[effects] {exp} {outcome}: {line}", flush=True)
                 gates_all.append(g)
                 eff_all.append(eff)
                 cal_all.append(cal)
@@ -335,6 +350,16 @@ def run(spark, cfg) -> dict:
                                            "nuisance_tasks": n_tasks, "gate_rows": int(len(gates)),
                                            "effects_rows": int(len(eff)), "seconds": clock.laps})
     return summary
+
+
+def neuron_label_map(spark, cfg) -> Dict[str, str]:
+    """``neuron_<i>`` -> label from ``neuron_labels`` (empty when represent has not written it)."""
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    if not table_exists(spark, cfg, "neuron_labels"):
+        return {}
+    return {f"neuron_{int(r[0])}": str(r[1]) for r in
+            read_table(spark, cfg, "neuron_labels").select("neuron", "label").collect() if r[1]}
 
 
 def resolve_neuron_ids(mods_pdf: pd.DataFrame) -> List[int]:

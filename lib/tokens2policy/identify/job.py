@@ -2,7 +2,7 @@
 
 Distributed exactly like the in-memory engine: every statistic NEXIS needs is a sum over rows (``stats.Block``),
 so :class:`SparkSource` evaluates it per partition with ``mapInPandas`` and sums the partial results on the
-driver, where the same selection loop (``engine.run_search``) runs. The GCM poly2 nuisances are fit per fold
+driver, where the same selection loop (``engine.run_search``) runs. The GCM basis-ridge nuisances are fit per fold
 from per-fold Gram matrices summed across the cluster (rows grouped by the stored ``fold`` column), so each
 fold's out-of-fold fit equals the in-memory one. The GCM LightGBM nuisances have no additive statistics: fold k's
 model is trained in one Spark task on the rows of the other folds (``tokens2policy.fold_tasks``, the pattern the
@@ -268,7 +268,7 @@ def run(spark, cfg) -> dict:
     import mlflow
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import read_table, table_exists, table_version, write_table
+    from tokens2policy.lakehouse import experiments_predicate, read_table, table_exists, table_version, write_table
     from tokens2policy.progress import spark_progress
     from tokens2policy.tracking import stage_run
 
@@ -327,7 +327,7 @@ def run(spark, cfg) -> dict:
                     "pvalues": res.pvalues.tolist(), "converged": res.converged}
         mlflow.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
-        pred = "experiment_id IN (" + ", ".join("'" + str(e).replace("'", "''") + "'" for e in experiments) + ")"
+        pred = experiments_predicate(experiments)
         for name, rows, schema in (("modifiers", mod_rows, MODIFIERS_SCHEMA),
                                    ("selection_trace", trace_rows, TRACE_SCHEMA),
                                    ("marginal_screen", marg_rows, MARGINAL_SCHEMA)):

@@ -146,6 +146,10 @@ def run(spark, cfg) -> dict:
     assign_schema = (f"experiment_id string, unit_id {unit_type}, outcome string, policy string, recommended boolean, "
                      "treat int, heldout_treat int, cate double, rule string, leaf_id int")
     with stage_run(cfg, "policy", inputs=versions):
+        from ..represent.job import represent_model_uri
+
+        # the represent model version that wrote the neurons read here (pinned, never "latest")
+        represent_uri = represent_model_uri(spark, cfg, versions["neurons"]) if p.register_model else None
         mods_every = modifiers.toPandas()
         eff_every = effects.filter(effects.learner == p.learner).toPandas()
         if eff_every.empty:
@@ -177,7 +181,8 @@ def run(spark, cfg) -> dict:
                 if p.register_model:
                     from .pyfunc import log_stage_policy_model
 
-                    uri = log_stage_policy_model(cfg, exp, outcome, sub, mods, values, kinds, tree, cutoff, cluster)
+                    uri = log_stage_policy_model(cfg, exp, outcome, sub, mods, values, kinds, tree, cutoff, cluster,
+                                                 representation_uri=represent_uri)
                     if uri:
                         model_uris[outcome] = uri
                 v = value.set_index(["policy", "comparison"])
