@@ -201,6 +201,17 @@ class IdentifyConfig(Section):
     use_covariates: bool = True
 
 
+class HonestyConfig(Section):
+    """Selection-aware inference by sample splitting (docs/effects.md, "Selection-aware inference";
+    ``tokens2policy.honesty``): identify selects on the ``selection`` units, effects and policy estimate on the
+    ``estimation`` units. ``mode: none`` reproduces the paper's single-sample analysis (labelled not
+    selection-aware in the tables and the report)."""
+
+    mode: Literal["split", "none"] = "split"
+    selection_share: float = Field(0.5, gt=0, lt=1)  # expected share of units in the selection role
+    seed: int = 23  # the role hash's seed (changing it reassigns every unit)
+
+
 class EffectsConfig(Section):
     se: Literal["hc1", "cluster"] = "hc1"
     propensity: Optional[float] = None  # None: the randomization share from the data
@@ -290,6 +301,7 @@ class Config(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     represent: RepresentConfig = Field(default_factory=RepresentConfig)
     identify: IdentifyConfig = Field(default_factory=IdentifyConfig)
+    honesty: HonestyConfig = Field(default_factory=HonestyConfig)
     effects: EffectsConfig = Field(default_factory=EffectsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
