@@ -278,6 +278,8 @@ class ValidateConfig(Section):
     text_min_active: int = Field(20, ge=0)  # as identify.min_active: neurons active in fewer units are skipped
     text_epochs: Optional[int] = Field(None, ge=1)  # SAE epochs for the study's representation; None: represent.epochs
     text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
+    # the pipeline's own path (validate/pipeline_path.py): repetitions per design; None: 5 (ci) / 500 (full); 0: off
+    pipeline_path_repetitions: Optional[int] = Field(None, ge=0)
 
     @field_validator("cells")
     @classmethod
