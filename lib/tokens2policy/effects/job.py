@@ -124,7 +124,8 @@ def _fit_sorted(pdf: pd.DataFrame, X: np.ndarray, fold, outcomes: Sequence[str],
 
 def cross_fit_local(pdf: pd.DataFrame, spec: FeatureSpec, outcomes, params, seed, nested: bool = True) -> pd.DataFrame:
     """Sequential reference of :func:`cross_fit_spark` on one in-memory frame."""
-    tasks = nuisance_tasks(pdf["fold"].astype(int).unique(), nested)
+    folds = pdf["fold"].astype(int).unique()
+    tasks = nuisance_tasks(folds, nested and len(folds) >= 3)  # nesting needs a third fold to train on
     pdf = pdf.sort_values("unit_id", kind="stable").reset_index(drop=True)
     X = feature_matrix(pdf, spec)  # once: what every task would build from the same rows
     return pd.concat([_fit_sorted(pdf, X, excl, outcomes, params, seed) for excl in tasks], ignore_index=True)
@@ -137,7 +138,7 @@ def cross_fit_spark(spark, joined, spec: FeatureSpec, outcomes, params, seed, fo
     folds and predicts the left-out ones (:func:`fit_task`). The result carries ``partition_id`` and
     ``fit_seconds`` per row so the caller can check and log the task layout."""
     outcomes = list(outcomes)
-    tasks = nuisance_tasks(folds, nested)
+    tasks = nuisance_tasks(folds, nested and len(folds) >= 3)  # nesting needs a third fold to train on
     unit_type = joined.schema["unit_id"].dataType.simpleString()
     schema = f"unit_id {unit_type}, {NUISANCE_SCHEMA}"
 
@@ -166,13 +167,18 @@ def nuisance_arrays(nu_pdf: pd.DataFrame, sub: pd.DataFrame, outcome: str) -> Di
         out["nested"][key] = cube
     if not np.isfinite(out["mu0"]).all():
         raise ValueError(f"{outcome}: cross-fitted nuisances are missing for some units")
+    if fold_ids.size < 3:  # two folds: plain cross-fitting only (the learners then say oof_nested_ = False)
+        out.pop("nested")
+        out.pop("fold_ids")
     return out
 
 
 def subset_nuisances(nuisances: Dict[str, object], rows: np.ndarray) -> Dict[str, object]:
     """The ``nuisances`` of :func:`nuisance_arrays` restricted to ``rows`` (boolean mask)."""
-    return {"mu0": nuisances["mu0"][rows], "mu1": nuisances["mu1"][rows], "e": nuisances["e"][rows],
-            "fold_ids": nuisances["fold_ids"], "nested": {k: v[rows] for k, v in nuisances["nested"].items()}}
+    out = {k: nuisances[k][rows] for k in ("mu0", "mu1", "e")}
+    if "nested" in nuisances:
+        out.update(fold_ids=nuisances["fold_ids"], nested={k: v[rows] for k, v in nuisances["nested"].items()})
+    return out
 
 
 def top_neurons(indices: Sequence, n: int) -> List[int]:
@@ -297,8 +303,11 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
     Z, _ = encode_modifiers(values, kinds, e.modifier_encoding) if mods else (np.zeros((len(sub), 0)), [])
     X = feature_matrix(sub, spec)
     scores = aipw_scores(t, y, nuisances["mu0"], nuisances["mu1"], nuisances["e"])
-    nested0, nested1 = _nested_scores(t, y, nuisances)
-    nest_lists = [[list(r) if ok else None for r, ok in zip(arr, est)] for arr in (nested0, nested1)]
+    if "nested" in nuisances:
+        nested0, nested1 = _nested_scores(t, y, nuisances)
+        nest_lists = [[r.tolist() if ok else None for r, ok in zip(arr, est)] for arr in (nested0, nested1)]
+    else:
+        nest_lists = [[None] * len(sub)] * 2
     sample = sub["sample"].to_numpy() if "sample" in sub.columns else np.full(len(sub), "both", dtype=object)
     nu_est = subset_nuisances(nuisances, est)
     effects, calib, curves, metrics, fitted = [], [], [], {}, {}

@@ -447,6 +447,7 @@ def run_study(reps: int, seed: int = 0, size: str = "full", n_truth: int = 20000
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=500)
+    parser.add_argument("--first", type=int, default=0, help="first repetition index (split a run over processes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-truth", type=int, default=20000)
     parser.add_argument("--out", default="pipeline_path")
@@ -463,14 +464,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         from threadpoolctl import threadpool_limits
 
-        rows, tag = [], "_".join(args.design or ["all"])
+        rows, tag = [], "_".join(args.design or ["all"]) + (f"_from{args.first}" if args.first else "")
         with threadpool_limits(1):  # one core per process, as the Spark tasks
             for d in [d for d in designs() if args.design is None or d.name in args.design]:
-                for r in range(args.reps):
+                for r in range(args.first, args.first + args.reps):
                     rows.append(run_repetition(d, r, args.seed, n_truth=args.n_truth, overrides=args.overrides))
-                    if (r + 1) % 10 == 0:
+                    if (r + 1 - args.first) % 10 == 0:
                         pd.concat(rows, ignore_index=True).to_csv(out / f"pipeline_path_rows_{tag}.csv", index=False)
-                        print(f"{d.name}: {r + 1}/{args.reps}", flush=True)
+                        print(f"{d.name}: {r + 1 - args.first}/{args.reps}", flush=True)
         rows = pd.concat(rows, ignore_index=True)
         rows.to_csv(out / f"pipeline_path_rows_{tag}.csv", index=False)
     summary = summarize(rows)
