@@ -60,3 +60,19 @@ def test_heldout_assignments_ignore_their_folds_outcomes_and_nothing_reads_selec
         pd.testing.assert_frame_equal(eff_a[name][num], eff_c[name][num])
     assert set(pol_a["value"].estimated_on) == {"estimation"}
     assert (pol_a["assignments"].heldout_treat[pol_a["assignments"]["sample"] == "selection"]).isna().all()
+
+
+def test_effects_table_without_roles_is_refused_with_one_line():
+    """An effects table written before selection-aware inference has no ``sample`` column; the policy stage used to
+    read every row as an estimation unit (and label the values "estimation"): it must refuse instead."""
+    import pytest
+
+    cfg = load_config(None, ["source.covariate_cols=[age, region]", "source.outcome_cols=[outcome]",
+                             "effects.n_bootstrap=20", "effects.nuisance_neurons=4", "policy.tree_depth=1"])
+    data = make_synthetic_rct(n=400, seed=3, n_folds=3)
+    eff = effects_in_memory(cfg, data["units"], data["neurons"], data["modifiers"], learners=["dr_selected"])["synth"]
+    old = eff["effects"].drop(columns=["sample"])
+    with pytest.raises(ValueError, match=r"^synth/outcome: the effects table has no 'sample' column") as err:
+        policy_in_memory(cfg, data["units"], data["neurons"], data["modifiers"], old)
+    assert "\n" not in str(err.value)
+    policy_in_memory(cfg, data["units"], data["neurons"], data["modifiers"], eff["effects"])  # with roles it runs

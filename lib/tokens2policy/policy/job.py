@@ -70,9 +70,13 @@ def tree_design(values: Dict[str, np.ndarray], kinds: Dict[str, str], mods) -> t
 
 
 def estimation_mask(sub: pd.DataFrame) -> np.ndarray:
-    """Rows the policy may learn and evaluate on (role estimation or both; all rows of a table without roles)."""
+    """Rows the policy may learn and evaluate on (role estimation, or both under ``honesty.mode=none``).
+
+    A frame without the ``sample`` column is refused: treating all its rows as estimation units would label
+    numbers "estimated on the estimation units" that the selection units' outcomes fed."""
     if "sample" not in sub.columns:
-        return np.ones(len(sub), dtype=bool)
+        raise ValueError("no 'sample' column: the units' selection/estimation roles are unknown (effects table "
+                         "written before selection-aware inference: rerun the effects stage)")
     return estimates(sub["sample"].to_numpy())
 
 
@@ -190,6 +194,9 @@ def outcome_policies(cfg, exp: str, outcome: str, pdf: pd.DataFrame, eff: pd.Dat
     ``rules``, ``value`` and ``assignments`` frames and the fitted pieces (``sub``, ``mods``, ``values``,
     ``kinds``, ``tree``, ``budget_fit``, ``X``, ``cluster``, held-out ``assignments``)."""
     p = cfg.policy
+    if "sample" not in eff.columns:
+        raise ValueError(f"{exp}/{outcome}: the effects table has no 'sample' column (written before selection-aware "
+                         "inference): rerun the effects stage (`t2p run effects --force effects`)")
     drop = [c for c in ("fold", "sample") if c in pdf.columns and c in eff.columns]
     sub = pdf.drop(columns=drop).merge(eff.drop(columns=["experiment_id", "outcome"], errors="ignore"),
                                        on="unit_id")
