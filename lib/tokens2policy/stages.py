@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from tokens2policy.config import Config
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
@@ -180,24 +182,52 @@ def config_fingerprint(config: Config, stage: Stage) -> str:
 
 
 def source_fingerprint(spark, config: Config) -> str:
-    """What identifies the experiment logs' current content: a Delta version, or file names/sizes/mtimes."""
+    """What identifies the experiment logs' current content, so that an unchanged source skips ingest.
+
+    A Delta source (by path or name, ``source.kind`` delta or table): its latest version. Files (parquet, csv,
+    json, or a Delta path that is not a table): names, sizes and modification times as the file system that owns
+    the location lists them (Hadoop's FileSystem through Spark: ``hdfs://``, ``s3a://``, ``abfss://``, globs too).
+    A view, a non-Delta catalog table or ``source.query``: a checksum of the rows computed by Spark (row count plus
+    two aggregates of a 64-bit row hash), which reads the source once.
+    """
+    from tokens2policy.lakehouse import storage
+
     src = config.source
-    if src.kind == "demo" or not src.path:
+    key = src.location_key
+    location = getattr(src, key) if key else None
+    if src.kind == "demo" or not location:
         return src.kind
-    if src.kind == "delta":
-        from delta.tables import DeltaTable
+    if src.kind in ("delta", "table"):
+        version = _delta_version(spark, location, by_name=src.kind == "table" or ("/" not in location
+                                                                                  and ":" not in location))
+        if version is not None:
+            return f"delta@{version}"
+    if src.kind in ("table", "query"):
+        df = spark.read.table(location) if src.kind == "table" else spark.sql(location)
+        return "rows@" + _content_checksum(df)
+    entries = [(e.path, e.size, e.mtime_ms) for e in storage.list_files(location, spark)]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
-        is_path = "/" in src.path or ":" in src.path
-        table = DeltaTable.forPath(spark, src.path) if is_path else DeltaTable.forName(spark, src.path)
-        return f"delta@{table.history(1).select('version').first()[0]}"
-    import os
 
-    entries = []
-    for root, _, files in os.walk(src.path) if os.path.isdir(src.path) else [("", [], [src.path])]:
-        for f in files:
-            st = os.stat(os.path.join(root, f))
-            entries.append((os.path.join(root, f), st.st_size, int(st.st_mtime)))
-    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
+def _delta_version(spark, location: str, by_name: bool) -> Optional[int]:
+    """The latest Delta version of a table (by path or name), or None when it is not a Delta table."""
+    from delta.tables import DeltaTable
+
+    try:
+        if not by_name and not DeltaTable.isDeltaTable(spark, location):
+            return None
+        table = DeltaTable.forName(spark, location) if by_name else DeltaTable.forPath(spark, location)
+        return int(table.history(1).select("version").first()[0])
+    except Exception:  # not Delta (a view, a Hive/JDBC table), or no such table: the caller reads it as rows
+        return None
+
+
+def _content_checksum(df) -> str:
+    from pyspark.sql import functions as F
+
+    h = F.xxhash64(*[F.col("`" + c.replace("`", "``") + "`") for c in df.columns])
+    row = df.select(h.alias("h")).agg(F.count(F.lit(1)), F.bit_xor("h"), F.sum(F.pmod("h", F.lit(2147483647)))).first()
+    return hashlib.sha256(json.dumps([int(row[0]), row[1], row[2]], default=str).encode()).hexdigest()[:16]
 
 
 def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
@@ -230,20 +260,45 @@ def last_successes(spark, config: Config) -> Dict[str, dict]:
     return {r["stage"]: r.asDict() for r in rows}
 
 
-def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> bool:
-    """True when ``last`` (the stage's latest success) saw today's config and input versions and outputs exist."""
+def _show_version(value) -> str:
+    return "missing" if value is None else str(value)
+
+
+def stale_reason(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> Optional[str]:
+    """Why ``stage`` must run, in words, or None when it is up to date.
+
+    Up to date: ``last`` (the stage's latest success, read from ``stage_runs`` when not given) saw today's config
+    sections and input versions, and its outputs exist. The runner's skip rule (:func:`is_up_to_date`) and
+    ``t2p status`` both read this one function, so the reason shown is the rule applied.
+    """
     from tokens2policy.lakehouse import table_exists
 
     if last is None:
         last = last_successes(spark, config).get(stage.name)
-    if last is None or last["config_hash"] != config_fingerprint(config, stage):
-        return False
-    if json.loads(last["input_versions"]) != {k: v for k, v in _input_versions(spark, config, stage).items()}:
-        return False
-    return all(table_exists(spark, config, t) for t in stage.outputs)
+    if last is None:
+        return "never ran successfully"
+    if last["config_hash"] != config_fingerprint(config, stage):
+        return f"config changed (sections {', '.join(stage.sections)} or seed)"
+    recorded = json.loads(last["input_versions"])
+    current = _input_versions(spark, config, stage)
+    changed = [f"{k} {_show_version(recorded.get(k))} → {_show_version(current.get(k))}"
+               for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+    if changed:
+        return "inputs changed: " + ", ".join(changed)
+    missing = [t for t in stage.outputs if not table_exists(spark, config, t)]
+    if missing:
+        return "outputs missing: " + ", ".join(missing)
+    return None
 
 
-def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float, error: str = ""):
+def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> bool:
+    """True when ``last`` (the stage's latest success) saw today's config and input versions and outputs exist."""
+    return stale_reason(spark, config, stage, last) is None
+
+
+def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float,
+            error: str = "") -> float:
+    """Append the outcome to ``stage_runs``; return the seconds recorded (the stage's wall time)."""
     from pyspark.sql.types import StringType, StructField, StructType, TimestampType, DoubleType
 
     from tokens2policy.lakehouse import write_table
@@ -271,6 +326,7 @@ def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, s
         _dt.datetime.now(),
     )
     write_table(spark.createDataFrame([row], schema), config, RUNS_TABLE, mode="append")
+    return row[6]
 
 
 def run_stages(
@@ -279,17 +335,19 @@ def run_stages(
     names: Sequence[str],
     force: Sequence[str] = (),
     skip_up_to_date: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Optional[Callable[[str], None]] = None,
     stages: Sequence[Stage] = STAGES,
     resolve: Callable[[str], Callable] = None,
 ) -> List[dict]:
     """Run stages in pipeline order; skip those up to date; record every outcome in ``stage_runs``.
 
     A failing stage is recorded and re-raised, leaving every earlier output intact; the next run resumes there
-    because the stages before it are up to date.
+    because the stages before it are up to date. Progress lines go to ``echo`` (default: this module's logger at
+    INFO; ``t2p --log-level`` sets what is shown).
     """
     from tokens2policy.lakehouse import MissingTableError
 
+    echo = echo or log.info
     results = []
     force_all = "all" in force
     selected = [s for s in stages if s.name in names]
@@ -305,11 +363,14 @@ def run_stages(
     for position, stage in enumerate(selected, start=1):
         fn = (resolve or stage_function)(stage.name)
         last = history.get(stage.name)
-        if (skip_up_to_date and not force_all and stage.name not in force
-                and is_up_to_date(spark, config, stage, last)):
+        forced = force_all or stage.name in force
+        reason = (f"forced (--force {'all' if force_all else stage.name})" if forced
+                  else stale_reason(spark, config, stage, last) if skip_up_to_date else "skip rule off")
+        if reason is None:
             echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
             results.append({"stage": stage.name, "skipped": True})
             continue
+        echo(f"[t2p] {stage.name}: must run: {reason}")
         inputs = _input_versions(spark, config, stage)
         check_inputs(spark, config, stage, inputs, checked, stages)
         rest = selected[position - 1:]
@@ -327,7 +388,11 @@ def run_stages(
                 raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist yet: "
                                         f"{missing_table_hint(table.group(1), stages)}") from exc
             raise
-        _record(spark, config, stage, "success", inputs, summary, started)
-        echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
-        results.append({"stage": stage.name, "skipped": False, "seconds": time.time() - started, **summary})
+        seconds = _record(spark, config, stage, "success", inputs, summary, started)
+        echo(f"[t2p] {stage.name}: done in {seconds:.1f}s")
+        # the runner's wall time is the stage's "seconds"; a stage's own phase timings stay as "phase_seconds"
+        result = {**summary, "stage": stage.name, "skipped": False, "seconds": seconds}
+        if "seconds" in summary:
+            result["phase_seconds"] = summary["seconds"]
+        results.append(result)
     return results

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from .standalone import StandaloneCluster, package_zip
+from .standalone import StandaloneCluster, make_dist
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,13 @@ def standalone_cluster(tmp_path_factory):
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def dist():
+    """``make dist`` as docs/deploy.md runs it: {"wheel": Path, "zip": Path, "version": str}."""
+    return make_dist()
+
+
 @pytest.fixture(scope="module")
-def package_py_files(tmp_path_factory):
-    return package_zip(tmp_path_factory.mktemp("dist") / "tokens2policy.zip")
+def package_py_files(dist):
+    """The .zip that ``make dist`` builds for ``spark-submit --py-files``."""
+    return dist["zip"]

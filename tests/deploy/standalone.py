@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -166,16 +165,19 @@ class StandaloneCluster:
         self.stop()
 
 
-def package_zip(dest: Path) -> Path:
-    """The ``tokens2policy`` package from ``lib/`` as a zip for ``--py-files`` (what a wheel carries, minus
-    metadata); sources only."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    src = REPO / "lib"
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted((src / "tokens2policy").rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-                zf.write(path, path.relative_to(src).as_posix())
-    return dest
+def make_dist() -> dict:
+    """Run ``make dist`` in the checkout (the command docs/deploy.md gives) with this test run's environment;
+    return the wheel, the ``--py-files`` zip and the version they carry."""
+    venv = Path(sys.prefix)
+    proc = subprocess.run(["make", "-s", "-o", str(venv / ".t2p-setup-done"), "dist", f"VENV={venv}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"make dist failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    wheels = sorted((REPO / "dist").glob("tokens2policy-*-py3-none-any.whl"))
+    zips = sorted((REPO / "dist").glob("tokens2policy-*.zip"))
+    assert len(wheels) == 1 and len(zips) == 1, (wheels, zips)
+    version = wheels[0].name[len("tokens2policy-"):-len("-py3-none-any.whl")]
+    return {"wheel": wheels[0], "zip": zips[0], "version": version}
 
 
 def spark_submit(cluster: StandaloneCluster, job: Path, args: List[str], py_files: Path, extra_conf: dict,

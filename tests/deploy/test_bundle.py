@@ -132,3 +132,23 @@ def test_walkthrough_job_runs_the_notebook_with_widget_parameters(bundle):
     _, spec = _jobs(bundle)["tokens2policy_walkthrough"]
     (task,) = spec["tasks"]
     assert set(task["notebook_task"]["base_parameters"]) == set(WIDGETS)
+
+
+def test_ml_runtime_per_user_dev_schema_schema_volume_and_run_as(bundle):
+    """Every task's cluster runs Databricks Runtime ML (torch, mlflow), dev writes to a schema per user, the bundle
+    creates the schema and the data_dir volume it writes to, and prod runs as a service principal."""
+    root, resources = bundle
+    for name, (_, spec) in _jobs(bundle).items():
+        for cluster in spec["job_clusters"]:
+            var = re.fullmatch(r"\$\{var\.(\w+)\}", cluster["new_cluster"]["spark_version"]).group(1)
+            assert "-ml-" in root["variables"][var]["default"], (name, var)
+    assert "${workspace.current_user.short_name}" in root["targets"]["dev"]["variables"]["schema"]
+    assert "service_principal_name" in root["targets"]["prod"]["run_as"]
+    kinds = {kind: spec for (kind, _), (_, spec) in resources.items()}
+    assert kinds["schemas"]["name"] == "${var.schema}" and kinds["schemas"]["catalog_name"] == "${var.catalog}"
+    assert kinds["volumes"]["name"] == "${var.volume}" and kinds["volumes"]["volume_type"] == "MANAGED"
+    for name, (_, spec) in _jobs(bundle).items():
+        for task in spec["tasks"]:
+            params = task.get("spark_python_task", {}).get("parameters", [])
+            if params:
+                assert "data_dir=/Volumes/${var.catalog}/${var.schema}/${var.volume}" in params

@@ -71,8 +71,15 @@ def test_effects_job_tables_truth_and_parallel_folds(spark, synth):
     blp = cal[(cal.learner == "dr_selected") & (cal.metric == "blp")].set_index("group")
     assert blp.loc["differential_prediction", "ci_low"] < 1 < blp.loc["differential_prediction", "ci_high"]
     assert blp.loc["differential_prediction", "p_value"] < 1e-3
-    assert set(cal.metric) == {"blp", "gates", "rate", "toc_curve", "qini_curve"}
+    assert set(cal.metric) == {"blp", "gates", "rate", "toc_curve", "qini_curve", "coverage", "coverage_residual"}
+    # every calibration row, the coverage rows included, is estimated on the estimation units only
     assert set(cal.estimated_on) == {"estimation"} and (cal[cal.metric == "blp"].n == est.sum()).all()
+    assert (cal[cal.metric == "coverage"].n == est.sum()).all()
+    # the selected modifiers (neurons 3 and 7: the whole of tau) cover the detectable heterogeneity
+    cov = cal[cal.metric == "coverage"].set_index("group")
+    assert cov.loc["share_selected", "estimate"] > 0.8 and cov.loc["warning", "estimate"] == 0.0
+    assert cov.loc["detected", "estimate"] == 1.0
+    assert "heterogeneity coverage" in summary["coverage"]["synth"]["outcome"]
 
     # the Spark job and the in-memory core (what the validation study runs) give the same tables
     mem = effects_job.effects_in_memory(cfg, data["units"], data["neurons"], data["modifiers"])["synth"]
@@ -84,10 +91,13 @@ def test_effects_job_tables_truth_and_parallel_folds(spark, synth):
     want_eff = mem["effects"].sort_values(["learner", "unit_id"]).reset_index(drop=True)
     np.testing.assert_allclose(got_eff.cate_oof, want_eff.cate_oof, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(got_eff["sample"], want_eff["sample"])
+    want_cov = mem["calibration"].query("metric == 'coverage'").set_index("group")
+    assert want_cov.loc["share_selected", "estimate"] == pytest.approx(cov.loc["share_selected", "estimate"])
 
     run = mlflow.search_runs(filter_string="tags.`t2p.stage` = 'effects'", output_format="list")[0]
     assert run.data.metrics["synth.nuisance_tasks"] == 15
     assert "synth.outcome.dr_selected.autoc" in run.data.metrics
+    assert run.data.metrics["synth.outcome.coverage_share"] == pytest.approx(cov.loc["share_selected", "estimate"])
 
 
 def test_fit_task_is_order_invariant_and_matches_local_loop(synth):

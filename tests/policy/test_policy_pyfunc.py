@@ -86,7 +86,7 @@ def chain():
     budget_fit = budget_cutoff(cate, BUDGET)
     deploy_budget = budget_assign(cate, *budget_fit, pdf.unit_id, cfg.seed)
     sub = pdf.assign(cate=cate, y=y, mu0=learner.nuisances_["mu0"], mu1=learner.nuisances_["mu1"],
-                     propensity=learner.nuisances_["e"])
+                     propensity=learner.nuisances_["e"], sample="both")  # fitted on every unit: role "both"
     plans = {"tree": tree.predict(Xt), "threshold": threshold_policy(cate, COST), "budget": deploy_budget}
     ref = assignment_frame(cfg, "exp", "y", sub, {k: (v, v) for k, v in plans.items()}, tree, Xt, budget_fit)
     rules = {"tree": tree, "threshold": threshold_rule(COST), "budget": budget_rule(*budget_fit, BUDGET, cfg.seed)}
@@ -195,6 +195,20 @@ def test_spec_validates_and_round_trips(chain):
         PolicyScorer(spec, chain["embedder"], chain["sae"]).score(chain["pdf"][["text", "tenure"]])
 
 
+def test_input_example_fits_the_signature_for_every_rule(chain):
+    """The logged input example must carry every input the signature names: the budget rule's ties are decided
+    per unit id, so its signature asks for ``unit_id`` and its example must have one (it lacked it)."""
+    from tokens2policy.policy.pyfunc import input_example, model_signature
+
+    for kind, spec in chain["specs"].items():
+        names = model_signature(spec).inputs.input_names()
+        example = input_example(spec)
+        assert list(example.columns) == names, kind
+        assert ("unit_id" in names) == (kind == "budget")
+        out = PolicyScorer(spec, chain["embedder"], chain["sae"]).score(example)
+        assert len(out) == 1 and out["recommended"].iloc[0] in (0, 1)
+
+
 @pytest.mark.slow  # MLflow log + registry + spark_udf with the text model loaded per worker (~40-60 s idle)
 def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path):
     import mlflow
@@ -207,8 +221,11 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
             uri = log_stage_policy_model(chain["cfg"], "exp", "y", chain["sub"], chain["mods"], chain["vals"],
                                          chain["kinds"], chain["tree"], chain["budget_fit"],
                                          representation_dir=chain["sae"].save(str(tmp_path / "sae")))
-        assert uri == "models:/tokens2policy-policy/1"
-        assert mlflow.MlflowClient().get_model_version("tokens2policy-policy", "1").status == "READY"
+        assert uri == "models:/tokens2policy-policy-exp-y/1"  # one registered model per experiment/outcome
+        client = mlflow.MlflowClient()
+        assert client.get_model_version("tokens2policy-policy-exp-y", "1").status == "READY"
+        assert str(client.get_model_version_by_alias("tokens2policy-policy-exp-y", "champion").version) == "1"
+        assert mlflow.models.Model.load(uri).saved_input_example_info is not None
         raw = chain["pdf"][["text"] + COVARIATES]
         ref = _expected(chain, "tree")
 

@@ -49,13 +49,15 @@ def synthetic_tables():
         "label": ["sport coverage", ""], "p_value": [1.5e-9, 2.0e-4], "t": [6.1, -3.9],
         "direction": ["+", "-"], "round_added": [1, 2],
     })
-    trace = pd.DataFrame({
+    trace = pd.DataFrame({  # as identify writes it: the decision's other fields in a JSON `detail` column
         "experiment_id": EXP, "outcome": "engagement", "seq": range(5),
         "phase": ["forward", "forward", "forward", "forward", "backward"], "round": [1, 1, 1, 1, 2],
         "step": ["forward", "forward", "forward", "forward", "backward"],
         "action": ["skip", "add", "add", "stop_gate1", "keep"], "feature": ["3", "12", "7", "40", "7"],
         "t": [np.nan, 6.1, -3.9, 2.1, -3.8], "p": [np.nan, 1.5e-9, 2.0e-4, 0.03, 2.2e-4],
         "threshold": [np.nan, 0.001, 0.001, 0.001, 0.05],
+        "detail": ['{"reason": "rare"}', '{"n_candidates": 11, "runner_up": 40}', '{}',
+                   '{"best_feature": 40, "gate": "gate1"}', '{"added_in": ["joint", 1]}'],
     })
     marginal = pd.DataFrame({
         "experiment_id": EXP, "outcome": "engagement", "feature": [str(i) for i in range(10)] + ["12"],
@@ -72,8 +74,9 @@ def synthetic_tables():
     labels = pd.DataFrame({  # as represent writes it: top_docs is array<struct<unit_id, activation, snippet>>
         "neuron": [12, 7, 3], "label": ["sport (neuron)", "politics and elections", "weather"],
         "top_terms": [["match", "goal", "league"], ["vote", "minister"], ["rain"]],
+        # several top units read the same article: the page lists each text once, with its count
         "top_docs": [docs("Arsenal won the <script>alert(1)</script> match", "[NAME] scored twice",
-                          "League table update", "a fourth example not shown"),
+                          "[NAME]  scored twice", "League table update", "a fourth example not shown"),
                      docs("The minister said [REDACTED]"), docs("rain")],
     })
     gates = pd.DataFrame({
@@ -107,9 +110,43 @@ def synthetic_tables():
     quarantine = pd.DataFrame({"experiment_id": EXP, "unit_id": ["x1", "x2", "x3"],
                                "reason": ["missing_outcome", "missing_outcome", "duplicate_key"],
                                "message": ["outcome is null", "outcome is null", "duplicate"]})
+    truth, neurons, drivers = demo_truth_tables(units[units.experiment_id == EXP])
     return {"units": units, "modifiers": modifiers, "selection_trace": trace, "marginal_screen": marginal,
             "neuron_labels": labels, "gates": gates, "calibration": calibration,
-            "policy_rules": rules, "policy_value": value, "assignments": assignments, "quarantine": quarantine}
+            "policy_rules": rules, "policy_value": value, "assignments": assignments, "quarantine": quarantine,
+            "demo_truth": truth, "neurons": neurons, "demo_drivers": drivers}
+
+
+TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+
+
+def demo_truth_tables(units):
+    """A known truth in the demo's format: topic i % 5; true modifiers sport (+1.5) and politics (-1.0).
+    Neuron 12 fires on 9 in 10 sport units and on 1 in 4 business units, neuron 7 on every politics unit and on
+    1 in 3 tech units, neuron 3 on every 7th unit; neuron 12 also has stored zeros (not active) on tech units."""
+    ids = units.unit_id.tolist()
+    topic = [TOPICS[i % 5] for i in range(len(ids))]
+    indices, values = [], []
+    for i, t in enumerate(topic):
+        idx, val = [], []
+        if i % 7 == 0:
+            idx, val = idx + [3], val + [0.4]
+        if (t == "politics") or (t == "tech" and i % 3 == 0):
+            idx, val = idx + [7], val + [1.2]
+        if (t == "sport" and i % 10 != 8) or (t == "business" and i % 4 == 0):
+            idx, val = idx + [12], val + [0.9]
+        elif t == "tech":
+            idx, val = idx + [12], val + [0.0]
+        indices.append(idx)
+        values.append(val)
+    truth = pd.DataFrame({"experiment_id": EXP, "unit_id": ids, "article_id": "a0", "topic": topic,
+                          "treatment": units.treatment.to_numpy(), "true_cate": 0.5, "mu0": 1.0})
+    neurons = pd.DataFrame({"experiment_id": EXP, "unit_id": ids, "indices": indices, "values": values,
+                            "pooled_tokens": 0})
+    drivers = pd.DataFrame({"experiment_id": EXP, "role": ["base_effect", "effect_modifier", "effect_modifier"],
+                            "term": ["treatment", "topic=sport", "topic=politics"],
+                            "coefficient": [0.5, 1.5, -1.0], "config_hash": "x"})
+    return truth, neurons, drivers
 
 
 def write_tables(spark, cfg, tables):

@@ -18,7 +18,7 @@ Z975 = 1.959963984540054
 def _text(page: str) -> str:
     """Visible text of the page (tags stripped, entities decoded)."""
     no_img = re.sub(r'src="data:image/png;base64,[^"]*"', "", page)
-    return html.unescape(re.sub(r"<[^>]+>", " ", no_img))
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", no_img)).split())
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,11 @@ def page(full_report):
 
 def test_page_has_every_section_for_both_experiments(page):
     text = page["text"]
-    for heading in ("Experiment summary", "Covariate balance", "NEXIS selection trace", "Direct effect modifiers",
-                    "GATE forest plot", "TOC and Qini curves", "Targeting policy", "Marginal screening vs NEXIS"):
+    for heading in ("The answer", "Experiment summary", "Covariate balance", "NEXIS selection trace",
+                    "Direct effect modifiers", "TOC and Qini curves", "Targeting policy", "Marginal screening vs NEXIS"):
         assert heading in text, heading
-    assert f"Experiment {EXP}" in text and f"Experiment {OTHER}" in text
+    assert f"Experiment {EXP}: details" in text and f"Experiment {OTHER}: details" in text
+    assert 'alt="GATE forest plot"' in page["raw"]
     assert page["summary"]["missing"] == []
     assert page["index"].name == "index.html"
     assert page["index"].parent.parent == page["cfg"].data_path / "reports"
@@ -70,12 +71,81 @@ def test_modifier_cards(page):
     # label from modifiers when present, else from neuron_labels (feature "7" ↔ neuron 7)
     assert [c["label"] for c in cards] == ["sport coverage", "politics and elections"]
     assert "[NAME] scored twice" in text and "League table update" in text
-    assert "a fourth example not shown" not in text  # report.n_examples=3
+    assert "a fourth example not shown" not in text  # report.n_examples=3 distinct texts
     assert "<script>alert(1)</script>" not in raw and "&lt;script&gt;alert(1)&lt;/script&gt;" in raw
     assert "match, goal, league" in text
     assert [len(c["gates"]) for c in cards] == [3, 3]
     assert "1.550" in text and "[1.119, 1.981]" in text and "[-2.029, -0.971]" in text
     assert "stop_gate1" in text and "1 skipped candidates" in text
+
+
+def test_the_answer_comes_first(page):
+    """The page opens with the answer: the modifiers' labels with their GATE contrasts, the forest plot, the
+    recommended policy with its gains over the baselines and the comparison with the known truth; details after."""
+    raw, text = page["raw"], page["text"]
+    answer = raw[raw.index('<section class="answer" id="answer-exp_a"'):]
+    answer = answer[:answer.index("</section>")]
+    a_text = _text(answer)
+    assert raw.index('<section class="answer"') < raw.index('<section class="details"')
+    assert text.index("The answer — experiment exp_a") < text.index("Experiment summary")
+    assert "NEXIS selected 2 direct effect modifiers of the effect on engagement" in a_text
+    assert ("In short: 2 direct effect modifiers (1 raises the effect, 1 lowers it); the recommended policy learned "
+            "treats 77.5% of units and gains +0.125 [0.066, 0.183] over treating everyone; against the demo's truth "
+            "it found 2 of 2 true modifiers.") in a_text
+    # in the order of selection, each with its contrast and CI from `gates`
+    i, j = a_text.index("sport coverage"), a_text.index("politics and elections")
+    assert i < j
+    assert "1 sport coverage 12 larger where active vs inactive +1.550 [1.119, 1.981] 1.50e-09" in a_text
+    assert "2 politics and elections 7 smaller where active vs inactive −1.500 [-2.029, -0.971]" in a_text
+    assert answer.count('src="data:image/png;base64,') == 1 and 'alt="GATE forest plot"' in answer
+    # the recommended policy (the only learned one in this table), its rules, value and gains with CIs
+    assert "learned" in a_text and "treats 77.5% of units" in a_text
+    assert "IF neuron 7 inactive THEN treat" in a_text
+    assert "Value 1.612 [1.514, 1.710]" in a_text
+    assert "treating everyone: +0.125 [0.066, 0.183]" in a_text
+    assert "treating the same share at random: +0.234 [0.156, 0.313]" in a_text
+    rec = page["facts"]["experiments"][EXP]["outcomes"]["engagement"]["recommended_policy"]
+    assert rec["policy"] == "learned" and [g["baseline"] for g in rec["gains"]] == ["treat_all", "random_same_budget"]
+
+
+def test_selection_against_the_known_truth(page):
+    """Neuron–topic alignment recomputed here with pandas from the fixture's neurons and demo_truth."""
+    t = page["tables"]
+    codes = t["neurons"].explode(["indices", "values"]).dropna(subset=["indices"])
+    codes = codes[codes["values"].astype(float) > 0].merge(t["demo_truth"][["unit_id", "topic"]], on="unit_id")
+    share = {n: codes[codes.indices == n].topic.value_counts(normalize=True) for n in (12, 7)}
+    assert share[12].idxmax() == "sport" and share[7].idxmax() == "politics"
+    sizes = t["demo_truth"].topic.value_counts()
+    recall12 = (codes[(codes.indices == 12)].topic == "sport").sum() / sizes["sport"]
+    truth = page["facts"]["experiments"][EXP]["outcomes"]["engagement"]["truth"]
+    assert truth == {"n_true": 2, "n_found": 2, "n_other": 0, "found": ["topic=sport", "topic=politics"]}
+    a_text = _text(page["raw"][page["raw"].index('<section class="answer" id="answer-exp_a"'):
+                               page["raw"].index('<section class="details"')])
+    assert "Found 2 of 2 true modifiers" in a_text
+    assert "topic=sport (effect +1.50): found by 1 selected neuron which ones sport coverage feature 12: " \
+           f"{100 * share[12]['sport']:.0f}% of its active units are sport; it covers {100 * recall12:.0f}% of them" \
+           in a_text
+    # the other experiment has no truth rows: no comparison there
+    assert "truth" not in page["facts"]["experiments"][OTHER].get("outcomes", {}).get("engagement", {})
+
+
+def test_trace_is_readable_and_collapsible(page):
+    raw, text = page["raw"], page["text"]
+    trace = raw[raw.index("NEXIS selection trace"):raw.index("Calibration: TOC and Qini curves")]
+    assert "<details" in trace and "<summary>" in trace
+    assert "5 decisions — skipped: 1; added: 2; stopped by Gate 1: 1; kept: 1." in " ".join(_text(trace).split())
+    # the JSON detail column as key/value pairs, never as raw JSON
+    assert '{"' not in html.unescape(trace) and "<dt>runner_up</dt><dd>40</dd>" in trace
+    assert "<dt>added_in</dt><dd>joint, 1</dd>" in trace
+    assert "sport coverage" in _text(trace)  # labels next to the feature ids
+
+
+def test_top_examples_are_distinct_texts(page):
+    raw = page["raw"]
+    card = raw[raw.index("<h3>sport coverage</h3>"):]
+    card = card[:card.index("</div>\n<div class=\"card")]
+    assert card.count("scored twice") == 1 and "(read by 2 of the top units)" in card
+    assert card.count('<div class="ex">') == 3
 
 
 def test_marginal_screening_counts(page):
@@ -110,6 +180,10 @@ def test_logged_to_mlflow(page):
     run_id = page["summary"]["mlflow_run_id"]
     files = {f.path for f in client.list_artifacts(run_id, "report")}
     assert {"report/index.html", "report/facts.json", "report/gates_forest_exp_a_engagement.png"} <= files
+    from tokens2policy.report.screenshot import find_chromium
+
+    if find_chromium() is not None:  # the browser's view of the page goes with it
+        assert "report/screenshot.png" in files and page["summary"]["screenshot"]
     run = client.get_run(run_id)
     assert run.data.tags["t2p.stage"] == "report" and run.data.params["input_version.gates"] == "0"
     assert run.data.params["input_version.selection_trace"] == "0"
@@ -132,6 +206,10 @@ def test_summary_prints_the_reports_numbers(spark, full_report, capsys):
     assert "learned − treat_all: 0.125 [0.066, 0.183]" in out
     assert "learned: 1.612 [1.514, 1.710] (treats 77.5%)" in out
     assert "marginal screening would flag 3 features (1 not selected by NEXIS: proxies)" in out
+    assert ("recommended policy: learned (treats 77.5%); gain over treating everyone +0.125 [0.066, 0.183]; "
+            "treating the same share at random +0.234 [0.156, 0.313]") in out
+    assert "known truth (demo): found 2 of 2 true modifiers (topic=sport, topic=politics); 0 selected feature(s) " \
+           "aligned with none" in out
     assert f"report: {summary['report_path']}" in out
 
 
@@ -161,7 +239,7 @@ def test_missing_tables_one_experiment(spark, make_cfg, capsys):
     from tokens2policy.report.job import run
     from tokens2policy.report.summary import print_summary
 
-    cfg = make_cfg("report.log_to_mlflow=false", f"report.experiment_id={OTHER}")
+    cfg = make_cfg("report.log_to_mlflow=false", f"report.experiment_id={OTHER}", "report.screenshot=false")
     write_tables(spark, cfg, {"units": pd.concat([make_units(n=60), make_units(n=40, experiment_id=OTHER)])})
     res = run(spark, cfg)
     text = _text(Path(res["report_path"]).read_text())

@@ -155,3 +155,89 @@ def test_aux_loss_revives_dead_latents():
     covered = lambda sae: int(((feats @ sae.dictionary_.T).max(axis=1) > 0.9).sum())
     assert covered(on) > covered(off)
     assert m_on["normalized_mse"] < m_off["normalized_mse"] / 2
+
+
+def _hierarchical(n=3000, d=24, n_coarse=4, n_fine=24, seed=3):
+    """Each row: one of ``n_coarse`` coarse atoms (weight 2-3) plus 2 of ``n_fine`` fine atoms (weight 0.5-1).
+    Returns (x, the row's coarse atom, the fine atoms)."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_coarse + n_fine, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    codes = np.zeros((n, n_coarse + n_fine))
+    group = rng.integers(0, n_coarse, n)
+    codes[np.arange(n), group] = rng.uniform(2.0, 3.0, n)
+    fine = n_coarse + np.argsort(rng.random((n, n_fine)), axis=1)[:, :2]
+    np.put_along_axis(codes, fine, rng.uniform(0.5, 1.0, (n, 2)), axis=1)
+    return (codes @ atoms + 0.01 * rng.normal(size=(n, d))).astype(np.float32), group, atoms[n_coarse:]
+
+
+def _prefix_fve(sae, x, m):
+    z = sae.encode(x).toarray()
+    z[:, m:] = 0
+    xh = sae.decode(z)
+    return 1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+
+def test_matryoshka_prefix_learns_the_coarse_atoms_and_keeps_the_fine_ones(tmp_path):
+    x, group, fine = _hierarchical()
+    common = dict(n_latents=64, k=3, epochs=10, batch_size=128, lr=4e-3, seed=0, num_threads=1)
+    nested = SparseAutoencoder(matryoshka=(8,), **common).fit(x)
+    plain = SparseAutoencoder(**common).fit(x)
+    # the first 8 latents must reconstruct alone: every coarse group has one of them as its own latent (active on
+    # >= 90 % of the group's rows, and those rows >= 90 % of its activations)
+    z = nested.encode(x).toarray()[:, :8] > 0
+    onehot = np.eye(4)[group]
+    hits = z.T.astype(float) @ onehot                                   # latent x group
+    precision = hits / np.maximum(z.sum(0), 1)[:, None]
+    recall = hits / onehot.sum(0)[None, :]
+    assert ((precision > 0.9) & (recall > 0.9)).any(axis=0).all(), (precision, recall)
+    assert _prefix_fve(nested, x, 8) > 0.7 > _prefix_fve(plain, x, 8)
+    # the fine atoms are matched as well as by the plain dictionary, which reconstructs about as well overall
+    best = lambda sae: (fine @ sae.dictionary_.T).max(axis=1).mean()  # noqa: E731
+    assert best(nested) > best(plain) - 0.05
+    assert nested.metrics(x)["fraction_variance_explained"] > plain.metrics(x)["fraction_variance_explained"] - 0.05
+    # the nesting is part of the saved model
+    nested.save(str(tmp_path / "m"))
+    back = SparseAutoencoder.load(str(tmp_path / "m"))
+    assert back.matryoshka == (8,) and back.module_.prefixes == (8,)
+    np.testing.assert_array_equal(back.encode(x[:100]).toarray(), nested.encode(x[:100]).toarray())
+
+
+@pytest.mark.parametrize("prefixes,msg", [((8, 4), "increasing"), ((0,), "increasing"), ((64,), "smaller than")])
+def test_matryoshka_prefixes_are_checked(prefixes, msg):
+    with pytest.raises(ValueError, match=msg):
+        SparseAutoencoder(n_latents=64, k=2, epochs=1, matryoshka=prefixes).fit(
+            np.random.default_rng(0).random((40, 4)))
+
+
+def test_dictionary_size_from_the_corpus():
+    from tokens2policy.represent.sae import latents_for_corpus
+
+    # the demo corpus: 2,225 distinct articles, k = 8, >= 100 documents per latent on average -> 128
+    assert latents_for_corpus(2225, 8, 100, 3072) == 128
+    assert 2225 * 8 / 128 >= 100 > 2225 * 8 / 256
+    assert latents_for_corpus(979, 8, 100, 3072) == 64          # the drug-review corpus
+    assert latents_for_corpus(10 ** 6, 8, 100, 3072) == 3072     # capped at expansion x dim
+    assert latents_for_corpus(50, 8, 100, 3072) == 16            # floor max(2k, 16)
+    with pytest.raises(ValueError, match="positive"):
+        latents_for_corpus(0, 8, 100, 3072)
+
+
+def test_stage_resolves_the_dictionary_size_from_distinct_texts(spark, make_cfg):
+    from tokens2policy.represent.job import resolve_n_latents
+
+    # 3,000 units reading 500 distinct texts (the demo's situation: many readers per article)
+    rows = [(f"u{i}", f"h{i % 500}", 24) for i in range(3000)]
+    emb = spark.createDataFrame(rows, "unit_id string, content_hash string, dim int")
+    cfg = make_cfg("represent.n_latents=null", "represent.k=8", "represent.docs_per_latent=50")
+    assert resolve_n_latents(cfg, emb) == 64                 # 500 * 8 / 50 = 80 -> 64 (not 3000 * 8 / 50)
+    assert resolve_n_latents(make_cfg("represent.n_latents=100"), emb) == 100        # an explicit size wins
+    assert resolve_n_latents(make_cfg("represent.n_latents=null", "represent.docs_per_latent=null"), emb) is None
+
+
+def test_prefixes_that_do_not_fit_a_data_sized_dictionary_are_dropped():
+    from tokens2policy.represent.job import nested_prefixes
+
+    assert nested_prefixes([16, 64], 128) == (16, 64)
+    assert nested_prefixes([16, 64], 64) == (16,)        # e.g. the 979-review corpus: 64 latents
+    assert nested_prefixes([16, 64], None) == (16, 64)

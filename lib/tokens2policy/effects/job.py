@@ -28,6 +28,7 @@ from tokens2policy.fold_tasks import fold_partition_keys, run_fold_tasks  # noqa
 from tokens2policy.honesty import estimated_on, estimates, role_column, unit_roles
 
 from .calibration import calibration_table
+from .coverage import outcome_coverage
 from .design import (
     FeatureSpec, build_feature_spec, feature_matrix, modifier_values, resolve_modifiers,
 )
@@ -266,15 +267,17 @@ def _learners(cfg, seed):
 
 
 def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, keep_learners: bool = False,
-                    learners: Optional[Sequence[str]] = None):
+                    learners: Optional[Sequence[str]] = None, labels=None):
     """GATE, effects and calibration frames for one (experiment, outcome).
 
-    Every estimate about the selected modifiers — GATEs, joint interactions, the learners' final stages and the
-    calibration — uses the estimation units only (``sample`` estimation, or both with ``honesty.mode=none``); the
-    ``effects`` rows of the other units carry the CATE the final stages predict for them. Modifier encodings
-    (numeric fill, split kinds, categorical levels) read pre-treatment columns only and use every unit.
-    ``learners``: a subset of the stage's learners to fit (default all; the validation study fits the one the
-    policy stage reads)."""
+    Every estimate about the selected modifiers — GATEs, joint interactions, the learners' final stages, the
+    calibration and the heterogeneity coverage — uses the estimation units only (``sample`` estimation, or both
+    with ``honesty.mode=none``); the ``effects`` rows of the other units carry the CATE the final stages predict
+    for them. Modifier encodings (numeric fill, split kinds, categorical levels) read pre-treatment columns only
+    and use every unit. ``learners``: a subset of the stage's learners to fit (default all; the validation study
+    fits the one the policy stage reads); the coverage rows need both ``dr_selected`` and ``dr_full`` and are
+    left out (no ``coverage_line`` metric) when the subset lacks one. ``labels``: neuron labels for the coverage
+    line."""
     e = cfg.effects
     y_all = pdf[outcome].astype(float).to_numpy()
     keep = np.isfinite(y_all)
@@ -310,7 +313,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
         nest_lists = [[None] * len(sub)] * 2
     sample = sub["sample"].to_numpy() if "sample" in sub.columns else np.full(len(sub), "both", dtype=object)
     nu_est = subset_nuisances(nuisances, est)
-    effects, calib, curves, metrics, fitted = [], [], [], {}, {}
+    effects, calib, curves, metrics, fitted, oof_est, phis = [], [], [], {}, {}, {}, {}
     for name, learner in _learners(cfg, cfg.seed).items():
         if learners is not None and name not in learners:
             continue
@@ -330,6 +333,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
             "dr_score0": scores[:, 0], "dr_score1": scores[:, 1], "sample": sample,
             "dr_score0_nested": nest_lists[0], "dr_score1_nested": nest_lists[1]}))
         phi = learner.scores_[:, 1] - learner.scores_[:, 0]
+        oof_est[name], phis[name] = learner.oof_cate_, phi
         cal = calibration_table(phi, learner.oof_cate_, cluster=cl_est, n_groups=e.n_quantile_groups,
                                 n_bootstrap=e.n_bootstrap, alpha=e.alpha, seed=cfg.seed)
         table = cal["table"].assign(q=np.nan)
@@ -353,6 +357,20 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
         if keep_learners:
             fitted[name] = learner
     metrics[f"{outcome}.n_estimation"] = float(est.sum())
+    if "dr_selected" in oof_est and "dr_full" in oof_est:
+        # heterogeneity coverage (effects/coverage.py): dr_selected against dr_full on the same held-out scores,
+        # on the estimation units like every other number about the selected modifiers
+        sub_est = sub[est]
+        res, cov_rows, cov_metrics, line = outcome_coverage(
+            phis["dr_selected"], oof_est["dr_selected"], oof_est["dr_full"], folds[est], cl_est,
+            sub_est["indices"].tolist(), sub_est["values"].tolist(),
+            [m.neuron for m in mods if m.source == "neuron"], labels, alpha=e.alpha, n_bootstrap=e.n_bootstrap,
+            seed=cfg.seed, warn_below=e.coverage_warn_below, n_residual=e.coverage_residual_top,
+            min_active=cfg.identify.min_active)
+        calib.append(cov_rows.assign(q=np.nan, experiment_id=exp, outcome=outcome, learner="dr_selected",
+                                     estimated_on=on))
+        metrics.update({f"{outcome}.{k}": v for k, v in cov_metrics.items()})
+        metrics[f"{outcome}.coverage_line"] = line
     out = (gates, pd.concat(effects, ignore_index=True), pd.concat(calib, ignore_index=True), curves, metrics)
     if not keep_learners:
         return out
@@ -372,25 +390,32 @@ def _nested_scores(t, y, nuisances):
 
 def experiment_effects(cfg, exp: str, pdf: pd.DataFrame, mods_all: pd.DataFrame, nu_pdf: pd.DataFrame,
                        spec: FeatureSpec, covariates: Sequence[str], outcomes: Sequence[str],
-                       keep_learners: bool = False, learners: Optional[Sequence[str]] = None) -> Dict[str, object]:
+                       keep_learners: bool = False, learners: Optional[Sequence[str]] = None,
+                       labels=None) -> Dict[str, object]:
     """The effects stage's statistical body for one experiment, on pandas: ``gates``, ``effects``, ``calibration``
-    frames, the TOC/Qini ``curves`` and the MLflow ``metrics`` (and, with ``keep_learners``, the fitted learners
-    and modifier designs per outcome under ``fitted``). ``pdf``: :func:`load_experiment`'s (or
-    :func:`experiment_frame`'s) frame; ``nu_pdf``: the cross-fit (:func:`cross_fit_spark` / :func:`cross_fit_local`)."""
-    gates_all, eff_all, cal_all, curves_all, metrics, fitted = [], [], [], [], {}, {}
+    frames, the TOC/Qini ``curves``, the MLflow ``metrics`` and the heterogeneity-coverage line per outcome
+    (``coverage``; absent for an outcome when ``learners`` lacks dr_selected or dr_full) (and, with
+    ``keep_learners``, the fitted learners and modifier designs per outcome under ``fitted``). ``pdf``:
+    :func:`load_experiment`'s (or :func:`experiment_frame`'s) frame; ``nu_pdf``: the cross-fit
+    (:func:`cross_fit_spark` / :func:`cross_fit_local`); ``labels``: neuron labels for the coverage line."""
+    gates_all, eff_all, cal_all, curves_all, metrics, fitted, coverage = [], [], [], [], {}, {}, {}
     for outcome in outcomes:
         mods_pdf = mods_all[mods_all["outcome"] == outcome] if "outcome" in mods_all else mods_all
-        res = analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, keep_learners, learners)
+        res = analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, keep_learners, learners,
+                              labels)
         gates_all.append(res[0])
         eff_all.append(res[1])
         cal_all.append(res[2])
         curves_all += res[3]
+        line = res[4].pop(f"{outcome}.coverage_line", None)
+        if line is not None:
+            coverage[outcome] = line
         metrics.update(res[4])
         if keep_learners:
             fitted[outcome] = res[5]
     return {"gates": pd.concat(gates_all, ignore_index=True), "effects": pd.concat(eff_all, ignore_index=True),
             "calibration": pd.concat(cal_all, ignore_index=True), "curves": curves_all, "metrics": metrics,
-            "fitted": fitted}
+            "coverage": coverage, "fitted": fitted}
 
 
 def nuisance_spec(cfg, pdf: pd.DataFrame, mods_all: pd.DataFrame, covariates: Sequence[str]) -> FeatureSpec:
@@ -476,6 +501,7 @@ def run(spark, cfg) -> dict:
     with stage_run(cfg, "effects", inputs=versions):
         exps = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
         mods_every = modifiers.toPandas()
+        labels = neuron_label_map(spark, cfg)
         for exp in exps:
             clock = _Clock()
             joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
@@ -495,7 +521,10 @@ def run(spark, cfg) -> dict:
             n_tasks = int(nu_pdf["partition_id"].nunique())
             log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
                          f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
-            res = experiment_effects(cfg, exp, pdf, mods_all, nu_pdf, spec, covariates, outcomes)
+            res = experiment_effects(cfg, exp, pdf, mods_all, nu_pdf, spec, covariates, outcomes, labels=labels)
+            for outcome, line in res["coverage"].items():
+                summary.setdefault("coverage", {}).setdefault(exp, {})[outcome] = line
+                print(f"[effects] {exp} {outcome}: {line}", flush=True)
             log_metrics({f"{exp}.{k}": v for k, v in res["metrics"].items()})
             clock.lap("analysis")
             gates, eff, cal, curves_all = res["gates"], res["effects"], res["calibration"], res["curves"]
@@ -512,9 +541,20 @@ def run(spark, cfg) -> dict:
             log_metrics({f"{exp}.seconds_{k}": v for k, v in clock.laps.items()})
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)), "folds": len(folds),
                                            "n_estimation": int(_estimation_rows(pdf).sum()),
-                                           "estimated_on": estimated_on(cfg.honesty), "nuisance_tasks": n_tasks, "gate_rows": int(len(gates)),
+                                           "estimated_on": estimated_on(cfg.honesty), "nuisance_tasks": n_tasks,
+                                           "gate_rows": int(len(gates)),
                                            "effects_rows": int(len(eff)), "seconds": clock.laps})
     return summary
+
+
+def neuron_label_map(spark, cfg) -> Dict[str, str]:
+    """``neuron_<i>`` -> label from ``neuron_labels`` (empty when represent has not written it)."""
+    from tokens2policy.lakehouse import read_table, table_exists
+
+    if not table_exists(spark, cfg, "neuron_labels"):
+        return {}
+    return {f"neuron_{int(r[0])}": str(r[1]) for r in
+            read_table(spark, cfg, "neuron_labels").select("neuron", "label").collect() if r[1]}
 
 
 def resolve_neuron_ids(mods_pdf: pd.DataFrame) -> List[int]:

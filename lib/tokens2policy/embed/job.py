@@ -30,7 +30,8 @@ from pyspark.sql import types as T
 from tokens2policy.config import Config
 from tokens2policy.embed.models import ModelSpec, resolve_model
 from tokens2policy.embed.udf import make_embed_udf
-from tokens2policy.lakehouse import delta_table, read_table, table_exists, table_version, write_table
+from tokens2policy.lakehouse import (delta_table, read_table, sql_string_literal, table_exists, table_version,
+                                     write_table)
 from tokens2policy.progress import spark_progress
 from tokens2policy.tracking import stage_run, tracking_uri
 
@@ -85,7 +86,7 @@ def _rows_written(spark, cfg, name: str) -> int:
 
 
 def _key_match(h: str) -> str:
-    return "t.experiment_id <=> s.experiment_id AND t.unit_id <=> s.unit_id AND t.model_hash = '" + h + "'"
+    return "t.experiment_id <=> s.experiment_id AND t.unit_id <=> s.unit_id AND t.model_hash = " + sql_string_literal(h)
 
 
 def _delete_units(spark, cfg, name: str, keys: DataFrame, h: str) -> None:
@@ -118,29 +119,37 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
     h = spec.model_hash
     t_start = time.perf_counter()
 
+    # read, deduplicated and hashed once: the plan below and both writes reuse it (no second scan of units)
     units = (
         units.select(*KEYS, F.col("text").cast("string").alias("text"))
         .dropDuplicates(KEYS)
         .withColumn("content_hash", F.sha2(F.coalesce(F.col("text"), F.lit("")), 256))
         .withColumn("sampled", sample_mask(cfg.seed, e.token_sample_rate))
-    )
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     have_emb = table_exists(spark, cfg, "embeddings")
     have_tok = table_exists(spark, cfg, "token_states")
-    emb = read_table(spark, cfg, "embeddings").where(F.col("model_hash") == h) if have_emb else _empty(spark, emb_schema)
-    tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == h) if have_tok else _empty(spark, tok_schema)
 
-    # units without a vector of their *current* text for this model version (new units, or changed texts)
-    todo = units.join(emb.select(*KEYS, "content_hash"), [*KEYS, "content_hash"], "left_anti")
-    changed = todo.join(emb.select(*KEYS), KEYS, "left_semi").select(*KEYS, "sampled")
-    n_changed = changed.count() if have_emb else 0
-    todo_states = units.where("sampled").join(tok.select(*KEYS).distinct(), KEYS, "left_anti")
+    # units without a vector of their *current* text for this model version (new units, or changed texts);
+    # on a first run (no table yet) that is every unit: no anti-join against an empty table, no count of changes
+    n_changed, known = 0, None
+    if have_emb:
+        emb = read_table(spark, cfg, "embeddings").where(F.col("model_hash") == h)
+        todo = units.join(emb.select(*KEYS, "content_hash"), [*KEYS, "content_hash"], "left_anti")
+        changed = todo.join(emb.select(*KEYS), KEYS, "left_semi").select(*KEYS, "sampled")
+        n_changed = changed.count()
+        known = emb.select("content_hash", "vector", "dim", "status", "n_tokens").dropDuplicates(["content_hash"])
+    else:
+        todo = units
+    todo_states = units.where("sampled")
+    if have_tok:
+        tok = read_table(spark, cfg, "token_states").where(F.col("model_hash") == h)
+        todo_states = todo_states.join(tok.select(*KEYS).distinct(), KEYS, "left_anti")
     if n_changed:  # a changed text's old states are replaced too
         todo_states = todo_states.unionByName(
             units.join(changed.where("sampled").select(*KEYS), KEYS, "left_semi")).dropDuplicates(KEYS)
-    known = emb.select("content_hash", "vector", "dim", "status", "n_tokens").dropDuplicates(["content_hash"])
 
-    need_vec = todo.join(known.select("content_hash"), "content_hash", "left_anti").select(
-        "content_hash", "text", F.lit(False).alias("want_states"))
+    need_vec = (todo if known is None else todo.join(known.select("content_hash"), "content_hash", "left_anti")) \
+        .select("content_hash", "text", F.lit(False).alias("want_states"))
     need_states = todo_states.select("content_hash", "text", F.lit(True).alias("want_states"))
     work = (
         need_vec.unionByName(need_states)
@@ -196,7 +205,8 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
     n_written = 0
     if n_work or todo.limit(1).count():
         fresh = computed.select("content_hash", "vector", "dim", "status", "n_tokens")
-        vec_source = known.unionByName(fresh.join(known.select("content_hash"), "content_hash", "left_anti"))
+        vec_source = fresh if known is None else known.unionByName(
+            fresh.join(known.select("content_hash"), "content_hash", "left_anti"))
         emb_rows = todo.select(*KEYS, "content_hash").join(vec_source, "content_hash").select(
             *KEYS,
             F.lit(spec.name).alias("model"),
@@ -217,6 +227,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
     elif not have_emb:
         write_table(_empty(spark, emb_schema), cfg, "embeddings", mode="append", partition_by=["experiment_id"])
     computed.unpersist()
+    units.unpersist()
 
     return {
         "model": spec.name,

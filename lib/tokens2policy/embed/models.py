@@ -48,6 +48,37 @@ def batching_for(device: str, batch_tokens: Optional[int] = None, max_batch_size
     return int(batch_tokens or budget), int(max_batch_size or cap)
 
 
+RUNTIMES = ("auto", "torch", "onnx")
+QUANTIZATIONS = ("none", "int8")
+# What ``embed.runtime: auto`` runs on a CPU. ONNX Runtime fp32 was no faster than torch on the development VM
+# (docs/benchmarks.md, "embed: ONNX Runtime"), and int8 changes the vectors (it is a model version of its own, so
+# it is only ever chosen explicitly with ``embed.quantize: int8``): auto stays on torch.
+AUTO_CPU_RUNTIME = "torch"
+
+
+def effective_runtime(runtime: str = "auto", quantize: str = "none", device: str = "cpu") -> str:
+    """``"torch"`` or ``"onnx"`` for the requested ``embed.runtime``/``embed.quantize`` on ``device``.
+
+    ``quantize: int8`` implies ONNX Runtime; ``auto`` is torch on a GPU and :data:`AUTO_CPU_RUNTIME` on a CPU
+    (torch when onnxruntime is not installed, so the default works without the extra).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"embed.runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"embed.quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize != "none":
+        if runtime == "torch":
+            raise ValueError(f"embed.quantize={quantize} runs on ONNX Runtime: set embed.runtime=onnx (or auto)")
+        return "onnx"
+    if runtime != "auto":
+        return runtime
+    if str(device).startswith("cuda") or AUTO_CPU_RUNTIME == "torch":
+        return "torch"
+    from tokens2policy.embed.onnxrt import onnx_available
+
+    return "onnx" if onnx_available()[0] else "torch"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the plug-in interface
 # --------------------------------------------------------------------------------------------------------------
@@ -115,6 +146,9 @@ class ModelSpec:
     device: str = "auto"
     cpu_threads: Optional[int] = None
     states_per_unit: int = 64
+    runtime: str = "auto"
+    quantize: str = "none"
+    cache_dir: Optional[str] = None
     tracking_uri: Optional[str] = None
     registry_uri: Optional[str] = None
     extra: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
@@ -123,7 +157,9 @@ class ModelSpec:
     def model_hash(self) -> str:
         """Identifies the *vector function*: the model files plus every setting that changes a vector.
 
-        Device and batching are not part of it (they change vectors only at floating-point noise level).
+        Device, batching and the runtime are not part of it (they change vectors only at floating-point noise
+        level); int8 quantization is (``quantize`` enters the payload only when set, so the hashes of unquantized
+        vectors stay what they were before the setting existed).
         """
         loader = self.loader if isinstance(self.loader, str) else getattr(self.loader, "__qualname__", "callable")
         payload = {
@@ -135,6 +171,8 @@ class ModelSpec:
             "max_text_chars": self.max_text_chars,
             "extra": list(self.extra),
         }
+        if self.quantize != "none":
+            payload["quantize"] = self.quantize
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def cache_key(self) -> str:
@@ -255,6 +293,17 @@ def resolve_model(embed_cfg, spark=None, tracking_uri: Optional[str] = None, reg
         raise ValueError(f"embed.max_tokens must be >= 4, got {embed_cfg.max_tokens}")
     if not 0.0 <= embed_cfg.token_sample_rate <= 1.0:
         raise ValueError(f"embed.token_sample_rate must be in [0, 1], got {embed_cfg.token_sample_rate}")
+    runtime, quantize = getattr(embed_cfg, "runtime", "auto"), getattr(embed_cfg, "quantize", "none")
+    effective_runtime(runtime, quantize)  # one-line errors for impossible combinations, before any work
+    if (runtime == "onnx" or quantize != "none") and embed_cfg.device == "cuda":
+        raise ValueError("embed.runtime=onnx runs on the CPU (onnxruntime's CPU provider); use embed.runtime=torch "
+                         "or auto with embed.device=cuda")
+    if runtime == "onnx" or quantize != "none":
+        from tokens2policy.embed.onnxrt import onnx_available
+
+        ok, why = onnx_available()
+        if not ok:
+            raise ValueError(why)
     name, source, whash = resolve_source(embed_cfg.model, tracking_uri, registry_uri)
     threads = embed_cfg.cpu_threads or (cpu_threads_per_task(spark) if spark is not None else None)
     return ModelSpec(
@@ -271,6 +320,9 @@ def resolve_model(embed_cfg, spark=None, tracking_uri: Optional[str] = None, reg
         device=embed_cfg.device,
         cpu_threads=threads,
         states_per_unit=embed_cfg.token_states_per_unit,
+        runtime=runtime,
+        quantize=quantize,
+        cache_dir=getattr(embed_cfg, "cache_dir", None),
         tracking_uri=tracking_uri,
         registry_uri=registry_uri,
     )
@@ -324,13 +376,88 @@ def load_sentence_transformer(source: str, device: str = "cpu", tracking_uri: Op
     return SentenceTransformer(source, device=device, local_files_only=True)
 
 
+def special_template(encode: Callable[[str, bool], List[int]]) -> Tuple[List[int], List[int]]:
+    """The special tokens a single sequence gets before and after its body (``[CLS]`` / ``[SEP]`` for BERT).
+
+    ``encode(text, add_special_tokens)`` → token ids; the template is read off a probe encoded both ways.
+    """
+    probe = "hello world"
+    plain, full = list(encode(probe, False)), list(encode(probe, True))
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError("cannot infer the tokenizer's special-token template")
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the three operations :class:`TextEmbeddingModel` needs (ids without
+    special tokens, ids → token strings, the special-token template); the ONNX runtime's
+    :class:`~tokens2policy.embed.onnxrt.FastTokenizer` offers the same without importing transformers."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    def ids(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False, return_attention_mask=False,
+                              return_token_type_ids=False, verbose=False)["input_ids"]
+
+    def tokens(self, ids: Sequence[int]) -> List[str]:
+        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
+
+    def template(self) -> Tuple[List[int], List[int]]:
+        return special_template(lambda t, specials: self.tokenizer(t, add_special_tokens=specials)["input_ids"])
+
+
+class TorchTextEncoder:
+    """A sentence-transformers model on torch: padded ids → (document vectors, token states).
+
+    The model's own modules (transformer, pooling, normalisation) compute the vectors, so this *is* the
+    reference vector function; :class:`~tokens2policy.embed.onnxrt.OnnxTextEncoder` is the same interface on
+    ONNX Runtime.
+    """
+
+    runtime = "torch"
+    quantize = "none"
+
+    def __init__(self, st_model):
+        self.st_model = st_model.eval()
+        self.tokenizer = HFTokenizer(st_model.tokenizer)
+        config = getattr(getattr(st_model[0], "auto_model", None), "config", None)
+        self.max_positions = int(getattr(config, "max_position_embeddings", None) or 512)
+        self.device = str(next(st_model.parameters()).device)
+        self.normalizes = any(type(m).__name__ == "Normalize" for m in st_model)
+        self.uses_token_type_ids = "token_type_ids" in getattr(st_model.tokenizer, "model_input_names", [])
+        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, want: Optional[Sequence[bool]] = None):
+        """One padded batch → (vectors (b, dim) float32, per row its token states (length, dim) float32 where
+        ``want[row]``, else None — or None for the whole list when no row wants them)."""
+        import torch
+
+        features = {"input_ids": torch.from_numpy(ids).to(self.device),
+                    "attention_mask": torch.from_numpy(mask).to(self.device)}
+        if self.uses_token_type_ids:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            out = self.st_model(features)
+        vecs = out["sentence_embedding"].float().cpu().numpy()
+        if want is None or not any(want):
+            return vecs, None
+        tok, lengths = out["token_embeddings"], mask.sum(axis=1)
+        return vecs, [tok[j, : lengths[j]].float().cpu().numpy() if w else None for j, w in enumerate(want)]
+
+
 class TextEmbeddingModel(EmbeddingModel):
-    """A sentence-transformers model run batch-by-batch under a token budget.
+    """A text encoder run batch-by-batch under a token budget: tokenization, windows, batching, window pooling
+    and token-state sampling here; the forward pass in a runtime encoder (torch or ONNX Runtime).
 
     Parameters
     ----------
-    st_model : sentence_transformers.SentenceTransformer
-        The loaded model (its own pooling and normalization define the document vector).
+    encoder : sentence_transformers.SentenceTransformer, TorchTextEncoder or OnnxTextEncoder
+        The forward pass (a SentenceTransformer is wrapped in :class:`TorchTextEncoder`; its own pooling and
+        normalization define the document vector, which the ONNX encoder reproduces).
     max_tokens : int
         Sequence limit per forward pass, special tokens included (capped at the model's position embeddings).
     long_text : {"truncate", "chunk_mean"}
@@ -347,54 +474,51 @@ class TextEmbeddingModel(EmbeddingModel):
 
     modality = "text"
 
-    def __init__(self, st_model, max_tokens: int = 128, long_text: str = "truncate", max_chunks: int = 16,
+    def __init__(self, encoder, max_tokens: int = 128, long_text: str = "truncate", max_chunks: int = 16,
                  batch_tokens: Optional[int] = None, max_batch_size: Optional[int] = None,
                  max_text_chars: int = 100_000,
                  states_per_unit: int = 64):
-        self.st_model = st_model.eval()
-        self.tokenizer = st_model.tokenizer
-        limit = getattr(getattr(st_model[0], "auto_model", None), "config", None)
-        max_pos = getattr(limit, "max_position_embeddings", None) or 512
-        self.max_tokens = int(min(max_tokens, max_pos))
+        if getattr(encoder, "runtime", None) is None:  # a SentenceTransformer
+            encoder = TorchTextEncoder(encoder)
+        self.encoder = encoder
+        self.runtime = encoder.runtime
+        self.st_model = getattr(encoder, "st_model", None)
+        self.tokenizer = encoder.tokenizer
+        self.max_tokens = int(min(max_tokens, encoder.max_positions))
         self.long_text = long_text
         self.max_chunks = int(max_chunks)
-        self.device = str(next(st_model.parameters()).device)
+        self.device = encoder.device
         self.batch_tokens, self.max_batch_size = batching_for(self.device, batch_tokens, max_batch_size)
         self.max_text_chars = int(max_text_chars)
         self.states_per_unit = int(states_per_unit)
-        self.prefix, self.suffix = self._special_template()
+        self.prefix, self.suffix = self.tokenizer.template()
         self.lead = len(self.prefix)  # special tokens before the body (1 for BERT's [CLS])
         self.n_special = len(self.prefix) + len(self.suffix)
         self.body = self.max_tokens - self.n_special
-        self.normalizes = any(type(m).__name__ == "Normalize" for m in st_model)
-        self.uses_token_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
-        get_dim = getattr(st_model, "get_embedding_dimension", None) or st_model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        self.normalizes = encoder.normalizes
+        self.dim = int(encoder.dim)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "TextEmbeddingModel":
+        settings = dict(max_tokens=spec.max_tokens, long_text=spec.long_text, max_chunks=spec.max_chunks,
+                        batch_tokens=spec.batch_tokens, max_batch_size=spec.max_batch_size,
+                        max_text_chars=spec.max_text_chars, states_per_unit=spec.states_per_unit)
+        explicit_onnx = effective_runtime(spec.runtime, spec.quantize) == "onnx" and (
+            spec.runtime == "onnx" or spec.quantize != "none")
+        device = "cpu" if explicit_onnx else pick_device(spec.device)  # ONNX: no torch import at all
+        if explicit_onnx or effective_runtime(spec.runtime, spec.quantize, device) == "onnx":
+            from tokens2policy.embed.onnxrt import load_encoder
+
+            return cls(load_encoder(spec), **settings)
         import torch
 
-        device = pick_device(spec.device)
         if device == "cpu" and spec.cpu_threads:
             torch.set_num_threads(int(spec.cpu_threads))
         st = load_sentence_transformer(spec.source, device=device, tracking_uri=spec.tracking_uri,
                                        registry_uri=spec.registry_uri)
         if device.startswith("cuda"):
             st = st.half()
-        return cls(st, max_tokens=spec.max_tokens, long_text=spec.long_text, max_chunks=spec.max_chunks,
-                   batch_tokens=spec.batch_tokens, max_batch_size=spec.max_batch_size,
-                   max_text_chars=spec.max_text_chars, states_per_unit=spec.states_per_unit)
-
-    def _special_template(self) -> Tuple[List[int], List[int]]:
-        """The special tokens a single sequence gets before and after its body (``[CLS]`` / ``[SEP]`` for BERT)."""
-        probe = "hello world"
-        plain = list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
-        full = list(self.tokenizer(probe, add_special_tokens=True)["input_ids"])
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                return full[:start], full[start + len(plain) :]
-        raise ValueError("cannot infer the tokenizer's special-token template")
+        return cls(st, **settings)
 
     def _with_specials(self, ids: List[int]) -> List[int]:
         return self.prefix + ids + self.suffix
@@ -412,26 +536,13 @@ class TextEmbeddingModel(EmbeddingModel):
 
     def _forward(self, seqs: List[List[int]], want: List[bool]):
         """One padded forward pass; returns (sentence vectors (b, d) float32, token states per sequence or None)."""
-        import torch
-
         width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        ids = np.full((len(seqs), width), self.tokenizer.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
         for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids[j, : len(s)] = s
             mask[j, : len(s)] = 1
-        features = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if self.uses_token_type_ids:
-            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-        with torch.inference_mode():
-            out = self.st_model(features)
-        vecs = out["sentence_embedding"].float().cpu().numpy()
-        states = None
-        if any(want):
-            tok = out["token_embeddings"]
-            states = [tok[j, : len(s)].float().cpu().numpy() if w else None for j, (s, w) in enumerate(zip(seqs, want))]
-        return vecs, states
+        return self.encoder.forward(ids, mask, want)
 
     def encode(self, inputs: Sequence[Any], want_states: Optional[Sequence[bool]] = None) -> EncodedBatch:
         n = len(inputs)
@@ -452,8 +563,7 @@ class TextEmbeddingModel(EmbeddingModel):
                 todo.append(i)
         if not todo:
             return EncodedBatch(vectors, status, n_tokens, states)
-        token_ids = self.tokenizer([texts[i].strip() for i in todo], add_special_tokens=False, truncation=False,
-                                   return_attention_mask=False, return_token_type_ids=False, verbose=False)["input_ids"]
+        token_ids = self.tokenizer.ids([texts[i].strip() for i in todo])
 
         # flatten every text into its windows ("sequences"), remembering owner and window offset
         seqs: List[List[int]] = []
@@ -513,5 +623,5 @@ class TextEmbeddingModel(EmbeddingModel):
         if self.states_per_unit and len(keep) > self.states_per_unit:
             rng = np.random.default_rng(zlib.crc32(text.encode("utf-8", "surrogatepass")))
             keep = np.sort(rng.choice(len(keep), self.states_per_unit, replace=False))
-        tokens = self.tokenizer.convert_ids_to_tokens([ids[k] for k in keep])
+        tokens = self.tokenizer.tokens([ids[k] for k in keep])
         return TokenStates(positions=positions[keep], tokens=list(tokens), vectors=vectors[keep])

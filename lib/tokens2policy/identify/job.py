@@ -245,7 +245,7 @@ def run(spark, cfg) -> dict:
     import mlflow
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import read_table, table_exists, table_version, write_table
+    from tokens2policy.lakehouse import experiments_predicate, read_table, table_exists, table_version, write_table
     from tokens2policy.progress import spark_progress
     from tokens2policy.tracking import stage_run
 
@@ -310,7 +310,7 @@ def run(spark, cfg) -> dict:
                     "pvalues": res.pvalues.tolist(), "converged": res.converged}
         mlflow.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
-        pred = "experiment_id IN (" + ", ".join("'" + str(e).replace("'", "''") + "'" for e in experiments) + ")"
+        pred = experiments_predicate(experiments)
         for name, rows, schema in (("modifiers", mod_rows, MODIFIERS_SCHEMA),
                                    ("selection_trace", trace_rows, TRACE_SCHEMA),
                                    ("marginal_screen", marg_rows, MARGINAL_SCHEMA)):

@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 from tokens2policy.config import Config, ConfigError
 from tokens2policy.ingest.balance import balance_stats, randomization_check
 from tokens2policy.ingest.folds import assign_folds
-from tokens2policy.ingest.validate import KEYS, ColumnMap, classify_rows, map_columns
+from tokens2policy.ingest.validate import CORRUPT_COL, KEYS, ColumnMap, classify_rows, map_columns
 
 UNITS = "units"
 QUARANTINE = "quarantine"
@@ -37,27 +37,66 @@ class IngestInvariantError(RuntimeError):
     """The job's own bookkeeping does not add up (rows lost or double-counted): nothing downstream should run."""
 
 
+class SourceRejectedError(ConfigError):
+    """More than ``ingest.max_reject_share`` of the source's rows were rejected: the source or its column mapping
+    is wrong. Raised after the quarantine is written (for inspection) and before ``units`` is touched."""
+
+
 def read_source(spark: SparkSession, cfg: Config) -> Tuple[DataFrame, str]:
-    """The raw logs as a DataFrame and a short description of where they came from."""
+    """The raw logs as a DataFrame and a short description of where they came from.
+
+    CSV and JSON are read in Spark's PERMISSIVE mode with the corrupt-record column, so a line with too few or too
+    many fields (or broken JSON) keeps its raw text and is quarantined as ``malformed_line`` instead of losing or
+    padding fields silently; ``source.malformed=fail`` reads in FAILFAST mode instead. Paths are strings handed to
+    Spark (any Hadoop URI, globs included).
+    """
     src = cfg.source
     if src.kind == "demo":
         from tokens2policy.ingest.demo import SOURCE_TABLE, ensure_demo
 
         return ensure_demo(spark, cfg), f"demo:{cfg.demo.experiment_id} (table {SOURCE_TABLE})"
-    if not src.path:
-        raise ConfigError(f"source.path is required for source.kind={src.kind}")
-    where = f"{src.kind}:{src.path}"
+    key = src.location_key
+    location = getattr(src, key)
+    if not location:
+        raise ConfigError(f"source.{key} is required for source.kind={src.kind}")
+    if src.csv_schema is not None and src.kind != "csv":
+        raise ConfigError(f"source.csv_schema applies to source.kind=csv only (source.kind={src.kind})")
+    where = f"{src.kind}:{location}" if src.kind != "query" else "query:" + " ".join(location.split())[:200]
+    mode = "FAILFAST" if src.malformed == "fail" else "PERMISSIVE"
     try:
         if src.kind == "delta":
-            df = spark.read.format("delta").load(src.path)
+            is_name = "/" not in location and ":" not in location
+            df = spark.read.table(location) if is_name else spark.read.format("delta").load(location)
+        elif src.kind == "table":
+            df = spark.read.table(location)
+        elif src.kind == "query":
+            df = spark.sql(location)
         elif src.kind == "parquet":
-            df = spark.read.parquet(src.path)
-        elif src.kind == "csv":  # every column as read (strings): the checks do the typing, raw values stay intact
-            df = spark.read.option("header", str(src.csv_header).lower()).option("multiLine", "true") \
-                .option("escape", '"').csv(src.path)
+            df = spark.read.parquet(location)
+        elif src.kind == "csv":  # every column as read (strings) unless declared: the checks do the typing
+            reader = (spark.read.option("header", str(src.csv_header).lower()).option("multiLine", "true")
+                      .option("escape", '"'))
+            from pyspark.sql.types import StringType, StructField, StructType
+
+            if src.csv_schema is not None:
+                try:
+                    columns = StructType.fromDDL(src.csv_schema)
+                except Exception:
+                    raise ConfigError(f"source.csv_schema {src.csv_schema!r} is not a Spark DDL column list "
+                                      "(e.g. 'unit_id string, treatment int, text string')") from None
+            else:
+                columns = reader.csv(location).schema  # the header's names (or _c0, _c1, ...), all strings
+            if mode == "PERMISSIVE":
+                columns = StructType([*[f for f in columns.fields if f.name != CORRUPT_COL],
+                                      StructField(CORRUPT_COL, StringType(), True)])
+                reader = reader.option("columnNameOfCorruptRecord", CORRUPT_COL)
+            df = reader.option("mode", mode).schema(columns).csv(location)
         else:
-            df = spark.read.json(src.path)
-    except Exception as exc:  # AnalysisException: path does not exist, not a Delta table, ...
+            df = (spark.read.option("mode", mode).option("columnNameOfCorruptRecord", CORRUPT_COL)
+                  .json(location))
+    except ConfigError:
+        raise
+    except Exception as exc:  # AnalysisException: path does not exist, not a Delta table, table not found, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot read source {where}: {first[:300]}") from None
     return df, where
@@ -128,6 +167,13 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         try:
             summary = _write_and_check(spark, cfg, cmap, raw, rows, stored_counts, where, compare_cols,
                                        first_ingest=stored_version is None)
+        except Exception as exc:
+            malformed = re.search(r"Malformed (?:CSV |JSON )?record[^:]*: ([^\n]{0,200})", str(exc))
+            if malformed and cfg.source.malformed == "fail":  # FAILFAST stopped the read: one line, nothing written
+                raise ConfigError(f"source {where} has a line that does not parse ({malformed.group(1).strip()}); "
+                                  "source.malformed=fail stops at the first one — fix the file, or "
+                                  "--set source.malformed=quarantine to quarantine such lines") from None
+            raise
         finally:
             rows.unpersist()
 
@@ -156,6 +202,32 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         mlflow.set_tag("t2p.ingest.warnings", " | ".join(warnings)[:4000] if warnings else "none")
         mlflow.log_dict({k: v for k, v in summary.items()}, "ingest_summary.json")
     return summary
+
+
+# rows rejected for clashing with another row, not for what they hold: never a sign of a broken source
+NOT_SOURCE_FAULTS = ("duplicate_unit_id", "conflicts_with_stored")
+
+
+def check_reject_share(rows: DataFrame, rows_in: int, quarantined: int, reasons: Dict[str, int], cfg: Config,
+                       where: str) -> None:
+    """Raise :class:`SourceRejectedError` (one line: share, top reasons with counts, one example message, where the
+    rows are) when the share of rows rejected for their content (every reason but duplicates and
+    ``conflicts_with_stored``) exceeds ``ingest.max_reject_share``."""
+    from tokens2policy.lakehouse import table_location
+
+    limit = cfg.ingest.max_reject_share
+    bad = {r: n for r, n in reasons.items() if r not in NOT_SOURCE_FAULTS}
+    rejected = sum(bad.values())
+    if not rows_in or rejected / rows_in <= limit:
+        return
+    top = sorted(bad.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    example = rows.where(F.col("reason") == top[0][0]).select("message").first()
+    raise SourceRejectedError(
+        f"ingest rejected {rejected} of {rows_in} rows ({rejected / rows_in:.0%} > ingest.max_reject_share="
+        f"{limit:g}) from {where}; top reasons: " + ", ".join(f"{r} ({n})" for r, n in top)
+        + (f" — e.g. {example[0]}" if example and example[0] else "")
+        + f"; the rejected rows are in table 'quarantine' ({table_location(cfg, QUARANTINE)}), units is unchanged: "
+        "fix the source or its column mapping (docs/ingest.md), or raise ingest.max_reject_share")
 
 
 def _write_and_check(spark, cfg: Config, cmap: ColumnMap, raw: DataFrame, rows: DataFrame, stored_counts,
@@ -199,6 +271,7 @@ def _write_and_check(spark, cfg: Config, cmap: ColumnMap, raw: DataFrame, rows: 
         pending = True
     if pending:
         merge_table(spark, cfg, QUARANTINE, quarantine, keys=["row_hash", "occurrence"], update_when_changed=True)
+    check_reject_share(rows, rows_in, quarantined, reasons, cfg, where)
 
     # units: new rows get a fold; changed rows (update rule) keep their stored fold.
     acc = rows.where(F.col("status").isin("new", "changed"))

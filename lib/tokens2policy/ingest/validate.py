@@ -14,10 +14,11 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from tokens2policy.config import Config, ConfigError
+from tokens2policy.config import Config, ConfigError, label_key, label_text
 
 # Reject reasons in priority order: a row gets the first one that applies.
 REASONS: Dict[str, str] = {
+    "malformed_line": "a CSV/JSON line that does not parse (too few or too many fields, broken JSON): raw line kept",
     "missing_experiment_id": "the experiment id is null or blank",
     "missing_unit_id": "the unit id is null or blank",
     "bad_treatment": "the treatment is not one of the two configured labels",
@@ -33,6 +34,7 @@ REASONS: Dict[str, str] = {
 }
 
 KEYS = ("experiment_id", "unit_id")
+CORRUPT_COL = "_corrupt_record"  # Spark's column for a CSV/JSON line that does not parse (PERMISSIVE mode)
 NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
 
 
@@ -53,6 +55,7 @@ class ColumnMap:
     assigned_at_col: Optional[str]
     measured_at_col: Optional[str]
     dtypes: Dict[str, T.DataType] = field(default_factory=dict)
+    corrupt_col: Optional[str] = None  # the reader's corrupt-record column (CSV/JSON), when the source has one
 
     @property
     def units_columns(self) -> List[str]:
@@ -61,7 +64,7 @@ class ColumnMap:
 
     @property
     def numeric_labels(self) -> bool:
-        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.treatment_labels)
+        return all(label_key(v)[0] == "number" for v in self.treatment_labels)
 
 
 def _kind(dtype: T.DataType) -> str:
@@ -115,6 +118,8 @@ def map_columns(schema: T.StructType, cfg: Config, where: str) -> ColumnMap:
         for col, key in ((cmap.assigned_at_col, "source.assigned_at_col"),
                          (cmap.measured_at_col, "source.measured_at_col")):
             wanted.append((col, key, ("time", "string", "numeric")))
+    if CORRUPT_COL in schema.names and all(c != CORRUPT_COL for c, _, _ in wanted):
+        cmap.corrupt_col = CORRUPT_COL
     fields = {f.name: f.dataType for f in schema.fields}
     missing = [f"'{c}' ({key})" for c, key, _ in wanted if c not in fields]
     if missing:
@@ -137,10 +142,20 @@ def _col(name: str) -> Column:
     return F.col("`" + name.replace("`", "``") + "`")
 
 
+# Unicode whitespace (Java's (?U)\s: no-break, ideographic, en/em spaces, tabs, line breaks), zero-width space and
+# BOM at either end; the same set as tokens2policy.config.strip_unicode
+_EDGE_SPACE = r"(?U)^[\s\x{200B}\x{FEFF}]+|[\s\x{200B}\x{FEFF}]+$"
+
+
+def unicode_trim(c: Column) -> Column:
+    """Trim Unicode whitespace at both ends (``F.trim`` removes ASCII spaces only: ``"u1\t"`` stayed ``"u1\t"``)."""
+    return F.regexp_replace(c, _EDGE_SPACE, "")
+
+
 def _blank(name: str, dtype: T.DataType) -> Column:
     """Null, or (for strings) empty after trimming: treated as missing, not as a wrong type."""
     c = _col(name)
-    return c.isNull() | (F.trim(c) == "") if _kind(dtype) == "string" else c.isNull()
+    return c.isNull() | (unicode_trim(c) == "") if _kind(dtype) == "string" else c.isNull()
 
 
 def _as_double(name: str) -> Column:
@@ -178,20 +193,21 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
     d = cmap.dtypes
     raw_json = F.to_json(F.struct(*[_col(c) for c in df.columns]), {"ignoreNullFields": "false"})
     if cmap.experiment_id_col:
-        exp = F.trim(_col(cmap.experiment_id_col).cast("string"))
+        exp = unicode_trim(_col(cmap.experiment_id_col).cast("string"))
         exp_missing = _blank(cmap.experiment_id_col, d[cmap.experiment_id_col])
     else:
         exp, exp_missing = F.lit(cmap.experiment_id).cast("string"), F.lit(False)
-    uid = F.trim(_col(cmap.unit_id_col).cast("string"))
+    uid = unicode_trim(_col(cmap.unit_id_col).cast("string"))
     uid_missing = _blank(cmap.unit_id_col, d[cmap.unit_id_col])
 
     control, treated = cmap.treatment_labels
     if cmap.numeric_labels:
         t = _as_double(cmap.treatment_col)
-        treatment = F.when(t == float(treated), 1).when(t == float(control), 0)
-    else:
-        t = F.trim(_col(cmap.treatment_col).cast("string"))
-        treatment = F.when(t == str(treated), 1).when(t == str(control), 0)
+        treatment = F.when(t == F.lit(label_key(treated)[1]), 1).when(t == F.lit(label_key(control)[1]), 0)
+    else:  # text (labels compared as written; true/false case-insensitively, as label_text does)
+        t = unicode_trim(_col(cmap.treatment_col).cast("string"))
+        t = F.when(F.lower(t).isin("true", "false"), F.lower(t)).otherwise(t)
+        treatment = F.when(t == F.lit(label_text(treated)), 1).when(t == F.lit(label_text(control)), 0)
 
     outcomes = {c: _as_double(c) for c in cmap.outcome_cols}
     covariates = {c: _as_double(c) for c in cmap.covariate_cols}
@@ -203,7 +219,8 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
 
     texts = [_col(c).cast("string") for c in cmap.text_cols]
     # blank fields are skipped in the join; "empty" means nothing but whitespace (any kind, not just spaces)
-    text = F.concat_ws(cmap.text_separator, *[F.when(F.regexp_replace(s, r"\s+", "") != "", s) for s in texts])
+    text = F.concat_ws(cmap.text_separator, *[F.when(F.regexp_replace(s, r"(?U)[\s\x{200B}\x{FEFF}]+", "") != "", s)
+                                              for s in texts])
     undecodable = [(c, s.isNotNull() & (~F.is_valid_utf8(s) | s.contains("\ufffd"))) for c, s in
                    zip(cmap.text_cols, texts)]
     out_missing = [(c, v.isNull()) for c, v in outcomes.items()]
@@ -214,7 +231,13 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
         return F.greatest(*[F.coalesce(p, F.lit(False)) for _, p in pairs], F.lit(False)) if pairs else F.lit(False)
 
     labels = f"[{control!r}, {treated!r}]"
-    checks = [
+    malformed = []
+    if cmap.corrupt_col:
+        raw_line = _col(cmap.corrupt_col)
+        malformed = [("malformed_line", raw_line.isNotNull(), F.concat(
+            F.lit("line does not parse (too few or too many fields, or broken JSON): "),
+            F.substring(raw_line, 1, 200)))]
+    checks = malformed + [
         ("missing_experiment_id", exp_missing, F.lit(f"experiment id (column '{cmap.experiment_id_col}') is missing")),
         ("missing_unit_id", uid_missing, F.lit(f"unit id (column '{cmap.unit_id_col}') is missing")),
         ("bad_treatment", treatment.isNull(),
@@ -240,7 +263,8 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
     reason = F.coalesce(*[F.when(F.coalesce(cond, F.lit(False)), F.lit(code)) for code, cond, _ in checks])
     message = F.coalesce(*[F.when(F.coalesce(cond, F.lit(False)), msg) for _, cond, msg in checks])
 
-    cluster = (F.when(~_blank(cmap.cluster_col, d[cmap.cluster_col]), F.trim(_col(cmap.cluster_col).cast("string")))
+    cluster = (F.when(~_blank(cmap.cluster_col, d[cmap.cluster_col]),
+                      unicode_trim(_col(cmap.cluster_col).cast("string")))
                if cmap.cluster_col else F.lit(None).cast("string"))
     rows = df.select(
         exp.alias("experiment_id"),

@@ -1,9 +1,14 @@
-"""Delta Lake jars: resolved once from Maven Central at setup, then used from a local cache.
+"""Delta Lake jars (and the test suite's Hadoop minicluster jars): resolved once from Maven Central at setup, then
+used from a local cache.
 
 delta-spark's pip package holds only Python; its JVM half (``io.delta:delta-spark_<spark>_<scala>`` and
 ``io.delta:delta-storage``) lives on Maven Central. ``t2p setup`` resolves the coordinates that
 :func:`delta.configure_spark_with_delta_pip` would ask for through Spark's own Ivy resolver into the cache, so
 that no job or test downloads anything mid-run.
+
+``t2p setup --test-jars`` (part of ``make setup``) likewise caches ``org.apache.hadoop:hadoop-client-minicluster``
+in the version of the Hadoop client that pyspark ships (:func:`hadoop_version`): the test suite starts a real
+HDFS (NameNode + DataNode, ``MiniDFSCluster``) from it (tests/storage/hdfs.py).
 """
 from __future__ import annotations
 
@@ -71,6 +76,19 @@ s.stop()
 """
 
 
+def _resolve(coords: str, ivy: Path, expect: str) -> List[str]:
+    """Resolve Maven coordinates with Spark's Ivy into ``ivy``; return the jars (RuntimeError in one line)."""
+    ivy.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_SCRIPT, coords, str(ivy)], capture_output=True, text=True
+    )
+    found = sorted(glob.glob(str(ivy / "jars" / "*.jar")))
+    if proc.returncode != 0 or not any(expect in os.path.basename(j) for j in found):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"could not resolve {coords} from Maven Central: " + " | ".join(tail))
+    return found
+
+
 def fetch_delta_jars(verbose: bool = True) -> List[str]:
     """Resolve the Delta jars from Maven Central into the cache (idempotent); return their paths."""
     jars = cached_jars()
@@ -78,21 +96,50 @@ def fetch_delta_jars(verbose: bool = True) -> List[str]:
         return jars
     coords = ",".join(delta_coordinates())
     ivy = _ivy_dir()
-    ivy.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(f"fetching Delta jars {coords} from Maven Central into {ivy} ...", flush=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", _RESOLVE_SCRIPT, coords, str(ivy)], capture_output=True, text=True
-    )
-    found = sorted(glob.glob(str(ivy / "jars" / "*.jar")))
-    if proc.returncode != 0 or not any("delta-spark" in j for j in found):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"could not resolve {coords} from Maven Central: " + " | ".join(tail))
+    found = _resolve(coords, ivy, "delta-spark")
     (jar_cache_dir() / (delta_coordinates()[0].replace(":", "_") + ".ok")).write_text("\n".join(found) + "\n")
     jars = cached_jars()
     if verbose:
         print(f"cached {len(jars)} jars: " + ", ".join(os.path.basename(j) for j in jars), flush=True)
     return jars
+
+
+def hadoop_version() -> str:
+    """The Hadoop client version pyspark ships (from its ``hadoop-client-api-<version>.jar``)."""
+    import pyspark
+
+    jars = glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "jars", "hadoop-client-api-*.jar"))
+    if not jars:
+        raise RuntimeError("pyspark ships no hadoop-client-api jar: cannot tell its Hadoop version")
+    return os.path.basename(jars[0])[len("hadoop-client-api-"):-len(".jar")]
+
+
+def minicluster_coordinates() -> str:
+    return f"org.apache.hadoop:hadoop-client-minicluster:{hadoop_version()}"
+
+
+def cached_minicluster_jars() -> List[str]:
+    """The cached classpath of Hadoop's minicluster (MiniDFSCluster) for the test suite ([] before setup)."""
+    marker = jar_cache_dir() / (minicluster_coordinates().replace(":", "_") + ".ok")
+    if not marker.exists():
+        return []
+    return sorted(glob.glob(str(jar_cache_dir() / "hadoop-ivy" / "jars" / "*.jar")))
+
+
+def fetch_minicluster_jars(verbose: bool = True) -> List[str]:
+    """Resolve hadoop-client-minicluster (matching pyspark's Hadoop) into the cache (idempotent)."""
+    jars = cached_minicluster_jars()
+    if jars:
+        return jars
+    coords = minicluster_coordinates()
+    ivy = jar_cache_dir() / "hadoop-ivy"
+    if verbose:
+        print(f"fetching {coords} (test suite HDFS) from Maven Central into {ivy} ...", flush=True)
+    found = _resolve(coords, ivy, "hadoop-client-minicluster")
+    (jar_cache_dir() / (coords.replace(":", "_") + ".ok")).write_text("\n".join(found) + "\n")
+    return cached_minicluster_jars()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 from pyspark.sql import SparkSession
 
 from tokens2policy.config import Config, ConfigError
+from tokens2policy.lakehouse import storage
 from tokens2policy.lakehouse.jars import cached_jars, delta_coordinates
 
 _DELTA_CONF = {
@@ -34,7 +35,8 @@ def get_spark(config: Config) -> SparkSession:
 
     On Databricks, or whenever a session is already active and ``spark.session`` is ``auto``/``existing``, the active
     session is reused — never a second one. Otherwise a session is built for ``spark.master`` (``local[2]`` by
-    default) with the Delta jars from the setup cache, a warehouse under ``data_dir`` and Arrow enabled.
+    default) with the Delta jars from the setup cache, a warehouse under ``data_dir`` (any URI), the embedded
+    Derby metastore's files under a local ``data_dir`` and Arrow enabled.
     """
     sc = config.spark
     active = SparkSession.getActiveSession()
@@ -50,7 +52,6 @@ def get_spark(config: Config) -> SparkSession:
     # Python workers must run the same interpreter (the project's venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    data = config.data_path
     launched = _launcher_conf()
     builder = SparkSession.builder.appName(sc.app_name)
     # spark-submit's --master wins over the profile; a profile's master applies to a plain `python`/`t2p` launch.
@@ -58,14 +59,16 @@ def get_spark(config: Config) -> SparkSession:
         builder = builder.master(sc.master)
     builder = (
         builder
-        .config("spark.sql.warehouse.dir", str(data / "warehouse"))
+        .config("spark.sql.warehouse.dir", storage.join(config.data_uri, "warehouse"))
         .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
         .config("spark.driver.memory", sc.driver_memory)
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={data / 'derby'}")
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
     )
+    if config.data_is_local:  # the embedded Derby metastore (catalogImplementation=hive) keeps its files here
+        derby = storage.join(storage.local_path(config.data_uri), "derby")
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dderby.system.home={derby}")
     for key, value in _DELTA_CONF.items():
         builder = builder.config(key, value)
     if (sc.master or "").startswith("local") and "spark.master" not in launched:

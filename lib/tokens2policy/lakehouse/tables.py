@@ -1,19 +1,25 @@
 """Stage tables by short name: ``units``, ``embeddings``, ``neurons``, ``modifiers``, ``gates``, ...
 
-A short name resolves to ``catalog.schema.table`` in catalog mode (Unity Catalog on Databricks) and to a Delta
-table at ``<data_dir>/lakehouse/<schema>/<table>`` in path mode (the embedded default), so local runs need no
-metastore and several processes (tests, spark-submit jobs) can share one lakehouse. The column contracts are in
-``docs/tables.md``.
+A short name resolves to ``catalog.schema.table`` in catalog mode (Unity Catalog on Databricks, or the Hive
+metastore of ``spark.sql.catalogImplementation=hive``) and to a Delta table at ``<root>/<schema>/<table>`` in path
+mode (the embedded default; ``root`` is ``lakehouse.root`` or ``<data_dir>/lakehouse``), so local runs need no
+metastore and several processes (tests, spark-submit jobs) can share one lakehouse. Roots are strings: a local
+path or any URI Hadoop can open (``hdfs://``, ``s3a://``, ``abfss://``, ``gs://``, ``dbfs:/``, ``file://``); whether
+a table exists is asked of Delta on that file system, never of the local disk (``lakehouse.storage``).
+
+Values from data never reach SQL text unescaped: :func:`sql_string_literal` writes a Spark SQL string literal with
+Spark's backslash escapes, and the per-experiment predicates (:func:`experiment_filter`,
+:func:`experiments_predicate`) are built from it. The column contracts are in ``docs/tables.md``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
 from tokens2policy.config import Config
+from tokens2policy.lakehouse import storage
 
 
 class MissingTableError(RuntimeError):
@@ -25,8 +31,8 @@ def table_location(config: Config, name: str) -> str:
     lh = config.lakehouse
     if lh.mode == "catalog":
         return ".".join(p for p in (lh.catalog, lh.schema_, name) if p)
-    root = Path(lh.root) if lh.root else config.data_path / "lakehouse"
-    return str(root / lh.schema_ / name)
+    root = storage.resolve(lh.root) if lh.root else storage.join(config.data_uri, "lakehouse")
+    return storage.join(root, lh.schema_, name)
 
 
 def _is_catalog(config: Config) -> bool:
@@ -37,7 +43,8 @@ def table_exists(spark: SparkSession, config: Config, name: str) -> bool:
     loc = table_location(config, name)
     if _is_catalog(config):
         return spark.catalog.tableExists(loc)
-    return Path(loc, "_delta_log").is_dir() and DeltaTable.isDeltaTable(spark, loc)
+    # the log directory first: isDeltaTable on a missing path walks up its parents looking for a table
+    return storage.exists(storage.join(loc, "_delta_log"), spark) and DeltaTable.isDeltaTable(spark, loc)
 
 
 def delta_table(spark: SparkSession, config: Config, name: str) -> DeltaTable:
@@ -66,13 +73,18 @@ def write_table(
     partition_by: Optional[Sequence[str]] = None,
     replace_where: Optional[str] = None,
     overwrite_schema: bool = False,
+    user_metadata: Optional[str] = None,
 ) -> None:
     """Write a stage table in one Delta commit.
 
-    ``replace_where`` (e.g. ``experiment_id = 'x'``) overwrites only the matching rows, so one experiment's rerun
-    never touches another experiment's rows in a shared lakehouse.
+    ``replace_where`` (a SQL predicate from :func:`experiment_filter` / :func:`experiments_predicate`, never one
+    concatenated from data) overwrites only the matching rows, so one experiment's rerun never touches another
+    experiment's rows in a shared lakehouse. ``user_metadata`` is stored in the commit (``DESCRIBE HISTORY``'s
+    ``userMetadata``; :func:`commit_metadata` reads it back), e.g. the model version that produced the rows.
     """
     writer = df.write.format("delta").mode(mode)
+    if user_metadata is not None:
+        writer = writer.option("userMetadata", user_metadata)
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if replace_where is not None:
@@ -81,9 +93,24 @@ def write_table(
         writer = writer.option("overwriteSchema", "true")
     loc = table_location(config, name)
     if _is_catalog(config):
+        ensure_schema(df.sparkSession, config)
         writer.saveAsTable(loc)
     else:
         writer.save(loc)
+
+
+def ensure_schema(spark: SparkSession, config: Config) -> None:
+    """Catalog mode: create ``[catalog.]schema`` when it does not exist yet (Unity Catalog: needs CREATE SCHEMA
+    on the catalog; the bundle creates it instead, databricks.yml)."""
+    lh = config.lakehouse
+    name = ".".join(quote_identifier(p) for p in (lh.catalog, lh.schema_) if p)
+    if not spark.catalog.databaseExists(".".join(p for p in (lh.catalog, lh.schema_) if p)):
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS {name}")
+
+
+def quote_identifier(name: str) -> str:
+    """A Spark SQL identifier in backticks (a backtick inside doubled)."""
+    return "`" + str(name).replace("`", "``") + "`"
 
 
 def merge_table(
@@ -137,7 +164,33 @@ def table_history(spark: SparkSession, config: Config, name: str) -> DataFrame:
     return delta_table(spark, config, name).history()
 
 
+def commit_metadata(spark: SparkSession, config: Config, name: str, version: int) -> Optional[str]:
+    """The ``userMetadata`` stored with a table version's commit (``write_table(user_metadata=...)``), or None."""
+    from pyspark.sql import functions as F
+
+    row = (delta_table(spark, config, name).history().where(F.col("version") == int(version))
+           .select("userMetadata").first())
+    return None if row is None else row[0]
+
+
+def sql_string_literal(value) -> str:
+    """``value`` as a Spark SQL string literal: ``'...'`` with a backslash before every backslash and quote.
+
+    Spark's parser reads string literals with backslash escapes (``spark.sql.parser.escapedStringLiterals`` at its
+    default, false), so the SQL-standard doubled quote (``'o''brien'``) is two adjacent literals to Spark, and an
+    unescaped trailing backslash swallows the closing quote. Tested by parsing hostile values back through Spark.
+    """
+    text = str(value)
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def experiment_filter(experiment_id: str) -> str:
-    """A SQL predicate selecting one experiment's rows (quotes escaped)."""
-    return "experiment_id = '" + str(experiment_id).replace("'", "''") + "'"
+    """A SQL predicate selecting one experiment's rows (for ``filter`` and Delta's ``replaceWhere``)."""
+    return "experiment_id = " + sql_string_literal(experiment_id)
+
+
+def experiments_predicate(experiment_ids: Iterable[str]) -> str:
+    """A SQL predicate selecting the rows of several experiments (``false`` for none)."""
+    ids = [sql_string_literal(e) for e in experiment_ids]
+    return "experiment_id IN (" + ", ".join(ids) + ")" if ids else "false"
 

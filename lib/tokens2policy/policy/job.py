@@ -261,6 +261,10 @@ def run(spark, cfg) -> dict:
     summary: Dict[str, object] = {"experiments": []}
     unit_type = units.schema["unit_id"].dataType.simpleString()
     with stage_run(cfg, "policy", inputs=versions):
+        from ..represent.job import represent_model_uri
+
+        # the represent model version that wrote the neurons read here (pinned, never "latest")
+        represent_uri = represent_model_uri(spark, cfg, versions["neurons"]) if p.register_model else None
         mods_every = modifiers.toPandas()
         eff_every = effects.filter(effects.learner == p.learner).toPandas()
         if eff_every.empty:
@@ -283,7 +287,8 @@ def run(spark, cfg) -> dict:
                     from .pyfunc import log_stage_policy_model
 
                     uri = log_stage_policy_model(cfg, exp, outcome, res["sub"], res["mods"], res["values"],
-                                                 res["kinds"], res["tree"], res["budget_fit"], res["cluster"])
+                                                 res["kinds"], res["tree"], res["budget_fit"], res["cluster"],
+                                                 representation_uri=represent_uri)
                     if uri:
                         model_uris[outcome] = uri
                 v = value.set_index(["policy", "comparison"])

@@ -43,7 +43,7 @@ from ..effects.gates import split_groups
 from .rules import budget_assign, budget_fired
 from .tree import Leaf, PolicyTree, Split
 
-REGISTERED_MODEL = "tokens2policy-policy"
+REGISTERED_MODEL = "tokens2policy-policy"  # log_policy_model's default; the stage names one per experiment/outcome
 OUTPUT_COLUMNS = ["recommended", "cate", "ci_low", "ci_high", "rule", "leaf_id", "embed_status"]
 OUTPUT_DDL = ("recommended int, cate double, ci_low double, ci_high double, rule string, leaf_id int, "
               "embed_status string")
@@ -418,9 +418,14 @@ def model_signature(spec: PolicySpec, covariate_types: Optional[Mapping[str, str
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
-def pip_requirements() -> List[str]:
-    """Explicit requirements (inferring them would load the model in a subprocess: slow, and offline here)."""
+def pip_requirements(package: Optional[str] = None) -> List[str]:
+    """Explicit requirements (inferring them would load the model in a subprocess: slow, and offline here).
+
+    ``package``: the line for this package (``tracking.package_requirement``: the built wheel logged with the
+    model, or ``tokens2policy==<version>``); default the pinned version."""
     from importlib import metadata
+
+    from .. import __version__
 
     def pin(dist):
         try:
@@ -429,19 +434,44 @@ def pip_requirements() -> List[str]:
             return dist
 
     return [pin(d) for d in ("mlflow", "torch", "sentence-transformers", "transformers", "tokenizers", "numpy",
-                             "pandas", "scipy", "scikit-learn")] + ["tokens2policy"]
+                             "pandas", "scipy", "scikit-learn")] + [package or f"tokens2policy=={__version__}"]
+
+
+def input_example(spec: PolicySpec, covariate_types: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
+    """One valid input row that carries no unit's data: a placeholder text, numeric covariates at their training
+    fill value, categorical ones at their reference level, and a placeholder ``unit_id`` when the rule is the
+    budget rule (its ties are decided per unit id, so the signature requires one)."""
+    types = dict(covariate_types or {})
+    row: Dict[str, Any] = {spec.text_col: "An example text."}
+    if spec.rule["kind"] == "budget":
+        row["unit_id"] = "example-unit"
+    for m in spec.modifiers:
+        if m.source != "covariate":
+            continue
+        kind = types.get(m.column, m.dtype or "double")
+        if m.kind == "categorical" and m.levels:
+            value: Any = m.levels[0]
+            value = {"long": int, "double": float, "boolean": lambda v: str(v).lower() == "true"}.get(
+                kind, str)(value)
+        else:
+            value = float(m.fill if m.fill is not None else 0.0)
+        row[m.column] = value
+    return pd.DataFrame([row])
 
 
 def log_policy_model(spec: PolicySpec, sae, embed_source: str, name: str = "policy_model",
                      registered_model_name: Optional[str] = REGISTERED_MODEL, device: str = "cpu",
                      cpu_threads: Optional[int] = None, covariate_types: Optional[Mapping[str, str]] = None,
-                     extra_pip_requirements: Sequence[str] = ()) -> str:
+                     extra_pip_requirements: Sequence[str] = (), package_requirement: Optional[str] = None,
+                     extra_artifacts: Optional[Mapping[str, str]] = None, alias: Optional[str] = None) -> str:
     """Log the chain as a pyfunc in the active (or a new) MLflow run, register a version; return the model URI.
 
     ``sae``: the fitted ``SparseAutoencoder`` (or a baseline representation, or the directory either was saved
     to, e.g. the represent stage's logged ``representation`` artifact); ``embed_source``: the local
-    directory of the text model (``ModelSpec.source`` of the embed stage). Returns ``models:/<name>/<version>``
-    when registered, else the run's ``runs:/`` URI.
+    directory of the text model (``ModelSpec.source`` of the embed stage). The model carries its signature and an
+    input example; ``package_requirement``/``extra_artifacts`` come from ``tracking.package_requirement`` (the
+    built wheel inside the model). ``alias`` (e.g. ``champion``) is moved to the new version. Returns
+    ``models:/<name>/<version>`` when registered, else the run's ``runs:/`` URI.
     """
     import mlflow
 
@@ -458,13 +488,18 @@ def log_policy_model(spec: PolicySpec, sae, embed_source: str, name: str = "poli
         policy_path = spec.save(os.path.join(tmp, "policy.json"))
         info = mlflow.pyfunc.log_model(
             name=name, python_model=TargetingPolicyModel(device=device, cpu_threads=cpu_threads),
-            artifacts={"embedding_model": str(embed_source), "sae": str(sae_dir), "policy": policy_path},
+            artifacts={"embedding_model": str(embed_source), "sae": str(sae_dir), "policy": policy_path,
+                       **dict(extra_artifacts or {})},
             signature=model_signature(spec, covariate_types),
-            pip_requirements=pip_requirements() + list(extra_pip_requirements),
+            input_example=input_example(spec, covariate_types),
+            pip_requirements=pip_requirements(package_requirement) + list(extra_pip_requirements),
             registered_model_name=registered_model_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if registered_model_name:
+        if alias:
+            mlflow.MlflowClient().set_registered_model_alias(registered_model_name, alias,
+                                                             str(info.registered_model_version))
         return f"models:/{registered_model_name}/{info.registered_model_version}"
     return info.model_uri
 
@@ -478,7 +513,8 @@ def spark_scorer(spark, model_uri: str):
 
 def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods: Sequence[Modifier],
                            values: Mapping[str, np.ndarray], kinds: Mapping[str, str], tree: PolicyTree,
-                           budget_fit, cluster=None, representation_dir: Optional[str] = None) -> Optional[str]:
+                           budget_fit, cluster=None, representation_dir: Optional[str] = None,
+                           representation_uri: Optional[str] = None) -> Optional[str]:
     """The policy stage's hook: freeze one (experiment, outcome)'s deployable rule (``policy.recommended``) and log
     and register it in the active run; returns the model URI, or None when ``policy.learner`` has no linear final
     stage (only ``*_selected`` learners can be served as ``[1, Z]β``) or no registered representation exists
@@ -488,28 +524,32 @@ def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods:
     fold, mu0, mu1, propensity, cate, sample). The linear final stage is refitted from the stored cross-fitted
     nuisances of the estimation units (``sample``, as the effects stage fits it) — the same OLS, checked against
     the stored CATE of every unit. ``budget_fit``: the budget rule's (cutoff, tie share) from
-    ``policy.job.learn_policies``. ``representation_dir``: the saved SAE; default the latest version of the
-    represent stage's registered model.
+    ``policy.job.learn_policies``. ``representation_dir``: the saved SAE; else ``representation_uri``: the
+    represent model that wrote the ``neurons`` version the policy stage read (``represent.job.represent_model_uri``),
+    never a floating "latest". Registered as ``tracking.policy_model_name`` for (exp, outcome), with the
+    ``tracking.model_alias`` alias.
     """
     import mlflow
 
     from ..effects.learners import DRLearner, RLearner
     from ..embed.models import resolve_model
-    from ..tracking import tracking_uri
+    from ..tracking import model_name, package_requirement, tracking_uri
 
     p = cfg.policy
     if not p.learner.endswith("_selected"):
         return None
     if representation_dir is None:
-        from ..represent.job import REGISTERED_MODEL as REPRESENT_MODEL
+        import warnings
 
+        if representation_uri is None:  # neurons written without the represent stage's model record
+            warnings.warn(f"policy model not logged for {exp}/{outcome}: the neurons table does not record the "
+                          "represent model that wrote it (run the represent stage)")
+            return None
         try:
-            local = mlflow.artifacts.download_artifacts(f"models:/{REPRESENT_MODEL}/latest")
-        except Exception as exc:  # no registered representation (e.g. neurons written without the represent stage)
-            import warnings
-
-            warnings.warn(f"policy model not logged for {exp}/{outcome}: no registered '{REPRESENT_MODEL}' "
-                          f"representation to serve ({type(exc).__name__}: {exc})")
+            local = mlflow.artifacts.download_artifacts(representation_uri)
+        except Exception as exc:
+            warnings.warn(f"policy model not logged for {exp}/{outcome}: cannot load the representation "
+                          f"{representation_uri} that wrote the neurons ({type(exc).__name__}: {exc})")
             return None
         representation_dir = os.path.join(local, "artifacts", "representation")
     from ..honesty import estimated_on
@@ -537,8 +577,11 @@ def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods:
                                             "n_estimation": int(est.sum()),
                                             "estimated_on": estimated_on(cfg.honesty)})
     name = "policy_" + "".join(ch if ch.isalnum() else "_" for ch in f"{exp}_{outcome}")
+    requirement, artifacts = package_requirement(cfg)
     return log_policy_model(spec, representation_dir, embed_spec.source, name=name,
-                            registered_model_name=REGISTERED_MODEL if p.register_model else None)
+                            registered_model_name=model_name(cfg, "policy", exp, outcome) if p.register_model
+                            else None, package_requirement=requirement, extra_artifacts=artifacts,
+                            alias=cfg.tracking.model_alias)
 
 
 def _encode_training(values, kinds, encoding, n):

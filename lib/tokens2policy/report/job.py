@@ -2,40 +2,62 @@
 
 ``<data_dir>/reports/<timestamp>/index.html`` (or ``report.out_dir``) holds the page; the figures are both inlined
 (the page needs no other file) and saved beside it. The whole folder is logged as the MLflow run's ``report``
-artifact, and ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests).
+artifact, ``facts.json`` holds the headline numbers the page shows (used by the printed summary and tests) and
+``screenshot.png`` the top of the page as headless Chromium renders it (when Chromium is installed).
+The reports folder may be any URI (``hdfs://``, ``s3a://``, ``abfss://``, ``dbfs:/``): the page is then built in a
+local staging folder and copied there through Hadoop's FileSystem (``lakehouse.storage``).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from tokens2policy.config import Config
+from tokens2policy.lakehouse import storage
 from tokens2policy.report.load import input_versions, load_lakehouse
 from tokens2policy.report.page import build_page
+from tokens2policy.report.screenshot import try_screenshot
 
 
-def reports_root(config: Config) -> Path:
-    return Path(config.report.out_dir).expanduser().resolve() if config.report.out_dir \
-        else config.data_path / "reports"
+def reports_root(config: Config) -> str:
+    """The reports folder: ``report.out_dir`` or ``<data_dir>/reports``, a local absolute path or a URI."""
+    return storage.resolve(config.report.out_dir) if config.report.out_dir \
+        else storage.join(config.data_uri, "reports")
+
+
+def _fresh_name(root: str, spark=None) -> str:
+    """``YYYYmmdd-HHMMSS`` (a suffix keeps two reports in one second apart)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, i = stamp, 1
+    while storage.exists(storage.join(root, name), spark):
+        name, i = f"{stamp}-{i}", i + 1
+    return name
 
 
 def new_report_dir(config: Config) -> Path:
-    """A fresh ``<reports>/<YYYYmmdd-HHMMSS>`` folder (a suffix keeps two reports in one second apart)."""
+    """A fresh local ``<reports>/<YYYYmmdd-HHMMSS>`` folder (a local reports folder only)."""
     root = reports_root(config)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, i = root / stamp, 1
-    while path.exists():
-        path, i = root / f"{stamp}-{i}", i + 1
+    path = Path(storage.local_path(storage.join(root, _fresh_name(root))))
     path.mkdir(parents=True)
     return path
 
 
-def latest_report(config: Config) -> Path | None:
+def latest_report(config: Config, spark=None) -> Union[Path, str, None]:
+    """The newest report page (a local Path, or the URI of a page in a remote reports folder)."""
     root = reports_root(config)
-    pages = sorted(root.glob("*/index.html"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    return pages[-1] if pages else None
+    if storage.is_local(root):
+        local = Path(storage.local_path(root))
+        pages = sorted(local.glob("*/index.html"), key=lambda p: p.stat().st_mtime) if local.is_dir() else []
+        return pages[-1] if pages else None
+    for name in reversed(storage.child_dirs(root, spark)):
+        page = storage.join(root, name, "index.html")
+        if storage.exists(page, spark):
+            return page
+    return None
 
 
 def build_facts(spark, config: Config, out_dir: Path, versions: Optional[Dict[str, Optional[int]]] = None,
@@ -51,21 +73,48 @@ def build_facts(spark, config: Config, out_dir: Path, versions: Optional[Dict[st
 
 def build_report(spark, config: Config, run_id: Optional[str] = None,
                  versions: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Any]:
-    """Write ``index.html``, its PNGs and ``facts.json`` into a fresh report folder; return a summary."""
-    out = new_report_dir(config)
+    """Write ``index.html``, its PNGs and ``facts.json`` into a fresh report folder; return a summary.
+
+    ``report_dir``/``report_path`` name the folder and page where they live (a URI for a remote reports folder);
+    ``local_dir`` is a local copy of the folder (the folder itself when local; else a staging copy the caller
+    removes with :func:`discard_staging`).
+    """
+    root = reports_root(config)
+    if storage.is_local(root):
+        out = new_report_dir(config)
+        report_dir, staging = str(out), None
+    else:
+        name = _fresh_name(root, spark)
+        staging = tempfile.mkdtemp(prefix="t2p_report_")
+        out = Path(staging) / name
+        out.mkdir()
+        report_dir = storage.join(root, name)
     page, lakehouse = build_facts(spark, config, out, versions, run_id)
     index = out / "index.html"
-    index.write_text(page.html, encoding="utf-8")  # type: ignore[attr-defined]
-    facts = {**page.facts, "versions": lakehouse.versions, "report_path": str(index)}
+    report_path = str(index) if staging is None else storage.join(report_dir, "index.html")
+    index.write_text(page.html, encoding="utf-8")
+    facts = {**page.facts, "versions": lakehouse.versions, "report_path": report_path}
     (out / "facts.json").write_text(json.dumps(facts, indent=2, default=_json_default), encoding="utf-8")
+    shot = try_screenshot(index, out / "screenshot.png") if config.report.screenshot else None
+    if staging is not None:
+        storage.upload_dir(str(out), report_dir, spark)
     return {
-        "report_path": str(index),
-        "report_dir": str(out),
+        "report_path": report_path,
+        "report_dir": report_dir,
+        "local_dir": str(out),
+        "staging": staging,
+        "screenshot": None if shot is None else str(shot) if staging is None else storage.join(report_dir, shot.name),
         "figures": [p.name for p in page.figures],
         "experiments": list(page.facts["experiments"]),
         "missing": page.facts["missing"],
         "facts": facts,
     }
+
+
+def discard_staging(res: Dict[str, Any]) -> None:
+    """Remove the local staging copy of a report written to a remote folder (no-op for a local folder)."""
+    if res.get("staging"):
+        shutil.rmtree(res["staging"], ignore_errors=True)
 
 
 def _json_default(x):
@@ -86,6 +135,7 @@ def run(spark, config: Config) -> Dict[str, Any]:
     """Report stage entry point: build the page inside an MLflow run and log the folder as artifacts."""
     if not config.report.log_to_mlflow:
         res = build_report(spark, config)
+        discard_staging(res)
         return _summary(res)
     import mlflow
 
@@ -94,7 +144,10 @@ def run(spark, config: Config) -> Dict[str, Any]:
     inputs = input_versions(spark, config)
     with stage_run(config, "report", inputs=inputs) as active:
         res = build_report(spark, config, run_id=active.info.run_id, versions=inputs)
-        mlflow.log_artifacts(res["report_dir"], artifact_path="report")
+        try:
+            mlflow.log_artifacts(res["local_dir"], artifact_path="report")
+        finally:
+            discard_staging(res)
         mlflow.log_metric("report_missing_items", len(res["missing"]))
         mlflow.log_metric("report_figures", len(res["figures"]))
         mlflow.set_tag("t2p.report_path", res["report_path"])
@@ -104,5 +157,6 @@ def run(spark, config: Config) -> Dict[str, Any]:
 
 def _summary(res: Dict[str, Any]) -> Dict[str, Any]:
     """The small dict ``run_stages`` records (no facts: they live in facts.json)."""
-    keep: List[str] = ["report_path", "report_dir", "figures", "experiments", "missing", "mlflow_run_id"]
+    keep: List[str] = ["report_path", "report_dir", "screenshot", "figures", "experiments", "missing",
+                       "mlflow_run_id"]
     return {k: res[k] for k in keep if k in res}

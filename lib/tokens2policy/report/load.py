@@ -2,8 +2,10 @@
 
 Every table is read through the lakehouse helpers, filtered to one experiment when it has an ``experiment_id``
 column, and handed over as pandas (these tables are small: one row per feature, group, rule or trace step).
-``units`` is the exception: it is summarised in Spark (counts, arm means and variances), never collected.
-Whatever is missing is recorded in :attr:`ReportData.missing` so the page and the printed summary can say so.
+``units`` is the exception: it is summarised in Spark (counts, arm means and variances), never collected; so are
+``neurons`` and ``demo_truth``, which only feed the comparison with the known truth of the demo (each selected
+neuron's activations counted per true topic, in Spark). Whatever is missing is recorded in
+:attr:`ReportData.missing` so the page and the printed summary can say so.
 """
 from __future__ import annotations
 
@@ -19,9 +21,13 @@ from tokens2policy.config import Config
 REPORT_TABLES = (
     "units", "quarantine", "modifiers", "selection_trace", "marginal_screen", "neuron_labels", "gates",
     "calibration", "calibration_curves", "policy_rules", "policy_value", "assignments",
+    "demo_drivers", "demo_truth", "neurons",
 )
-# tables that are only optional extras (their absence is not reported as a gap)
-OPTIONAL_TABLES = ("calibration_curves",)
+# tables that are only optional extras (their absence is not reported as a gap): the demo's truth exists for the
+# demo only, and neurons is read only to compare the selection with it
+OPTIONAL_TABLES = ("calibration_curves", "demo_drivers", "demo_truth", "neurons")
+# tables summarised in Spark, never collected (one row per unit)
+UNIT_TABLES = ("units", "demo_truth", "neurons")
 # columns the report reads, by table (anything else is shown as-is where a table is printed)
 EXPECTED_COLUMNS: Dict[str, Sequence[str]] = {
     "units": ("experiment_id", "unit_id", "treatment"),
@@ -35,6 +41,7 @@ EXPECTED_COLUMNS: Dict[str, Sequence[str]] = {
     "policy_rules": ("rule",),
     "policy_value": ("policy", "estimate", "ci_low", "ci_high"),
     "assignments": (),
+    "demo_drivers": ("role", "term", "coefficient"),
 }
 TREATMENT_ALIASES = ("treatment", "t", "treated", "w")
 
@@ -107,12 +114,23 @@ class UnitsSummary:
 
 
 @dataclass
+class TruthCounts:
+    """For the demo: how the selected neurons' activations fall on the true topics (from ``neurons`` ⋈
+    ``demo_truth``). ``both``: experiment_id, neuron, topic, n (units of the topic with the neuron active);
+    ``topics``: experiment_id, topic, n (units of the topic)."""
+
+    both: pd.DataFrame
+    topics: pd.DataFrame
+
+
+@dataclass
 class ReportData:
     experiment_id: Optional[str]
     tables: Dict[str, pd.DataFrame] = field(default_factory=dict)
     versions: Dict[str, Optional[int]] = field(default_factory=dict)
     missing: List[str] = field(default_factory=list)  # human-readable: "table 'gates' does not exist", ...
     units: Optional[UnitsSummary] = None
+    truth: Optional[TruthCounts] = None  # the demo's truth, when demo_drivers / demo_truth / neurons exist
 
     def get(self, name: str) -> Optional[pd.DataFrame]:
         return self.tables.get(name)
@@ -126,6 +144,7 @@ class Lakehouse:
     versions: Dict[str, Optional[int]]
     missing: List[str]
     units: Dict[Optional[str], UnitsSummary]
+    truth: Optional[TruthCounts] = None
 
     def experiments(self, only: Optional[str] = None) -> List[Optional[str]]:
         """Experiments to report on: ``only``, else every experiment in units / modifiers / gates, else [None]."""
@@ -145,6 +164,10 @@ class Lakehouse:
                 df = df[df["experiment_id"].astype(str) == experiment_id].reset_index(drop=True)
             data.tables[name] = df
         data.units = self.units.get(experiment_id) if experiment_id in self.units else self.units.get(None)
+        if self.truth is not None:
+            keep = (lambda df: df) if experiment_id is None else \
+                (lambda df: df[df["experiment_id"].astype(str) == experiment_id].reset_index(drop=True))
+            data.truth = TruthCounts(keep(self.truth.both), keep(self.truth.topics))
         return data
 
 
@@ -229,6 +252,8 @@ def load_lakehouse(spark, config: Config, versions: Optional[Dict[str, Optional[
         gone = [f"table '{name}' has no column '{c}'" for c in EXPECTED_COLUMNS.get(name, ()) if c not in df.columns]
         if name == "units":
             return gone, _summarise_units(df, config)
+        if name in UNIT_TABLES:  # read later, for the truth comparison only
+            return gone, df
         return gone, _assignment_counts(df) if name == "assignments" else df.toPandas()
 
     present = [n for n in REPORT_TABLES if versions.get(n) is not None]
@@ -238,15 +263,60 @@ def load_lakehouse(spark, config: Config, versions: Optional[Dict[str, Optional[
     with ThreadPoolExecutor(max_workers=4) as pool:
         loaded = dict(zip(present, pool.map(read, present)))
     tables: Dict[str, pd.DataFrame] = {}
+    frames = {}
     units: Dict[Optional[str], UnitsSummary] = {}
     for name in present:
         gone, value = loaded[name]
-        missing += gone
+        if name not in OPTIONAL_TABLES:
+            missing += gone
         if name == "units":
             units = value
+        elif name in UNIT_TABLES:
+            frames[name] = value
         else:
             tables[name] = value
-    return Lakehouse(tables, versions, missing, units)
+    truth = None
+    if {"demo_truth", "neurons"} <= set(frames) and tables.get("demo_drivers") is not None:
+        truth = truth_counts(frames["neurons"], frames["demo_truth"], tables.get("modifiers"))
+    return Lakehouse(tables, versions, missing, units, truth)
+
+
+def selected_neurons(modifiers: Optional[pd.DataFrame]) -> List[int]:
+    """The neuron indices among the selected modifiers (feature ``12``, ``12.0`` or ``neuron_12``; covariates
+    excluded)."""
+    if modifiers is None or "feature" not in modifiers.columns:
+        return []
+    rows = modifiers
+    if "kind" in rows.columns:
+        rows = rows[rows["kind"].astype(str) != "W"]
+    out = set()
+    for f in rows["feature"]:
+        key = feature_key(f)
+        digits = key if key.isdigit() else trailing_int(key)
+        if digits is not None:
+            out.add(int(digits))
+    return sorted(out)
+
+
+def truth_counts(neurons, truth, modifiers: Optional[pd.DataFrame]) -> Optional[TruthCounts]:
+    """Per experiment, selected neuron and true topic: the units with the neuron active (code > 0), in two small
+    Spark aggregations over ``neurons`` ⋈ ``demo_truth`` (nothing per unit is collected)."""
+    from pyspark.sql import functions as F
+
+    ids = selected_neurons(modifiers)
+    if "topic" not in truth.columns or not {"indices", "values"} <= set(neurons.columns):
+        return None
+    keys = ["experiment_id", "unit_id"]
+    topics = truth.select(*keys, F.col("topic").cast("string").alias("topic"))
+    sizes = topics.groupBy("experiment_id", "topic").agg(F.count(F.lit(1)).alias("n")).toPandas()
+    if not ids:
+        return TruthCounts(pd.DataFrame(columns=["experiment_id", "neuron", "topic", "n"]), sizes)
+    active = (neurons.select(*keys, F.explode(F.arrays_zip("indices", "values")).alias("c"))
+              .where(F.col("c.indices").isin(ids) & (F.col("c.values") > 0))
+              .select(*keys, F.col("c.indices").cast("int").alias("neuron")))
+    both = (active.join(topics, keys).groupBy("experiment_id", "neuron", "topic")
+            .agg(F.count(F.lit(1)).alias("n")).toPandas())
+    return TruthCounts(both, sizes)
 
 
 def load_report_data(spark, config: Config, experiment_id: Optional[str]) -> ReportData:
@@ -256,8 +326,8 @@ def load_report_data(spark, config: Config, experiment_id: Optional[str]) -> Rep
 
 def _assignment_counts(df) -> pd.DataFrame:
     """Assignments are one row per unit: report only how many units each experiment/policy/action got."""
-    keys = [c for c in ("experiment_id", "outcome", "policy", "action", "action_name", "treat", "assign")
-            if c in df.columns]
+    keys = [c for c in ("experiment_id", "outcome", "policy", "recommended", "action", "action_name", "treat",
+                        "assign") if c in df.columns]
     if not keys:
         return pd.DataFrame({"n": [df.count()]})
     return df.groupBy(*keys).count().orderBy(*keys).toPandas()

@@ -33,7 +33,9 @@ class NotebookArgs:
 
 def _default_config() -> str:
     name = "databricks.yaml" if "DATABRICKS_RUNTIME_VERSION" in os.environ else "local.yaml"
-    return str(REPO_ROOT / "conf" / name)
+    if REPO_ROOT is not None:
+        return str(REPO_ROOT / "conf" / name)
+    return f"conf/{name}"  # installed: load_config finds the bundled profile inside the package
 
 
 def split_overrides(text: Optional[str]) -> List[str]:
@@ -68,7 +70,8 @@ def notebook_args(namespace: Optional[Dict[str, Any]] = None, defaults: Optional
         else:
             values[name] = os.environ.get(f"T2P_{name.upper()}", defaults[name])
     config = values["config"] or defaults["config"]
-    if not os.path.isabs(config) and not os.path.exists(config):
+    if not os.path.isabs(config) and not os.path.exists(config) and REPO_ROOT is not None \
+            and (REPO_ROOT / config).exists():
         config = str(REPO_ROOT / config)
     return NotebookArgs(config, split_overrides(values["overrides"]),
                         str(values["force"]).strip().lower() in ("1", "true", "yes", "y"))
@@ -76,15 +79,11 @@ def notebook_args(namespace: Optional[Dict[str, Any]] = None, defaults: Optional
 
 def run_notebook_stage(stages: Sequence[str] | str, args: NotebookArgs, spark=None) -> List[dict]:
     """Run stages (one name, a list, or "all") like ``t2p run``: reuse the active Spark session, skip up-to-date
-    stages unless ``args.force``, and return the per-stage summaries."""
-    from tokens2policy.lakehouse import get_spark
-    from tokens2policy.stages import STAGE_NAMES, run_stages
+    stages unless ``args.force``, and return the per-stage summaries (through :func:`tokens2policy.api.run`)."""
+    from tokens2policy.api import run, stage_list
 
-    cfg = args.load()
-    names = list(STAGE_NAMES) if stages == "all" else ([stages] if isinstance(stages, str) else list(stages))
-    spark = spark or get_spark(cfg)
-    force = (["all"] if stages == "all" else names) if args.force else []
-    return run_stages(spark, cfg, names, force=force)
+    force = (["all"] if stages == "all" else stage_list(stages)) if args.force else []
+    return run(stages, config=args.load(), spark=spark, force=force)
 
 
 def report_html(results: Sequence[dict]) -> Optional[str]:

@@ -1,15 +1,29 @@
-"""The run report as one self-contained HTML page (figures inlined as data URIs and also saved as PNGs).
+"""The run report: one self-contained HTML page (figures inlined as data URIs and also saved as PNGs).
 
-Sections per experiment: experiment summary and covariate balance; NEXIS selection trace; one card per direct
-effect modifier (label, top examples, GATE with CI); GATE forest plot; TOC/Qini curves; policy rules and value vs
-baselines; marginal-screening comparison. A section whose table (or column) does not exist says so instead of
-failing, so a report can be made after any prefix of the pipeline.
+The page answers first. Its top section, per experiment and outcome, says in words and one picture which direct
+effect modifiers NEXIS found (their labels), their GATEs (the forest plot), the recommended targeting policy with its
+gain over the baselines (doubly robust, with CIs) and — for the bundled demo — how the selection compares with the
+known truth (``demo_drivers`` / ``demo_truth``). The details follow: experiment summary and covariate balance, one
+card per modifier (top terms, top examples deduplicated by text, GATE table), the NEXIS selection trace (collapsible),
+TOC/Qini curves, policy rules and values, marginal-screening comparison. A part whose table (or column) does not
+exist says so instead of failing, so a report can be made after any prefix of the pipeline.
+
+Two slots of the answer are filled by later stages' columns, and stay empty (nothing invented) until they exist:
+
+* **which units an estimate comes from** (selection-aware estimation): a ``estimated_on`` or ``sample`` column in
+  ``gates``, ``policy_value`` or ``calibration`` is shown verbatim next to the numbers it qualifies
+  (:func:`estimated_on_notes`);
+* **heterogeneity coverage** (how much of the detectable heterogeneity the selected modifiers explain): the
+  ``coverage`` rows of ``calibration`` (written by the effects stage, ``effects/coverage.py``) are shown as one line
+  near the top, as a warning with the strongest unselected features when the share is low (:func:`coverage_summary`).
+
+This module turns tables into plain dicts (the *context*); the HTML is in the Jinja2 templates under
+``report/templates/`` (autoescaped: a label or an example text cannot inject markup).
 """
 from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import json
 import math
 import re
@@ -20,33 +34,18 @@ import numpy as np
 import pandas as pd
 
 from tokens2policy.config import Config
+from tokens2policy.effects.coverage import coverage_facts
 from tokens2policy.report import plots
-from tokens2policy.report.load import ReportData, feature_key, pick, trailing_int
+from tokens2policy.report.load import ReportData, TruthCounts, feature_key, pick, trailing_int
 
-CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#f6f7f9}
-main{max-width:1100px;margin:0 auto;padding:24px}
-h1{font-size:1.6em;margin:0 0 4px} h2{border-bottom:2px solid #1f4e79;padding-bottom:4px;margin-top:36px}
-h3{margin:18px 0 6px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px;background:#fff}
-th,td{border:1px solid #d0d4da;padding:3px 8px;text-align:right} th{background:#e9edf3}
-td.l,th.l{text-align:left}
-.card{background:#fff;border:1px solid #d0d4da;border-left:5px solid #1f4e79;border-radius:4px;padding:10px 16px;
-margin:12px 0}
-.card.neg{border-left-color:#aa3333}
-.missing{background:#fff4e5;border:1px solid #f0b36b;padding:6px 10px;border-radius:4px;font-size:13px;margin:6px 0}
-.meta{color:#666;font-size:13px} .ex{font-size:13px;color:#333;margin:4px 0 4px 12px;border-left:3px solid #ccc;
-padding-left:8px} img{max-width:100%;background:#fff;border:1px solid #d0d4da}
-.num{font-variant-numeric:tabular-nums}
-"""
+BASELINES = ("treat_all", "treat_none", "random_same_budget")
+BASELINE_WORDS = {"treat_all": "treating everyone", "treat_none": "treating no one",
+                  "random_same_budget": "treating the same share at random"}
 
 
-def esc(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
-
-
+# ---------------------------------------------------------------------------------------------- numbers as text
 def fmt(x: Any, digits: int = 3) -> str:
-    """Numbers to short text: 4 significant digits, p-values in scientific notation when small."""
+    """Numbers to short text: fixed decimals, scientific notation when small; "—" for missing."""
     if x is None:
         return "—"
     if isinstance(x, (bool, np.bool_)):
@@ -64,6 +63,14 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def signed(x: Any, digits: int = 3) -> str:
+    """``fmt`` with an explicit sign: +0.125, −1.500."""
+    text = fmt(x, digits)
+    if text == "—" or text.startswith("-"):
+        return text.replace("-", "−", 1)
+    return "+" + text
+
+
 def ci(lo: Any, hi: Any) -> str:
     return f"[{fmt(lo)}, {fmt(hi)}]"
 
@@ -75,39 +82,77 @@ def ci_list(df: pd.DataFrame) -> List[str]:
     return [ci(a, b) for a, b in zip(df["ci_low"], df["ci_high"])]
 
 
-def missing_note(text: str) -> str:
-    return f'<div class="missing">Missing: {esc(text)}</div>'
+def finite(x: Any) -> bool:
+    try:
+        return x is not None and not isinstance(x, (bool, np.bool_)) and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
-def table_html(df: pd.DataFrame, columns: Optional[Sequence[str]] = None, max_rows: int = 200) -> str:
-    if df is None or df.empty:
-        return '<p class="meta">(no rows)</p>'
-    cols = [c for c in (columns or df.columns) if c in df.columns]
-    head = "".join(f'<th class="l">{esc(c)}</th>' for c in cols)
-    rows = []
-    for _, r in df.head(max_rows).iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_)):
-                cells.append(f'<td class="num">{esc(fmt(v))}</td>')
-            else:
-                cells.append(f'<td class="l">{esc(_text(v))}</td>')
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    more = f'<p class="meta">{len(df) - max_rows:,} more rows in the table</p>' if len(df) > max_rows else ""
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{more}"
-
-
+# ---------------------------------------------------------------------------------------------- cells and tables
 def _text(v: Any) -> str:
     if isinstance(v, np.ndarray):
         v = v.tolist()
     if isinstance(v, (list, tuple)):
         return ", ".join(_text(x) for x in v)
     if isinstance(v, dict):
-        return json.dumps(v, default=str)
+        return ", ".join(f"{k}: {_text(x)}" for k, x in v.items())
     if isinstance(v, float) and math.isnan(v):
         return ""
     return "" if v is None else str(v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def json_pairs(v: Any) -> Optional[List[List[str]]]:
+    """A JSON object cell (``{"reason": "rare"}``) as [[key, value], ...] to show as a key/value list; None when
+    ``v`` is not a JSON object. An empty object gives []."""
+    if isinstance(v, dict):
+        obj = v
+    elif isinstance(v, str) and v.strip().startswith("{"):
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+    else:
+        return None
+    return [[str(k), fmt(x) if _is_number(x) else _text(x)] for k, x in obj.items() if x not in (None, "", [], {})]
+
+
+def cell(v: Any) -> Dict[str, Any]:
+    if isinstance(v, (bool, np.bool_)):
+        return {"text": fmt(v), "num": False}
+    pairs = json_pairs(v)
+    if pairs is not None:
+        return {"kv": pairs}
+    if _is_number(v):
+        return {"text": fmt(v), "num": True}
+    return {"text": _text(v), "num": False}
+
+
+def _is_count(column: Any) -> bool:
+    """Columns of counts (shown without decimals even when a null made pandas store them as floats)."""
+    name = str(column)
+    return name in ("n", "round", "round_added", "leaf_id", "seq", "rows") or name.startswith("n_")
+
+
+def _as_count(v: Any) -> Any:
+    return int(v) if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer() else v
+
+
+def table(df: Optional[pd.DataFrame], columns: Optional[Sequence[str]] = None, max_rows: int = 200) -> Dict[str, Any]:
+    """A table context for the ``table`` macro: the given columns that exist (all when None), at most max_rows."""
+    if df is None or df.empty:
+        return {"columns": [], "rows": [], "more": 0}
+    cols = [c for c in (columns or df.columns) if c in df.columns]
+    counts = {c for c in cols if _is_count(c)}
+    rows = [[cell(_as_count(r[c]) if c in counts else r[c]) for c in cols]
+            for _, r in df[cols].head(max_rows).iterrows()]
+    return {"columns": cols, "rows": rows, "more": max(0, len(df) - max_rows)}
 
 
 def as_list(v: Any) -> List[Any]:
@@ -141,33 +186,50 @@ def example_text(v: Any) -> str:
     return str(v)
 
 
+def distinct_examples(docs: Sequence[Any], n: int, chars: int) -> List[Dict[str, Any]]:
+    """The first ``n`` distinct example texts (compared with whitespace collapsed and case folded), each with how
+    many of the listed top units had that text: several units often read the same article."""
+    seen: Dict[str, Dict[str, Any]] = {}
+    for d in docs:
+        text = example_text(d)
+        key = " ".join(text.split()).casefold()
+        if not key:
+            continue
+        if key in seen:
+            seen[key]["n_units"] += 1
+        else:
+            seen[key] = {"text": text[:chars] + ("…" if len(text) > chars else ""), "n_units": 1}
+    return list(seen.values())[:n]
+
+
+# ---------------------------------------------------------------------------------------------- page
 class Page:
-    """Collects sections, figures and the headline numbers (``facts``) of one report."""
+    """Collects the figures and the headline numbers (``facts``) of one report while its context is built."""
 
     def __init__(self, config: Config, out_dir: Path):
         self.config = config
         self.out = out_dir
-        self.parts: List[str] = []
         self.figures: List[Path] = []
         self.facts: Dict[str, Any] = {"experiments": {}}
+        self.html = ""
 
-    def add(self, html_text: str) -> None:
-        self.parts.append(html_text)
-
-    def figure(self, path: Optional[Path], alt: str) -> str:
+    def figure(self, path: Optional[Path], alt: str) -> Optional[Dict[str, str]]:
+        """A figure context (inlined PNG) or None when there was nothing to draw."""
         if path is None:
-            return missing_note(f"{alt}: nothing to plot")
+            return None
         self.figures.append(path)
-        data = base64.b64encode(path.read_bytes()).decode()
-        return f'<p><img alt="{esc(alt)}" src="data:image/png;base64,{data}"><br><span class="meta">{esc(path.name)}' \
-               f"</span></p>"
+        return {"alt": alt, "name": path.name, "data": base64.b64encode(path.read_bytes()).decode()}
 
-    def render(self, title: str, header: str) -> str:
-        return (
-            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + esc(title) + "</title>"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>" + CSS + "</style>"
-            "</head><body><main>" + header + "".join(self.parts) + "</main></body></html>"
-        )
+
+def template_env():
+    """The Jinja2 environment of the report templates (package data), autoescaping HTML."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("tokens2policy.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, signed=signed, pct=lambda x, d=1: fmt(100 * float(x), d) + "%" if finite(x) else "—")
+    return env
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -209,6 +271,12 @@ def neuron_row(lookup: Dict[str, Dict[str, Any]], feature: Any) -> Optional[Dict
     return lookup.get(alt) if alt is not None else None
 
 
+def neuron_id(feature: Any) -> Optional[int]:
+    key = feature_key(feature)
+    digits = key if key.isdigit() else trailing_int(key)
+    return None if digits is None else int(digits)
+
+
 def modifier_label(row: Dict[str, Any], neuron: Optional[Dict[str, Any]]) -> str:
     for source in (row, neuron or {}):
         lab = source.get("label")
@@ -225,107 +293,94 @@ def tstat_col(df: Optional[pd.DataFrame]) -> Optional[str]:
     return pick(df, "t", "t_stat", "tstat", "statistic")
 
 
-# ---------------------------------------------------------------------------------------------- sections
-def section_summary(page: Page, data: ReportData) -> None:
-    facts = page.facts["experiments"][data.experiment_id or ""]
-    out = ["<h2>Experiment summary</h2>"]
+def contrast_sides(group: Any) -> Optional[List[str]]:
+    """A GATE contrast's two groups: "active - inactive" → ["active", "inactive"] (None when not "a - b")."""
+    parts = re.split(r"\s+[-−]\s+", str(group), maxsplit=1)
+    return parts if len(parts) == 2 else None
+
+
+def is_contrast(group: Any) -> bool:
+    return any(s in str(group) for s in (" - ", " − ", "diff"))
+
+
+def gates_of(gates: Optional[pd.DataFrame], feature: str) -> Optional[pd.DataFrame]:
+    """The GATE rows of one feature (matching ``12`` with ``neuron_12``); None without a gates table."""
+    if gates is None or "feature" not in gates.columns:
+        return None
+    g = gates[gates["feature"].map(feature_key) == feature]
+    if g.empty and trailing_int(feature):
+        g = gates[gates["feature"].map(lambda x: trailing_int(feature_key(x))) == trailing_int(feature)]
+    return g
+
+
+def _record(row: pd.Series, keys: Sequence[str]) -> Dict[str, Any]:
+    """The given fields of a row as plain Python values (None for a column the table does not have)."""
+    out = {}
+    for k in keys:
+        v = row[k] if k in row.index else None
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+GATE_FIELDS = ("feature", "group", "split", "n", "n_treated", "estimate", "se", "ci_low", "ci_high", "p_value")
+
+
+# ---------------------------------------------------------------------------------------------- details
+def experiment_summary(page: Page, data: ReportData, facts: Dict[str, Any]) -> Dict[str, Any]:
+    ctx: Dict[str, Any] = {"units": None, "missing": [], "ate": None, "balance": None, "quarantine": None}
     u = data.units
     if u is None:
-        out.append(missing_note("table 'units' (ingest has not run): no experiment summary or balance table"))
+        ctx["missing"].append("table 'units' (ingest has not run): no experiment summary or balance table")
     else:
         facts.update(n_units=u.n_units, n_treated=u.n_treated)
-        out.append(
-            "<table>"
-            f"<tr><th class='l'>units</th><td class='num'>{fmt(u.n_units)}</td></tr>"
-            f"<tr><th class='l'>treated</th><td class='num'>{fmt(u.n_treated)} ({fmt(100 * u.treated_share, 1)}%)"
-            "</td></tr>"
-            + (f"<tr><th class='l'>clusters</th><td class='num'>{fmt(u.n_clusters)}</td></tr>" if u.n_clusters else "")
-            + (f"<tr><th class='l'>cross-fitting folds</th><td class='num'>{fmt(u.n_folds)}</td></tr>"
-               if u.n_folds else "")
-            + "</table>"
-        )
+        ctx["units"] = {"n_units": u.n_units, "n_treated": u.n_treated, "treated_share": u.treated_share,
+                        "n_clusters": u.n_clusters, "n_folds": u.n_folds}
         if u.outcomes:
-            out.append("<h3>Average effect per outcome (difference in means, Neyman SE)</h3>")
             rows = []
             for s in u.outcomes:
                 d = s.difference()
                 facts.setdefault("ate", {})[s.column] = d
                 rows.append({"outcome": s.column, "mean control": s.mean.get(0), "mean treated": s.mean.get(1),
                              "ATE": d["estimate"], "SE": d["se"], "95% CI": ci(d["ci_low"], d["ci_high"])})
-            out.append(table_html(pd.DataFrame(rows)))
+            ctx["ate"] = table(pd.DataFrame(rows))
         else:
-            out.append(missing_note("no numeric outcome column in 'units' (source.outcome_cols)"))
-        out.append("<h3>Covariate balance</h3>")
+            ctx["missing"].append("no numeric outcome column in 'units' (source.outcome_cols)")
         if u.covariates:
+            warn = page.config.ingest.smd_warn
             rows = [{"covariate": s.column, "mean control": s.mean.get(0), "mean treated": s.mean.get(1),
                      "SD control": math.sqrt(s.var.get(0, float("nan"))),
                      "SD treated": math.sqrt(s.var.get(1, float("nan"))), "SMD": s.smd(),
-                     "|SMD| > " + fmt(page.config.ingest.smd_warn, 2): abs(s.smd()) > page.config.ingest.smd_warn}
-                    for s in u.covariates]
+                     f"|SMD| > {fmt(warn, 2)}": abs(s.smd()) > warn} for s in u.covariates]
             facts["balance"] = {r["covariate"]: r["SMD"] for r in rows}
-            out.append(table_html(pd.DataFrame(rows)))
-            out.append('<p class="meta">SMD: standardized mean difference (treated − control) / pooled SD; under '
-                       "randomization |SMD| is small; values above the threshold flag a chance imbalance or a "
-                       "broken assignment.</p>")
+            ctx["balance"] = table(pd.DataFrame(rows))
         else:
-            out.append(missing_note("no numeric covariate columns in 'units'"))
+            ctx["missing"].append("no numeric covariate columns in 'units'")
     q = data.get("quarantine")
     if q is not None:
         rc = pick(q, "reason_code", "reason")
-        n_q = len(q)
-        facts["quarantined"] = n_q
-        out.append(f"<h3>Quarantine</h3><p>{fmt(n_q)} rows quarantined at ingest.</p>")
-        if rc and n_q:
-            out.append(table_html(q.groupby(rc).size().rename("rows").reset_index()))
-    page.add("".join(out))
+        facts["quarantined"] = len(q)
+        ctx["quarantine"] = {"n": len(q), "by_reason": table(q.groupby(rc).size().rename("rows").reset_index())
+                             if rc and len(q) else None}
+    return ctx
 
 
-def section_trace(page: Page, data: ReportData, outcome: Optional[str]) -> None:
-    out = ["<h3>NEXIS selection trace</h3>"]
-    tr = _for_outcome(data.get("selection_trace"), outcome)
-    if tr is None:
-        out.append(missing_note("table 'selection_trace' (identify has not run)"))
-    else:
-        order = [c for c in ("phase", "round", "step", "action", "feature", "label", "kind", "t", "p", "p_value",
-                             "threshold", "n_candidates", "n_tested", "n_eligible", "gate2_ref", "reason")
-                 if c in tr.columns]
-        order += [c for c in tr.columns if c not in order and c not in ("experiment_id", "outcome", "collinear", "seq")]
-        sort = ["seq"] if "seq" in tr.columns else [c for c in ("round",) if c in tr.columns]
-        if sort:
-            tr = tr.sort_values(sort, kind="stable")
-        shown = tr[tr["action"].astype(str) != "skip"] if "action" in tr.columns else tr
-        n_skip = len(tr) - len(shown)
-        out.append(
-            '<p class="meta">Each forward step tests every candidate given the selected set S (Gate 1: Bonferroni '
-            "over the candidates tested; Gate 2: the best |t| must stay above ρ × the smallest |t| at entry); "
-            "the backward pass drops members that no longer modify the effect given the others.</p>")
-        if n_skip:
-            out.append(f'<p class="meta">{fmt(n_skip)} skipped candidates (too few active units, constant, '
-                       "collinear) are not listed.</p>")
-        out.append(table_html(shown, order, max_rows=page.config.report.max_trace_rows))
-    page.add("".join(out))
-
-
-def section_modifiers(page: Page, data: ReportData, outcome: Optional[str], facts: Dict[str, Any]) -> List[dict]:
-    out = ["<h3>Direct effect modifiers</h3>"]
+def modifier_cards(page: Page, data: ReportData, outcome: Optional[str]) -> Dict[str, Any]:
+    """One card per selected modifier: label, statistics, top terms, distinct top examples, its GATE rows.
+    Returns {"cards": [...], "missing": [...], "present": bool}; the cards also go to the facts."""
     mods = _for_outcome(data.get("modifiers"), outcome)
     gates = _for_outcome(data.get("gates"), outcome)
     lookup = neuron_lookup(data.get("neuron_labels"))
-    cards: List[dict] = []
+    ctx: Dict[str, Any] = {"present": mods is not None, "cards": [], "missing": []}
     if mods is None:
-        out.append(missing_note("table 'modifiers' (identify has not run)"))
-        page.add("".join(out))
-        return cards
+        ctx["missing"].append("table 'modifiers' (identify has not run)")
+        return ctx
     if data.get("neuron_labels") is None:
-        out.append(missing_note("table 'neuron_labels' (represent has not run): no top examples"))
+        ctx["missing"].append("table 'neuron_labels' (represent has not run): no top examples")
     if gates is None:
-        out.append(missing_note("table 'gates' (effects has not run): no GATEs"))
-    if mods.empty:
-        out.append("<p>NEXIS selected no direct effect modifier: no feature modifies the effect given the others at "
-                   "the configured error level.</p>")
+        ctx["missing"].append("table 'gates' (effects has not run): no GATEs")
     pcol, tcol = pvalue_col(mods), tstat_col(mods)
-    sort = [c for c in ("round_added",) if c in mods.columns]
-    for _, r in (mods.sort_values(sort) if sort else mods).iterrows():
+    rep = page.config.report
+    for _, r in (mods.sort_values("round_added", kind="stable") if "round_added" in mods.columns else mods).iterrows():
         row = r.to_dict()
         is_covariate = str(row.get("kind")) == "W" or str(row.get("source")) == "covariate"
         neuron = None if is_covariate else neuron_row(lookup, row.get("feature"))
@@ -333,64 +388,121 @@ def section_modifiers(page: Page, data: ReportData, outcome: Optional[str], fact
         if is_covariate and label.startswith("feature "):
             label = f"covariate {feature_key(row.get('feature'))}"
         t = row.get(tcol) if tcol else None
-        direction = row.get("direction") or (("+" if t > 0 else "−") if t is not None and np.isfinite(t) else "")
-        neg = str(direction).startswith(("-", "−", "neg", "dec"))
-        card = {"feature": feature_key(row.get("feature")), "label": label, "p_value": row.get(pcol) if pcol else None,
-                "t": t, "direction": direction, "gates": []}
-        body = [f'<div class="card{" neg" if neg else ""}"><h3>{esc(label)}</h3>'
-                f'<p class="meta">feature {esc(card["feature"])}'
-                + (f" · kind {esc(row['kind'])}" if "kind" in row else "")
-                + f" · direction {esc(direction)} · t = {esc(fmt(t))} · p = {esc(fmt(card['p_value']))}"
-                + (f" · added in round {esc(fmt(row['round_added']))}" if "round_added" in row else "") + "</p>"]
+        direction = row.get("direction") or (("+" if t > 0 else "−") if finite(t) else "")
+        card = {"feature": feature_key(row.get("feature")), "label": label,
+                "p_value": row.get(pcol) if pcol else None, "t": t, "direction": direction,
+                "negative": str(direction).startswith(("-", "−", "neg", "dec")),
+                "kind": row.get("kind"), "round_added": row.get("round_added"), "gates": [], "terms": [],
+                "examples": [], "gates_table": None, "gates_missing": None}
         if neuron is not None:
-            terms = as_list(neuron.get("top_terms"))
-            if terms:
-                body.append(f"<p><b>Top terms:</b> {esc(', '.join(map(str, terms[:15])))}</p>")
+            card["terms"] = [str(x) for x in as_list(neuron.get("top_terms"))[:15]]
             docs = as_list(next((neuron[k] for k in ("top_docs", "top_examples", "examples") if k in neuron), None))
-            if docs:
-                body.append("<p><b>Top examples</b> (redacted upstream):</p>")
-                for d in docs[: page.config.report.n_examples]:
-                    text = example_text(d)
-                    cut = page.config.report.example_chars
-                    body.append(f'<div class="ex">{esc(text[:cut] + ("…" if len(text) > cut else ""))}</div>')
-        if gates is not None and "feature" in gates.columns:
-            g = gates[gates["feature"].map(feature_key) == card["feature"]]
-            if g.empty and trailing_int(card["feature"]):
-                g = gates[gates["feature"].map(lambda x: trailing_int(feature_key(x))) == trailing_int(card["feature"])]
+            card["examples"] = distinct_examples(docs, rep.n_examples, rep.example_chars)
+        g = gates_of(gates, card["feature"])
+        if g is not None:
             if g.empty:
-                body.append(missing_note(f"no GATE rows for feature {card['feature']}"))
+                card["gates_missing"] = f"no GATE rows for feature {card['feature']}"
             else:
+                # the contrast first, then the groups, then the joint model's interaction rows
+                g = g.iloc[sorted(range(len(g)), key=lambda i: (_gate_rank(g.iloc[i]), i))]
                 card["gates"] = g.to_dict("records")
-                body.append("<p><b>Group average treatment effects</b></p>")
-                body.append(table_html(g.assign(**{"95% CI": ci_list(g)}),
-                                       ["group", "split", "n", "n_treated", "estimate", "se", "95% CI", "p_value"]))
-        body.append("</div>")
-        out.append("".join(body))
-        cards.append(card)
-    facts["modifiers"] = cards
-    page.add("".join(out))
-    return cards
+                card["gates_table"] = table(g.assign(**{"95% CI": ci_list(g)}),
+                                            ["group", "split", "n", "n_treated", "estimate", "se", "95% CI",
+                                             "p_value", "estimated_on", "sample"])
+        ctx["cards"].append(card)
+    return ctx
 
 
-def section_forest(page: Page, data: ReportData, outcome: Optional[str], cards: List[dict], tag: str) -> None:
-    out = ["<h3>GATE forest plot</h3>"]
+def _gate_rank(row: pd.Series) -> int:
+    if is_contrast(row.get("group")):
+        return 0
+    return 2 if str(row.get("split")) == "joint" else 1
+
+
+def _facts_card(card: Dict[str, Any]) -> Dict[str, Any]:
+    keep = ("feature", "label", "p_value", "t", "direction", "gates")
+    return {k: card[k] for k in keep}
+
+
+TRACE_COLUMNS = ("phase", "round", "step", "action", "feature", "label", "kind", "t", "p", "p_value", "threshold",
+                 "n_candidates", "n_tested", "n_eligible", "gate2_ref", "reason", "detail")
+TRACE_HIDDEN = ("experiment_id", "outcome", "collinear", "seq", "index")
+ACTION_WORDS = {"add": "added", "drop": "dropped", "keep": "kept", "selected": "selected (final)",
+                "stop_gate1": "stopped by Gate 1", "stop_gate2": "stopped by Gate 2", "stop_empty": "no candidate left",
+                "stop_df": "stopped: too few degrees of freedom", "max_rounds": "stopped at max_rounds",
+                "skip": "skipped"}
+
+
+def selection_trace(page: Page, data: ReportData, outcome: Optional[str], labels: Dict[str, str]) -> Dict[str, Any]:
+    """The NEXIS decisions: a one-line count per action, then the decisions table (details as key/value lists,
+    labels next to feature ids) inside a collapsed <details>."""
+    tr = _for_outcome(data.get("selection_trace"), outcome)
+    if tr is None:
+        return {"present": False, "missing": "table 'selection_trace' (identify has not run)"}
+    if "seq" in tr.columns:
+        tr = tr.sort_values("seq", kind="stable")
+    elif "round" in tr.columns:
+        tr = tr.sort_values("round", kind="stable")
+    shown = tr[tr["action"].astype(str) != "skip"] if "action" in tr.columns else tr
+    if "feature" in shown.columns and labels:
+        shown = shown.assign(label=[labels.get(feature_key(f), "") for f in shown["feature"]])
+    counts = []
+    if "action" in tr.columns:
+        for action, n in tr["action"].astype(str).value_counts(sort=False).items():
+            counts.append(f"{ACTION_WORDS.get(action, action)}: {fmt(int(n))}")
+    order = [c for c in TRACE_COLUMNS if c in shown.columns]
+    order += [c for c in shown.columns if c not in order and c not in TRACE_HIDDEN]
+    return {"present": True, "n_rows": len(tr), "n_shown": len(shown), "n_skip": len(tr) - len(shown),
+            "counts": counts, "table": table(shown, order, max_rows=page.config.report.max_trace_rows)}
+
+
+def forest_rows(gates: pd.DataFrame, cards: List[dict]):
+    """The rows of the answer's picture, as (frame with name/estimate/ci_low/ci_high, x-axis label, contrasts?).
+
+    One row per selected modifier: its GATE contrast (e.g. active − inactive), largest first — the per-group GATEs
+    are in each modifier's card. Without contrast rows: every GATE row of the selected modifiers in order of
+    selection, then any other rows of ``gates``."""
+    labels: Dict[Any, str] = {}
+    order: List[Any] = []
+    for c in cards:
+        g = gates_of(gates, c["feature"])
+        for i in (g.index if g is not None else []):
+            labels.setdefault(i, c["label"])
+            order += [i] if i not in order else []
+    groups = gates["group"].astype(str) if "group" in gates.columns else pd.Series("", index=gates.index)
+    contrast = [i for i in order if is_contrast(groups[i])]
+    if contrast:
+        g = gates.loc[contrast].sort_values("estimate", ascending=False, kind="stable")
+        same = groups[g.index].nunique() == 1
+        names = [labels[i] if same else f"{labels[i]} · {groups[i]}" for i in g.index]
+        xlabel = (f"effect difference, {groups[g.index[0]].replace(' - ', ' − ')} (95% CI)" if same
+                  else "effect difference (95% CI)")
+    else:
+        g = gates.loc[order + [i for i in gates.index if i not in order]]
+        features = g["feature"] if "feature" in g.columns else pd.Series("", index=g.index)
+        names = [f"{labels.get(i, feature_key(features[i]))} · {groups[i]}" for i in g.index]
+        xlabel = "effect (95% CI)"
+    rows = pd.DataFrame({"name": names, "estimate": g["estimate"].to_numpy(float),
+                         "ci_low": g["ci_low"].to_numpy(float), "ci_high": g["ci_high"].to_numpy(float)})
+    return rows, xlabel, bool(contrast)
+
+
+def forest_figure(page: Page, data: ReportData, outcome: Optional[str], cards: List[dict], tag: str):
+    """The answer's picture (:func:`forest_rows`) as a forest plot. Returns (figure or None, missing note or None,
+    note)."""
     gates = _for_outcome(data.get("gates"), outcome)
     if gates is None:
-        out.append(missing_note("table 'gates' (effects has not run)"))
-    elif not {"estimate", "ci_low", "ci_high"} <= set(gates.columns):
-        out.append(missing_note("table 'gates' lacks estimate/ci_low/ci_high"))
-    else:
-        labels_by_feature = {c["feature"]: c["label"] for c in cards}
-        g = gates.head(page.config.report.max_forest_rows)
-        names = [f"{labels_by_feature.get(feature_key(f), f)} · {grp}" for f, grp in
-                 zip(g.get("feature", [""] * len(g)), g.get("group", [""] * len(g)))]
-        path = plots.forest_plot(names, g["estimate"], g["ci_low"], g["ci_high"],
-                                 page.out / f"gates_forest_{tag}.png",
-                                 f"GATEs with 95% CIs{' — ' + outcome if outcome else ''}")
-        out.append(page.figure(path, "GATE forest plot"))
-        if len(gates) > len(g):
-            out.append(f'<p class="meta">first {len(g)} of {len(gates)} GATE rows shown.</p>')
-    page.add("".join(out))
+        return None, "table 'gates' (effects has not run)", None
+    if not {"estimate", "ci_low", "ci_high"} <= set(gates.columns):
+        return None, "table 'gates' lacks estimate/ci_low/ci_high", None
+    rows, xlabel, contrasts = forest_rows(gates, cards)
+    shown = rows.head(page.config.report.max_forest_rows)
+    what = "GATE contrasts of the selected modifiers" if contrasts else "GATEs with 95% CIs"
+    path = plots.forest_plot(shown["name"], shown["estimate"], shown["ci_low"], shown["ci_high"],
+                             page.out / f"gates_forest_{tag}.png", what + (f" — {outcome}" if outcome else ""),
+                             xlabel=xlabel)
+    note = f"first {len(shown)} of {len(rows)} rows shown" if len(rows) > len(shown) else None
+    return page.figure(path, "GATE forest plot"), None if path else "GATE forest plot: nothing to plot", note
 
 
 CURVE_METRICS = ("toc", "qini", "toc_curve", "qini_curve")
@@ -426,21 +538,20 @@ def _curves(data: ReportData, outcome: Optional[str]) -> Optional[pd.DataFrame]:
     return pd.concat(frames, axis=1).reset_index()
 
 
-def section_calibration(page: Page, data: ReportData, outcome: Optional[str], tag: str) -> None:
-    out = ["<h3>Calibration: TOC and Qini curves</h3>"]
+def calibration(page: Page, data: ReportData, outcome: Optional[str], tag: str) -> Dict[str, Any]:
+    ctx: Dict[str, Any] = {"figure": None, "missing": [], "table": None}
     cal = _for_outcome(data.get("calibration"), outcome)
     curves = _curves(data, outcome)
     if curves is None:
-        out.append(missing_note("TOC/Qini curve points (table 'calibration_curves', or calibration rows with "
-                                "metric toc/qini per q)"))
+        ctx["missing"].append("TOC/Qini curve points (table 'calibration_curves', or calibration rows with metric "
+                              "toc/qini per q)")
     else:
         group = "learner" if "learner" in curves.columns and curves["learner"].nunique() > 1 else None
-        out.append(page.figure(plots.curves_plot(curves, page.out / f"toc_qini_{tag}.png",
-                                                 f"Rank-weighted ATE curves{' — ' + outcome if outcome else ''}",
-                                                 group_col=group),
-                               "TOC and Qini curves"))
+        path = plots.curves_plot(curves, page.out / f"toc_qini_{tag}.png",
+                                 f"Rank-weighted ATE curves{' — ' + outcome if outcome else ''}", group_col=group)
+        ctx["figure"] = page.figure(path, "TOC and Qini curves")
     if cal is None:
-        out.append(missing_note("table 'calibration' (effects has not run)"))
+        ctx["missing"].append("table 'calibration' (effects has not run)")
     elif "metric" in cal.columns:
         # curve points (toc/qini per q) are drawn above; the table keeps the scalar rows (BLP, GATES, AUTOC, ...)
         is_curve = cal["metric"].astype(str).str.lower().isin(CURVE_METRICS)
@@ -449,48 +560,50 @@ def section_calibration(page: Page, data: ReportData, outcome: Optional[str], ta
         elif "group" in cal.columns:
             is_curve &= pd.to_numeric(cal["group"], errors="coerce").notna()
         scalar = cal[~is_curve]
-        out.append(table_html(scalar.assign(**{"95% CI": ci_list(scalar)}),
-                              ["learner", "metric", "group", "estimate", "se", "95% CI", "p_value", "null",
-                               "null_hypothesis", "n"]))
-    page.add("".join(out))
+        ctx["table"] = table(scalar.assign(**{"95% CI": ci_list(scalar)}),
+                             ["learner", "metric", "group", "estimate", "se", "95% CI", "p_value", "null",
+                              "null_hypothesis", "n", "estimated_on", "sample"])
+    return ctx
 
 
-def section_policy(page: Page, data: ReportData, outcome: Optional[str], facts: Dict[str, Any], tag: str) -> None:
-    out = ["<h3>Targeting policy</h3>"]
+def _value_levels(v: pd.DataFrame) -> pd.DataFrame:
+    if "comparison" not in v.columns:
+        return v
+    return v[v["comparison"].isna() | v["comparison"].astype(str).isin(["", "value", "none", "None"])]
+
+
+def policy_details(page: Page, data: ReportData, outcome: Optional[str], facts: Dict[str, Any],
+                   tag: str) -> Dict[str, Any]:
+    ctx: Dict[str, Any] = {"missing": [], "rules": None, "value": None, "figure": None, "assignments": None}
     rules = _for_outcome(data.get("policy_rules"), outcome)
     value = _for_outcome(data.get("policy_value"), outcome)
     if rules is None:
-        out.append(missing_note("table 'policy_rules' (policy has not run)"))
+        ctx["missing"].append("table 'policy_rules' (policy has not run)")
     else:
-        out.append("<p><b>Rules</b></p>" + table_html(rules, [c for c in rules.columns
-                                                              if c not in ("experiment_id", "outcome")]))
+        ctx["rules"] = table(rules, [c for c in rules.columns if c not in ("experiment_id", "outcome")])
     if value is None:
-        out.append(missing_note("table 'policy_value' (policy has not run)"))
+        ctx["missing"].append("table 'policy_value' (policy has not run)")
     elif {"policy", "estimate"} <= set(value.columns):
-        v = value.copy()
-        v["95% CI"] = ci_list(v)
-        facts["policy_value"] = v.drop(columns=["95% CI"]).to_dict("records")
-        out.append("<p><b>Doubly-robust value vs baselines</b> (held-out AIPW; a comparison row is the paired "
-                   "difference learned policy − baseline)</p>")
-        out.append(table_html(v, ["learner", "policy", "comparison", "treated_share", "estimate", "se", "95% CI",
-                                  "p_value", "n", "cost"]))
-        levels = v[v["comparison"].isna() | (v["comparison"].astype(str).isin(["", "value", "none", "None"]))] \
-            if "comparison" in v.columns else v
+        facts["policy_value"] = value.to_dict("records")
+        ctx["value"] = table(value.assign(**{"95% CI": ci_list(value)}),
+                             ["learner", "policy", "comparison", "treated_share", "estimate", "se", "95% CI",
+                              "p_value", "n", "cost", "estimated_on", "sample"])
+        levels = _value_levels(value)
         if not levels.empty:
-            names = [f"{p} ({l})" if isinstance(l, str) and l else str(p) for p, l in
-                     zip(levels["policy"], levels["learner"] if "learner" in levels else [None] * len(levels))]
-            out.append(page.figure(plots.value_plot(names, levels["estimate"],
-                                                    levels["ci_low"] if "ci_low" in levels else np.full(len(levels), np.nan),
-                                                    levels["ci_high"] if "ci_high" in levels else np.full(len(levels), np.nan),
-                                                    page.out / f"policy_value_{tag}.png",
-                                                    f"Policy value{' — ' + outcome if outcome else ''}"),
-                                   "policy value vs baselines"))
+            learners = levels["learner"] if "learner" in levels else [None] * len(levels)
+            names = [f"{p} ({l})" if isinstance(l, str) and l else str(p) for p, l in zip(levels["policy"], learners)]
+            nan = np.full(len(levels), np.nan)
+            path = plots.value_plot(names, levels["estimate"], levels["ci_low"] if "ci_low" in levels else nan,
+                                    levels["ci_high"] if "ci_high" in levels else nan,
+                                    page.out / f"policy_value_{tag}.png",
+                                    f"Policy value{' — ' + outcome if outcome else ''}")
+            ctx["figure"] = page.figure(path, "policy value vs baselines")
     else:
-        out.append(missing_note("table 'policy_value' lacks policy/estimate columns"))
+        ctx["missing"].append("table 'policy_value' lacks policy/estimate columns")
     a = data.get("assignments")
     if a is not None:
-        out.append("<p><b>Assignments</b> (units per action)</p>" + table_html(_for_outcome(a, outcome)))
-    page.add("".join(out))
+        ctx["assignments"] = table(_for_outcome(a, outcome))
+    return ctx
 
 
 def marginal_comparison(data: ReportData, outcome: Optional[str], alpha: float) -> Optional[Dict[str, Any]]:
@@ -529,14 +642,11 @@ def marginal_comparison(data: ReportData, outcome: Optional[str], alpha: float) 
     return res
 
 
-def section_marginal(page: Page, data: ReportData, outcome: Optional[str], facts: Dict[str, Any]) -> None:
-    out = ["<h3>Marginal screening vs NEXIS</h3>"]
+def marginal(page: Page, data: ReportData, outcome: Optional[str], facts: Dict[str, Any]) -> Dict[str, Any]:
     alpha = page.config.report.alpha
     res = marginal_comparison(data, outcome, alpha)
     if res is None:
-        out.append(missing_note("table 'marginal_screen' (identify has not run)"))
-        page.add("".join(out))
-        return
+        return {"present": False, "missing": "table 'marginal_screen' (identify has not run)"}
     facts["marginal"] = res
     rows = []
     for name, title in (("raw", "unadjusted p ≤ α"), ("bonferroni", "Bonferroni"), ("bh", "Benjamini–Hochberg")):
@@ -544,46 +654,253 @@ def section_marginal(page: Page, data: ReportData, outcome: Optional[str], facts
         if r is not None:
             rows.append({"marginal test": title, "flagged": r["flagged"], "also selected by NEXIS":
                          r["selected_flagged"], "proxies (flagged, not selected)": r["proxies"]})
-    out.append(f"<p>Of {fmt(res['n_features'])} features, NEXIS selected <b>{fmt(res['n_selected'])}</b> direct "
-               f"modifiers. Testing each feature alone (α = {fmt(alpha, 2)}) would have flagged:</p>")
-    out.append(table_html(pd.DataFrame(rows)) if rows else missing_note("p-value columns in 'marginal_screen'"))
     b = res.get("bonferroni") or res.get("raw")
-    if b and b["proxy_features"]:
-        out.append(f'<p class="meta">Proxies under {"Bonferroni" if res.get("bonferroni") else "raw"} screening: '
-                   f"{esc(', '.join(b['proxy_features'][:30]))}</p>")
-    out.append('<p class="meta">A proxy modifies the effect only through its correlation with a direct modifier; '
-               "marginal screening cannot tell the two apart, the conditional tests of NEXIS can.</p>")
-    page.add("".join(out))
+    return {"present": True, "alpha": alpha, "n_features": res["n_features"], "n_selected": res["n_selected"],
+            "table": table(pd.DataFrame(rows)) if rows else None,
+            "proxies": b["proxy_features"][:30] if b else [],
+            "proxies_rule": "Bonferroni" if res.get("bonferroni") else "raw"}
 
 
+# ---------------------------------------------------------------------------------------------- the answer
+def recommended_policy(data: ReportData, outcome: Optional[str], config: Config) -> Optional[Dict[str, Any]]:
+    """The recommended policy and its value and gains over the baselines, from ``policy_value``.
+
+    Which policy is recommended: the one flagged ``recommended`` in ``assignments`` (what the policy stage ran
+    with), else ``policy.recommended`` of this config when that policy is in the table, else the only learned
+    (non-baseline) policy. Its rules come from ``policy_rules``."""
+    value = _for_outcome(data.get("policy_value"), outcome)
+    if value is None or not {"policy", "estimate"} <= set(value.columns):
+        return None
+    learned = [p for p in value["policy"].astype(str).unique() if p not in BASELINES]
+    name, why = None, ""
+    a = _for_outcome(data.get("assignments"), outcome)
+    if a is not None and {"policy", "recommended"} <= set(a.columns):
+        flagged = a.loc[a["recommended"].fillna(False).astype(bool), "policy"].astype(str).unique()
+        if len(flagged) == 1 and flagged[0] in learned:
+            name, why = flagged[0], "the policy stage's recommended policy"
+    if name is None and config.policy.recommended in learned:
+        name, why = config.policy.recommended, "policy.recommended"
+    if name is None and len(learned) == 1:
+        name, why = learned[0], "the only learned policy"
+    if name is None:
+        return None
+    rows = value[value["policy"].astype(str) == name]
+    if "learner" in rows.columns and rows["learner"].nunique() > 1:
+        prefer = config.policy.learner if config.policy.learner in set(rows["learner"]) else rows["learner"].iloc[0]
+        rows = rows[rows["learner"] == prefer]
+    keys = ("estimate", "se", "ci_low", "ci_high", "p_value", "treated_share", "n")
+    level = _value_levels(rows)
+    out: Dict[str, Any] = {"policy": name, "why": why, "learner": rows["learner"].iloc[0] if "learner" in rows else None,
+                           "value": _record(level.iloc[0], keys) if not level.empty else None, "gains": [],
+                           "rules": [], "treated_share": None}
+    if out["value"] is not None:
+        out["treated_share"] = out["value"]["treated_share"]
+    if "comparison" in rows.columns:
+        for _, r in rows.iterrows():
+            comp = str(r["comparison"])
+            if comp.startswith("minus "):
+                base = comp[len("minus "):]
+                gain = _record(r, keys)
+                gain.update(baseline=base, words=BASELINE_WORDS.get(base, base),
+                            excludes_zero=finite(gain.get("ci_low")) and finite(gain.get("ci_high"))
+                            and (gain["ci_low"] > 0 or gain["ci_high"] < 0))
+                out["gains"].append(gain)
+    # the gain the headline quotes: over treating everyone (the default without a targeting rule)
+    out["headline_gain"] = next((g for g in out["gains"] if g["baseline"] == "treat_all"),
+                                out["gains"][0] if out["gains"] else None)
+    rules = _for_outcome(data.get("policy_rules"), outcome)
+    if rules is not None and "rule" in rules.columns:
+        mine = rules[rules["policy"].astype(str) == name] if "policy" in rules.columns else rules
+        if "learner" in mine.columns and out["learner"] is not None and (mine["learner"] == out["learner"]).any():
+            mine = mine[mine["learner"] == out["learner"]]
+        out["rules"] = [str(r) for r in mine["rule"].head(8)]
+    return out
+
+
+def _topic_of(term: str) -> Optional[str]:
+    """``topic=sport`` → ``sport``; None for a driver that is not a topic indicator."""
+    key, sep, value = str(term).partition("=")
+    return value.strip() if sep and key.strip() == "topic" else None
+
+
+def truth_comparison(truth: Optional[TruthCounts], drivers: Optional[pd.DataFrame], cards: List[dict],
+                     aligned_share: float) -> Optional[Dict[str, Any]]:
+    """For the demo: which true modifiers (``demo_drivers`` rows with role effect_modifier) the selection found.
+
+    A selected neuron is *aligned* with a topic when P(topic | neuron active) > ``aligned_share`` over the
+    experiment's units — the rule of the validation study's text design (``validate/text.py``). A true topic
+    modifier is found when some selected neuron is aligned with it; a selected feature aligned with no true
+    modifier (or a selected covariate: the demo's covariates only shift the outcome level) is listed as such.
+    """
+    if drivers is None or not {"role", "term", "coefficient"} <= set(drivers.columns):
+        return None
+    if drivers.empty or truth is None:  # not a demo experiment (drivers are per experiment), or no counts
+        return None
+    true_rows = drivers[drivers["role"].astype(str) == "effect_modifier"]
+    both = truth.both if truth is not None else pd.DataFrame(columns=["neuron", "topic", "n"])
+    sizes = truth.topics if truth is not None else pd.DataFrame(columns=["topic", "n"])
+    topic_n = {str(t): int(n) for t, n in zip(sizes.get("topic", []), sizes.get("n", []))}
+    per_neuron: Dict[int, Dict[str, int]] = {}
+    for nid, topic, n in zip(both.get("neuron", []), both.get("topic", []), both.get("n", [])):
+        per_neuron.setdefault(int(nid), {})[str(topic)] = int(n)
+    aligned: Dict[str, List[Dict[str, Any]]] = {}
+    others: List[Dict[str, Any]] = []
+    true_topics = {_topic_of(t) for t in true_rows["term"]} - {None}
+    for c in cards:
+        nid = None if str(c.get("kind")) == "W" else neuron_id(c["feature"])
+        counts = per_neuron.get(nid, {}) if nid is not None else {}
+        active = sum(counts.values())
+        best = max(counts, key=counts.get) if counts else None
+        precision = counts[best] / active if best else float("nan")
+        entry = {"label": c["label"], "feature": c["feature"], "topic": best, "precision": precision,
+                 "recall": counts[best] / topic_n[best] if best and topic_n.get(best) else float("nan"),
+                 "n_active": active}
+        share = f"{fmt(100 * precision, 0)}% of its active units"
+        if nid is None:
+            others.append({**entry, "why": "a covariate (the demo's covariates only shift the outcome level)"})
+        elif not active:
+            others.append({**entry, "why": "never active on the demo's units"})
+        elif precision <= aligned_share:
+            others.append({**entry, "why": f"aligned with no topic (most often {best}: {share})"})
+        elif best not in true_topics:
+            others.append({**entry, "why": f"aligned with {best} ({share}), which is not a true modifier"})
+        else:
+            aligned.setdefault(best, []).append(entry)
+    terms = []
+    for _, r in true_rows.iterrows():
+        topic = _topic_of(r["term"])
+        found = aligned.get(topic, []) if topic else []
+        terms.append({"term": str(r["term"]), "coefficient": float(r["coefficient"]), "neurons": found,
+                      "found": bool(found), "comparable": topic is not None})
+    return {"terms": terms, "others": others, "n_true": len(terms), "n_found": sum(t["found"] for t in terms),
+            "n_other": len(others), "aligned_share": aligned_share}
+
+
+def coverage_summary(data: ReportData, outcome: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Heterogeneity coverage (issue 18): how much of the heterogeneity detectable on held-out folds the selected
+    modifiers explain, from the ``coverage`` rows of ``calibration`` (:func:`~tokens2policy.effects.coverage.
+    coverage_facts`: share with CI, warning, the residual features with their labels). None without those rows."""
+    from tokens2policy.effects.coverage import coverage_facts
+
+    labels = {f"neuron_{k}": str(r.get("label")) for k, r in neuron_lookup(data.get("neuron_labels")).items()}
+    return coverage_facts(_for_outcome(data.get("calibration"), outcome), labels)
+
+
+ESTIMATED_ON_COLUMNS = ("estimated_on", "sample")
+
+
+def estimated_on_notes(data: ReportData, outcome: Optional[str]) -> List[str]:
+    """SLOT (selection-aware estimation, issue 13): which units the GATEs, policy values and calibration were
+    estimated on, read verbatim from an ``estimated_on`` / ``sample`` column of those tables; empty until the
+    stages write one."""
+    notes = []
+    for name, what in (("gates", "GATEs"), ("policy_value", "policy values"), ("calibration", "calibration")):
+        df = _for_outcome(data.get(name), outcome)
+        col = pick(df, *ESTIMATED_ON_COLUMNS)
+        if df is None or col is None:
+            continue
+        values = [str(v) for v in df[col].dropna().unique() if str(v).strip()]
+        if values:
+            notes.append(f"{what}: estimated on {', '.join(values)}")
+    return notes
+
+
+def identify_settings(mods: Optional[pd.DataFrame]) -> str:
+    """"test gcm, FWER at α = 0.05" from the modifiers table's test/adjust/alpha columns (empty if absent)."""
+    if mods is None or mods.empty:
+        return ""
+    first = mods.iloc[0]
+    parts = []
+    if "test" in mods.columns and isinstance(first["test"], str):
+        parts.append(f"test {first['test']}")
+    if "alpha" in mods.columns and finite(first["alpha"]):
+        adjust = first["adjust"] if "adjust" in mods.columns and isinstance(first["adjust"], str) else "unadjusted"
+        parts.append(f"{adjust} at α = {fmt(first['alpha'], 2)}")
+    return ", ".join(parts)
+
+
+def answer(page: Page, data: ReportData, outcome: Optional[str], cards_ctx: Dict[str, Any], tag: str,
+           ofacts: Dict[str, Any]) -> Dict[str, Any]:
+    """The top of the page for one outcome: modifiers with their GATE contrast, the forest plot, the recommended
+    policy and its gains, the demo's truth comparison and the two slots."""
+    cards = cards_ctx["cards"]
+    mods = []
+    for c in cards:
+        contrast = next((g for g in c["gates"] if is_contrast(g.get("group"))), None)
+        contrast = None if contrast is None else {k: contrast.get(k) for k in GATE_FIELDS}
+        if contrast is not None:
+            contrast["sides"] = contrast_sides(contrast["group"])
+        mods.append({"label": c["label"], "feature": c["feature"], "negative": c["negative"],
+                     "contrast": contrast, "p_value": c["p_value"]})
+    figure, fig_missing, fig_note = forest_figure(page, data, outcome, cards, tag)
+    policy = recommended_policy(data, outcome, page.config)
+    if policy is not None:
+        ofacts["recommended_policy"] = policy
+    truth, truth_missing, policy_missing = None, None, None
+    modifiers_missing = None if cards_ctx["present"] else cards_ctx["missing"][0]
+    drivers = data.get("demo_drivers")
+    if drivers is not None:
+        from tokens2policy.validate.text import TextDesign
+
+        truth = truth_comparison(data.truth, drivers, cards, TextDesign().aligned_share)
+        if truth is None and not drivers.empty and cards:
+            truth_missing = "the comparison with the demo's truth needs tables 'neurons' and 'demo_truth'"
+        if truth is not None:
+            ofacts["truth"] = {k: truth[k] for k in ("n_true", "n_found", "n_other")}
+            ofacts["truth"]["found"] = [t["term"] for t in truth["terms"] if t["found"]]
+    if policy is None:
+        value = _for_outcome(data.get("policy_value"), outcome)
+        policy_missing = ("table 'policy_value' (policy has not run)" if value is None else
+                          "no rows in 'policy_value' for this experiment (the policy stage has not run on it)"
+                          if value.empty else "no recommended policy in 'policy_value'")
+    coverage = coverage_summary(data, outcome)
+    ofacts["coverage"] = coverage  # the run summary prints its line
+    ups = [(m["contrast"]["estimate"] >= 0) if m["contrast"] and finite(m["contrast"]["estimate"])
+           else not m["negative"] for m in mods]
+    return {"outcome": outcome, "present": cards_ctx["present"], "n_selected": len(cards), "modifiers": mods,
+            "n_up": sum(ups), "n_down": len(ups) - sum(ups),
+            "settings": identify_settings(_for_outcome(data.get("modifiers"), outcome)),
+            "forest": figure, "forest_missing": fig_missing, "forest_note": fig_note, "policy": policy,
+            "truth": truth, "coverage": coverage,
+            "estimated_on": estimated_on_notes(data, outcome), "modifiers_missing": modifiers_missing,
+            "policy_missing": policy_missing, "truth_missing": truth_missing}
+
+
+# ---------------------------------------------------------------------------------------------- the page
 def build_page(config: Config, datasets: List[ReportData], out_dir: Path, run_info: Dict[str, Any]) -> Page:
+    """Build the context of every experiment and outcome, render ``report.html.j2`` into ``page.html``."""
     page = Page(config, out_dir)
-    all_missing = sorted({m for d in datasets for m in d.missing})
-    page.facts["missing"] = all_missing
+    page.facts["missing"] = sorted({m for d in datasets for m in d.missing})
+    experiments = []
     for data in datasets:
         exp = data.experiment_id or ""
         facts = page.facts["experiments"].setdefault(exp, {})
-        page.add(f"<h1 style='margin-top:30px'>Experiment {esc(exp or '(all rows)')}</h1>")
-        section_summary(page, data)
+        ctx: Dict[str, Any] = {"id": exp, "title": exp or "(all rows)", "slug": _slug(exp or "all"),
+                               "summary": experiment_summary(page, data, facts), "outcomes": []}
         for outcome in _outcomes(data):
             ofacts = facts.setdefault("outcomes", {}).setdefault(outcome or "", {})
             tag = _slug(f"{exp}_{outcome or 'all'}")
-            page.add(f"<h2>Outcome: {esc(outcome)}</h2>" if outcome else "<h2>Effect modifiers</h2>")
-            section_trace(page, data, outcome)
-            cards = section_modifiers(page, data, outcome, ofacts)
-            section_forest(page, data, outcome, cards, tag)
-            section_calibration(page, data, outcome, tag)
-            section_policy(page, data, outcome, ofacts, tag)
-            section_marginal(page, data, outcome, ofacts)
+            cards = modifier_cards(page, data, outcome)
+            if cards["present"]:
+                ofacts["modifiers"] = [_facts_card(c) for c in cards["cards"]]
+            labels = {c["feature"]: c["label"] for c in cards["cards"]}
+            ctx["outcomes"].append({
+                "name": outcome, "tag": tag,
+                "answer": answer(page, data, outcome, cards, tag, ofacts),
+                "cards": cards,
+                "trace": selection_trace(page, data, outcome, labels),
+                "calibration": calibration(page, data, outcome, tag),
+                "policy": policy_details(page, data, outcome, ofacts, tag),
+                "marginal": marginal(page, data, outcome, ofacts),
+            })
+        experiments.append(ctx)
     versions = run_info.get("versions", {})
-    inputs = ", ".join(f"{k}@v{v}" for k, v in versions.items() if v is not None) or "none"
-    header = (
-        "<h1>tokens2policy run report</h1>"
-        f"<p class='meta'>generated {esc(run_info.get('generated', _dt.datetime.now().isoformat(timespec='seconds')))}"
-        f" · data_dir {esc(config.data_path)} · MLflow run {esc(run_info.get('mlflow_run_id', '—'))}</p>"
-        f"<p class='meta'>input tables (Delta versions): {esc(inputs)}</p>"
-        + ("<div class='missing'><b>Not in this report</b> (stages not run yet, or columns not produced):<ul>"
-           + "".join(f"<li>{esc(m)}</li>" for m in all_missing) + "</ul></div>" if all_missing else "")
-    )
-    page.html = page.render("tokens2policy report", header)  # type: ignore[attr-defined]
+    context = {
+        "title": "tokens2policy report",
+        "generated": run_info.get("generated", _dt.datetime.now().isoformat(timespec="seconds")),
+        "data_dir": str(config.data_uri), "mlflow_run_id": run_info.get("mlflow_run_id", "—"),
+        "inputs": ", ".join(f"{k}@v{v}" for k, v in versions.items() if v is not None) or "none",
+        "missing": page.facts["missing"], "experiments": experiments,
+    }
+    page.html = template_env().get_template("report.html.j2").render(**context)
     return page

@@ -40,12 +40,15 @@ def forest_plot(labels: Sequence[str], est, lo, hi, path: Path, title: str, refe
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.32 * n))
     y = np.arange(n)[::-1]
     has_ci = np.isfinite(lo) & np.isfinite(hi)
-    ax.errorbar(est[has_ci], y[has_ci], xerr=[est[has_ci] - lo[has_ci], hi[has_ci] - est[has_ci]], fmt="o",
-                color="#1f4e79", ecolor="#7aa6d6", capsize=3, ms=4)
+    # the interval as drawn from its ends (an estimate may lie outside a percentile-bootstrap CI)
+    ax.hlines(y[has_ci], lo[has_ci], hi[has_ci], color="#7aa6d6", lw=1.5)
+    ax.plot(np.r_[lo[has_ci], hi[has_ci]], np.r_[y[has_ci], y[has_ci]], "|", color="#7aa6d6", ms=7)
+    ax.plot(est[has_ci], y[has_ci], "o", color="#1f4e79", ms=4)
     if (~has_ci & ok).any():
         ax.plot(est[~has_ci & ok], y[~has_ci & ok], "o", color="#999999", ms=4)
     if reference is not None:
         ax.axvline(reference, color="#aa3333", lw=0.8, ls="--")
+    ax.set_ylim(-0.7, n - 0.3)  # a margin above the first and below the last row
     ax.set_yticks(y)
     ax.set_yticklabels([str(l)[:60] for l in labels], fontsize=8)
     ax.set_xlabel(xlabel)

@@ -8,17 +8,16 @@ works after any prefix of the pipeline.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tokens2policy.config import Config
-from tokens2policy.report.page import ci, fmt
+from tokens2policy.report.page import ci, fmt, is_contrast, signed
 
-
-def _is_contrast(group: Any) -> bool:
-    return any(s in str(group) for s in (" - ", " − ", "diff"))
+log = logging.getLogger(__name__)
 
 
 def _stage_line(r: Dict[str, Any]) -> str:
@@ -88,10 +87,12 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                     stat = " ".join(s for s in (f"t={fmt(c['t'], 2)}" if _finite(c.get("t")) else "",
                                                 f"p={fmt(c['p_value'])}" if _finite(c.get("p_value")) else "") if s)
                     lines.append(f"{pre}  {i}. {c['label']} (feature {c['feature']}) {stat}".rstrip())
-                    gates = sorted(c.get("gates") or [], key=lambda g: 0 if _is_contrast(g.get("group")) else 1)
+                    gates = sorted(c.get("gates") or [], key=lambda g: 0 if is_contrast(g.get("group")) else 1)
                     for g in gates[:3]:
                         lines.append(f"{pre}       GATE {g.get('group', '')}: {fmt(g.get('estimate'))} "
                                      f"95% CI {ci(g.get('ci_low'), g.get('ci_high'))}")
+            if (of.get("coverage") or {}).get("line"):
+                lines.append(pre + of["coverage"]["line"])
             values = of.get("policy_value")
             if values is None:
                 lines.append(pre + "policy value: (table 'policy_value' missing — policy has not run)")
@@ -109,6 +110,19 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                     extra = f" (treats {fmt(100 * share, 1)}%)" if _finite(share) else ""
                     lines.append(f"{pre}  {name}: {fmt(v.get('estimate'))} {ci(v.get('ci_low'), v.get('ci_high'))}"
                                  f"{extra}")
+            rec = of.get("recommended_policy")
+            if rec:
+                share = rec.get("treated_share")
+                gains = "; ".join(f"{g['words']} {signed(g.get('estimate'))} {ci(g.get('ci_low'), g.get('ci_high'))}"
+                                  for g in rec.get("gains") or [])
+                lines.append(pre + f"recommended policy: {rec['policy']}"
+                             + (f" (treats {fmt(100 * share, 1)}%)" if _finite(share) else "")
+                             + (f"; gain over {gains}" if gains else ""))
+            truth = of.get("truth")
+            if truth:
+                lines.append(pre + f"known truth (demo): found {truth['n_found']} of {truth['n_true']} true modifiers"
+                             + (f" ({', '.join(truth['found'])})" if truth.get("found") else "")
+                             + f"; {truth['n_other']} selected feature(s) aligned with none")
             ms = of.get("marginal")
             if ms is not None:
                 b = ms.get("bonferroni") or ms.get("raw")
@@ -126,11 +140,13 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
 def print_summary(spark, config: Config, results: Sequence[Dict[str, Any]] = (),
                   echo: Optional[Callable[[str], None]] = None) -> List[str]:
     """Print the end-of-run summary (and return its lines). Never fails the run: a summary error is one line."""
-    echo = echo or (lambda s: print(s, flush=True))
+    echo = echo or (lambda s: print(s, flush=True))  # the summary is the run's output: stdout, whatever the log level
     try:
         lines = summary_lines(facts_for_run(spark, config, results), results)
     except Exception as exc:  # the pipeline succeeded; a broken summary must not turn that into a failure
-        lines = [f"[t2p] could not build the run summary: {type(exc).__name__}: {exc}"]
+        log.warning("could not build the run summary: %s: %s", type(exc).__name__, exc)
+        log.debug("run summary failure", exc_info=True)
+        return []
     for line in lines:
         echo(line)
     return lines

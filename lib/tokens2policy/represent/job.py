@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from tokens2policy.config import Config, ConfigError
 from .baselines import load_representation, make_representation
 from .distributed import BackendUnavailableError, delta_source, horovod_available, train_distributed
 from .labels import label_neurons
-from .sae import SAEParams, SparseAutoencoder, csr_to_rows, reconstruction_metrics, rows_to_csr
+from .sae import SAEParams, SparseAutoencoder, csr_to_rows, latents_for_corpus, reconstruction_metrics, rows_to_csr
 
 OK_STATUS = ("ok", "truncated", "chunked")
 REGISTERED_MODEL = "tokens2policy-represent"
@@ -149,21 +150,62 @@ def _pyfunc_class():
     return RepresentationModel
 
 
-def _log_model(rep, metrics: dict, register: bool):
-    import mlflow
+def model_signature():
+    """Input: ``vector`` (an array of numbers: the embedding; array<float> columns widen safely); output: the sparse
+    code as ``indices``/``values``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
 
+    return ModelSignature(inputs=Schema([ColSpec(Array("double"), "vector")]),
+                          outputs=Schema([ColSpec(Array("integer"), "indices"), ColSpec(Array("double"), "values")]))
+
+
+def _log_model(cfg: Config, rep, dim: int, register: bool):
+    """Log the representation as a pyfunc (signature, an input example, requirements on the built wheel), register
+    it under ``tracking.represent_model_name`` and move the ``tracking.model_alias`` alias to the new version.
+
+    Returns (ModelInfo, the model's pinned URI: ``models:/<name>/<version>`` when registered, else ``runs:/...``).
+    """
+    import mlflow
+    import pandas as pd
+
+    from tokens2policy.tracking import model_name, package_requirement, register_alias
+
+    requirement, extra = package_requirement(cfg)
+    name = model_name(cfg, "represent", experiment=cfg.represent.experiment_id)
     tmp = tempfile.mkdtemp(prefix="t2p_rep_")
     try:
         rep.save(os.path.join(tmp, "representation"))
         info = mlflow.pyfunc.log_model(
             name="representation", python_model=_pyfunc_class()(),
-            artifacts={"representation": os.path.join(tmp, "representation")},
+            artifacts={"representation": os.path.join(tmp, "representation"), **extra},
+            signature=model_signature(),
+            # a zero vector: a valid input that carries no unit's data
+            input_example=pd.DataFrame({"vector": [np.zeros(int(dim), dtype=np.float32).tolist()]}),
             # explicit requirements: inferring them loads the model in a subprocess (slow, and offline here)
-            pip_requirements=["tokens2policy", "torch", "numpy", "scipy", "scikit-learn", "pandas"],
-            registered_model_name=REGISTERED_MODEL if register else None)
+            pip_requirements=[requirement, "torch", "numpy", "scipy", "scikit-learn", "pandas"],
+            registered_model_name=name if register else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return info
+    version = getattr(info, "registered_model_version", None)
+    if register and version:
+        register_alias(cfg, name, version)
+        return info, f"models:/{name}/{version}"
+    return info, info.model_uri
+
+
+def represent_model_uri(spark, cfg: Config, neurons_version: Optional[int]) -> Optional[str]:
+    """The model that wrote ``neurons`` at ``neurons_version``: the pinned URI represent stored in that commit's
+    metadata (None for neurons written otherwise)."""
+    from tokens2policy.lakehouse import commit_metadata
+
+    if neurons_version is None:
+        return None
+    meta = commit_metadata(spark, cfg, "neurons", neurons_version)
+    try:
+        return json.loads(meta).get("represent_model_uri") if meta else None
+    except (ValueError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,10 +256,27 @@ def _training_view(spark, cfg: Config, emb, model_hash: str):
     return view.where(F.col("vector").isNotNull())
 
 
-def _fit(spark, cfg: Config, train_df, on_epoch=None):
+def resolve_n_latents(cfg: Config, emb) -> int | None:
+    """``represent.n_latents``, or from the data when it is null and ``represent.docs_per_latent`` is set (the
+    number of distinct texts: ``content_hash`` of the embeddings; units sharing a text count once)."""
+    rc = cfg.represent
+    if rc.n_latents is not None or rc.docs_per_latent is None or rc.kind != "sae":
+        return rc.n_latents
+    row = emb.selectExpr("count(distinct content_hash) as n", "max(dim) as dim").first()
+    return latents_for_corpus(int(row["n"]), rc.k, rc.docs_per_latent, rc.expansion * int(row["dim"]))
+
+
+def nested_prefixes(prefixes, n_latents) -> tuple:
+    """The configured Matryoshka prefixes that fit the dictionary (a data-sized dictionary may be smaller than a
+    prefix; n_latents None: all)."""
+    return tuple(int(p) for p in prefixes if n_latents is None or int(p) < int(n_latents))
+
+
+def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     from tokens2policy.lakehouse import read_table, write_table
 
     rc = cfg.represent
+    n_latents = rc.n_latents if n_latents is None else n_latents
     if rc.kind != "sae" or rc.backend == "local":
         # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy
         pdf = train_df.toPandas()
@@ -233,8 +292,9 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None):
     if rc.kind != "sae":  # the baselines are for ablations on data that fits one machine
         params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
         return make_representation(rc.kind, **params).fit(source)
-    params = SAEParams(n_latents=rc.n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
-                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads)
+    params = SAEParams(n_latents=n_latents, expansion=rc.expansion, k=rc.k, lr=rc.lr, epochs=rc.epochs,
+                       batch_size=rc.batch_size, seed=cfg.seed, aux_k=rc.aux_k, num_threads=rc.num_threads,
+                       matryoshka=nested_prefixes(rc.matryoshka, n_latents))
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
                              use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
 
@@ -328,7 +388,9 @@ def run(spark, cfg: Config) -> dict:
                     bar.set_label(f"{note}: epoch {epoch + 1}/{epochs}, "
                                   f"{entry['dead_fraction_train']:.0%} latents dead")
 
-                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash), on_epoch=show)
+                n_latents = resolve_n_latents(cfg, emb)
+                rep = _fit(spark, cfg, _training_view(spark, cfg, emb, model_hash), on_epoch=show,
+                           n_latents=n_latents)
         except BackendUnavailableError as err:
             raise ConfigError(str(err)) from None
         n_latents = int(rep.n_latents_)
@@ -349,7 +411,11 @@ def run(spark, cfg: Config) -> dict:
             neurons = pool_token_codes(spark, tok, neurons, rep)
         else:
             neurons = neurons.withColumn("pooled_tokens", F.lit(0))
-        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True)
+        # the model first, so that the neurons' commit records the exact version that produced them
+        info, model_uri = _log_model(cfg, rep, dim, register=rc.register_model)
+        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True,
+                    user_metadata=json.dumps({"represent_model_uri": model_uri,
+                                              "mlflow_run_id": mlflow.active_run().info.run_id}))
         # the written codes, not a recomputation (token pooling is an expensive plan)
         neurons = read_table(spark, cfg, "neurons")
         written = neurons.agg(F.sum(F.size("indices")).alias("nnz"),
@@ -387,7 +453,6 @@ def run(spark, cfg: Config) -> dict:
             for h in rep.history_:
                 mlflow.log_metric("train_mse_normalized_space", h["train_mse_normalized_space"], step=h["epoch"])
         mark("stats")
-        info = _log_model(rep, metrics, register=rc.register_model)
         mark("log_model")
 
         labels = _labels(spark, cfg, rep, neurons, model_hash, n_units)
@@ -416,7 +481,7 @@ def run(spark, cfg: Config) -> dict:
         mark("labels")
         mlflow.log_dict(timings, "timings.json")
     summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
-               "model_uri": info.model_uri, "seconds": timings,
+               "model_uri": model_uri, "seconds": timings,
                "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
                "encode": rc.encode, "units_document_code": int(metrics["units_document_code"]),
                **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}

@@ -42,6 +42,7 @@ __all__ = [
     "LocalComm",
     "train_loop",
     "reconstruction_metrics",
+    "latents_for_corpus",
     "csr_to_rows",
     "rows_to_csr",
 ]
@@ -61,6 +62,12 @@ class SAEParams:
         only in batch order end at the same quality) or "constant".
     num_threads: torch CPU threads while training (None: leave torch's setting; small SAEs train
         fastest single-threaded on a busy machine).
+    matryoshka: nested dictionary prefixes (latent counts, increasing, each < n_latents); () = a plain TopK SAE.
+        With prefixes m_1 < ... < m_L the loss is the mean over the levels m_1, ..., m_L, n_latents of the
+        reconstruction error using only the active latents with index < m_l (Bussmann, Nabeshima, Karvonen &
+        Nanda 2025, "Learning multi-level features with Matryoshka sparse autoencoders"): the first m_1 latents
+        must reconstruct on their own, so they learn coarse, frequent features, and later latents add detail
+        without absorbing them.
     """
 
     n_latents: int | None = None
@@ -77,6 +84,7 @@ class SAEParams:
     device: str = "cpu"
     num_threads: int | None = None
     lr_schedule: str = "cosine"
+    matryoshka: tuple = ()
 
     def validate(self) -> "SAEParams":
         if self.n_latents is not None and int(self.n_latents) < 1:
@@ -95,12 +103,17 @@ class SAEParams:
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if int(self.aux_k) < 0:
             raise ValueError(f"aux_k must be >= 0, got {self.aux_k!r}")
+        self.matryoshka = tuple(int(m) for m in (self.matryoshka or ()))
+        if any(m < 1 for m in self.matryoshka) or list(self.matryoshka) != sorted(set(self.matryoshka)):
+            raise ValueError(f"matryoshka prefixes must be increasing positive latent counts, got {self.matryoshka!r}")
         return self
 
     def resolve_latents(self, d: int) -> int:
         m = int(self.n_latents) if self.n_latents is not None else int(self.expansion) * int(d)
         if self.k > m:
             raise ValueError(f"k={self.k} exceeds the dictionary size n_latents={m}")
+        if self.matryoshka and max(self.matryoshka) >= m:
+            raise ValueError(f"matryoshka prefixes {list(self.matryoshka)} must be smaller than n_latents={m}")
         return m
 
 
@@ -123,9 +136,10 @@ def _module_class():
         ``x = D^T z`` convention)."""
 
         def __init__(self, d_in: int, n_latents: int, k: int, aux_k: int = 0, seed: int = 0,
-                     aux_coef: float = 1.0 / 32.0):
+                     aux_coef: float = 1.0 / 32.0, prefixes=()):
             super().__init__()
             self.d_in, self.n_latents, self.k, self.aux_k = int(d_in), int(n_latents), int(k), int(aux_k)
+            self.prefixes = tuple(int(p) for p in prefixes or ())
             self.aux_coef = float(aux_coef)
             g = torch.Generator().manual_seed(int(seed))
             dec = torch.randn(n_latents, d_in, generator=g)
@@ -168,6 +182,12 @@ def _module_class():
             recon = self.decode_topk(vals, idx)
             err = xn - recon
             sse = err.pow(2).sum()
+            main = sse
+            if self.prefixes:  # Matryoshka: every nested prefix must reconstruct with its own active latents
+                for m in self.prefixes:
+                    part = self.decode_topk(vals * (idx < m).to(vals.dtype), idx)
+                    main = main + (xn - part).pow(2).sum()
+                main = main / (len(self.prefixes) + 1)
             aux = torch.zeros((), device=xn.device)
             if dead_mask is not None and self.aux_k > 0:
                 n_dead = int(dead_mask.sum())
@@ -178,7 +198,7 @@ def _module_class():
                     a_rec = torch.einsum("bk,bkd->bd", torch.relu(a_vals), self.W_dec[a_idx])
                     # the target is the detached residual: dead latents learn what the live ones miss
                     aux = (err.detach() - a_rec).pow(2).sum()
-            loss = sse + self.aux_coef * aux
+            loss = main + self.aux_coef * aux
             return loss, sse.detach(), aux.detach(), idx.detach(), vals.detach()
 
         @torch.no_grad()
@@ -201,12 +221,13 @@ def _module_class():
 _MODULE_CLS = None
 
 
-def TopKSAE(d_in: int, n_latents: int, k: int, aux_k: int = 0, seed: int = 0, aux_coef: float = 1.0 / 32.0):
+def TopKSAE(d_in: int, n_latents: int, k: int, aux_k: int = 0, seed: int = 0, aux_coef: float = 1.0 / 32.0,
+            prefixes=()):
     """Build the torch module (see module docstring)."""
     global _MODULE_CLS
     if _MODULE_CLS is None:
         _MODULE_CLS = _module_class()
-    return _MODULE_CLS(d_in, n_latents, k, aux_k=aux_k, seed=seed, aux_coef=aux_coef)
+    return _MODULE_CLS(d_in, n_latents, k, aux_k=aux_k, seed=seed, aux_coef=aux_coef, prefixes=prefixes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +300,8 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
     m = params.resolve_latents(d)
     torch.manual_seed(params.seed)
     device = torch.device(params.device)
-    model = TopKSAE(d, m, params.k, aux_k=params.aux_k, seed=params.seed, aux_coef=params.aux_coef)
+    model = TopKSAE(d, m, params.k, aux_k=params.aux_k, seed=params.seed, aux_coef=params.aux_coef,
+                    prefixes=params.matryoshka)
     x = torch.from_numpy(x_local)
     mean, scale = _moments(x, comm)
     model.mean.copy_(mean)
@@ -350,8 +372,24 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
             print(f"[sae] epoch {epoch + 1}/{params.epochs} mse={history[-1]['train_mse_normalized_space']:.4f}")
     model.cpu()
     state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-    return {"state": state, "config": {"d_in": d, "n_latents": m, "k": params.k, "aux_k": params.aux_k},
+    return {"state": state, "config": {"d_in": d, "n_latents": m, "k": params.k, "aux_k": params.aux_k,
+                                       "matryoshka": list(params.matryoshka)},
             "history": history}
+
+
+def latents_for_corpus(n_documents: int, k: int, docs_per_latent: int, max_latents: int) -> int:
+    """Dictionary size from the data: the largest power of two L with n_documents * k / L >= docs_per_latent.
+
+    A TopK code has k active latents per input, so a latent is active on n_documents * k / L documents on average.
+    NEXIS can only select a latent that fires on enough *distinct* texts to carry a driver (a latent of a handful
+    of documents is a sub-topic or a near-duplicate detector); the rule keeps that average at ``docs_per_latent``
+    or more, whatever the corpus size (docs/represent.md, "Choosing the dictionary"). Clipped to
+    [max(2k, 16), max_latents]."""
+    if n_documents < 1 or k < 1 or docs_per_latent < 1:
+        raise ValueError("n_documents, k and docs_per_latent must be positive")
+    target = n_documents * k / docs_per_latent
+    L = 2 ** int(math.floor(math.log2(target))) if target >= 1 else 1
+    return int(min(max(L, 2 * k, 16), max_latents))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +479,7 @@ class SparseAutoencoder:
     def __init__(self, n_latents: int | None = None, k: int = 32, lr: float = 1e-3, epochs: int = 10,
                  batch_size: int = 256, seed: int = 0, expansion: int = 8, aux_k: int = 64,
                  aux_coef: float = 1.0 / 32.0, dead_after: int | None = None, device: str = "cpu",
-                 num_threads: int | None = None, lr_schedule: str = "cosine"):
+                 num_threads: int | None = None, lr_schedule: str = "cosine", matryoshka=()):
         self.n_latents = n_latents
         self.k = k
         self.lr = lr
@@ -455,12 +493,13 @@ class SparseAutoencoder:
         self.device = device
         self.num_threads = num_threads
         self.lr_schedule = lr_schedule
+        self.matryoshka = tuple(matryoshka or ())
 
     # -- params ----------------------------------------------------------------------------
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("n_latents", "k", "lr", "epochs", "batch_size", "seed",
                                                "expansion", "aux_k", "aux_coef", "dead_after", "device",
-                                               "num_threads", "lr_schedule")}
+                                               "num_threads", "lr_schedule", "matryoshka")}
 
     def sae_params(self) -> SAEParams:
         return SAEParams(**self.get_params()).validate()
@@ -474,7 +513,8 @@ class SparseAutoencoder:
     def _set_result(self, result: dict) -> "SparseAutoencoder":
         torch = _torch()
         cfg = result["config"]
-        model = TopKSAE(cfg["d_in"], cfg["n_latents"], cfg["k"], aux_k=cfg.get("aux_k", 0), aux_coef=self.aux_coef)
+        model = TopKSAE(cfg["d_in"], cfg["n_latents"], cfg["k"], aux_k=cfg.get("aux_k", 0), aux_coef=self.aux_coef,
+                        prefixes=cfg.get("matryoshka", ()))
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in result["state"].items()})
         model.eval()
         self.module_ = model
@@ -575,7 +615,7 @@ class SparseAutoencoder:
         self._check_fitted()
         return {"params": self.get_params(),
                 "config": {"d_in": self.n_features_in_, "n_latents": self.n_latents_, "k": self.module_.k,
-                           "aux_k": self.module_.aux_k},
+                           "aux_k": self.module_.aux_k, "matryoshka": list(self.module_.prefixes)},
                 "state": {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()},
                 "history": self.history_}
 

@@ -64,7 +64,7 @@ def study_frame(spark, tasks: List[Dict], run_id: str, study: str, tasks_per_par
 
 def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
     out: Dict[str, float] = {}
-    real = sel[sel["design"] != "null"]
+    real = sel[(sel["design"] != "null") & ~sel["design"].astype(str).str.startswith("drivers/")]
     for (design, outcome), g in real.groupby(["design", "outcome"]):
         top = g[g["n"] == g["n"].max()]
         top = top[top["effect"] == top["effect"].max()]
@@ -99,7 +99,13 @@ def run(spark, cfg) -> dict:
 
         text_rep = str(build_text_representation(cfg, cfg.data_path / "validation", epochs=vcfg.text_epochs,
                                                  n_articles=vcfg.text_articles))
-    tasks = build_tasks(vcfg, cfg.seed, text_representation=text_rep)
+    driver_reps = None
+    if vcfg.drivers:  # design 3: one dictionary per (corpus, variant), built once on the driver
+        from .drivers import build_driver_representation
+
+        driver_reps = {(c, v): str(build_driver_representation(cfg, c, v, cfg.data_path / "validation", cfg.seed))
+                       for c in vcfg.drivers_corpora for v in vcfg.drivers_variants}
+    tasks = build_tasks(vcfg, cfg.seed, text_representation=text_rep, driver_representations=driver_reps)
     with stage_run(cfg, "validate") as mlrun:
         run_id = mlrun.info.run_id
         mlflow.log_param("validate.n_tasks", len(tasks))
@@ -120,6 +126,15 @@ def run(spark, cfg) -> dict:
         mlflow.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
         mlflow.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
         figures = plots.all_figures(sel, cov, out_dir, vcfg.alpha) if vcfg.figures else {}
+        if vcfg.drivers:
+            from .drivers import driver_figures, driver_metrics, summarize_drivers
+
+            drv = summarize_drivers(rows)
+            drv.to_csv(out_dir / "validation_drivers_summary.csv", index=False)
+            mlflow.log_artifact(str(out_dir / "validation_drivers_summary.csv"), "validation")
+            mlflow.log_metrics(driver_metrics(drv))
+            if vcfg.figures:
+                figures.update(driver_figures(drv, out_dir))
         for path in figures.values():
             mlflow.log_artifact(str(path), "validation")
         from .pipeline_path import run_in_study  # select -> effects -> policy as the stages run them

@@ -15,6 +15,12 @@ SHOWN_METHODS = ("nexis_linear", "nexis_hc1", "nexis_hc1_norho", "nexis_hc1_nobw
 
 
 
+def _design1(summary: pd.DataFrame) -> pd.DataFrame:
+    """Design 1's sweep rows (not the null, design 2 or design 3's ``drivers/...`` points)."""
+    d = summary["design"].astype(str)
+    return summary[~d.isin(["null", "text"]) & ~d.str.startswith("drivers/")]
+
+
 def _style(method: str):
     return dict(ls="-" if method.startswith("nexis") else "--", marker="o" if method.startswith("nexis") else "s",
                 ms=4, capsize=2)
@@ -22,7 +28,7 @@ def _style(method: str):
 
 def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, title: str, path: Path):
     plt = pyplot()
-    cells = summary[~summary["design"].isin(["null", "text"])][["design", "outcome"]].drop_duplicates().values.tolist()
+    cells = _design1(summary)[["design", "outcome"]].drop_duplicates().values.tolist()
     if not cells:
         return None
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, sharey=True)
@@ -55,7 +61,7 @@ def _sweep(summary: pd.DataFrame, x: str, fixed: str, fixed_value, methods, titl
 
 def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, methods=SHOWN_METHODS):
     """IoU against n at one effect size (default: the median effect of the sweep), one panel per design cell."""
-    real = summary[~summary["design"].isin(["null", "text"])]
+    real = _design1(summary)
     if real.empty:
         return None
     effect = float(np.median(sorted(real["effect"].unique()))) if effect is None else effect
@@ -66,7 +72,7 @@ def iou_vs_n(summary: pd.DataFrame, path, effect: Optional[float] = None, method
 
 def iou_vs_effect(summary: pd.DataFrame, path, n: Optional[int] = None, methods=SHOWN_METHODS):
     """IoU against the effect size at one n (default: the middle n of the sweep)."""
-    real = summary[~summary["design"].isin(["null", "text"])]
+    real = _design1(summary)
     if real.empty or real["effect"].nunique() < 2:
         return None
     ns = sorted(real["n"].unique())

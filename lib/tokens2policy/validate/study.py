@@ -74,13 +74,24 @@ RESULT_COLUMNS = {  # column -> pandas dtype (the validation_runs contract, docs
 }
 
 
+def _rho_method(name: str) -> Optional[Method]:
+    """``nexis_<test>[_nobw]_rho<value>``: NEXIS with Gate 2 at another rho (the Gate 2 study, docs/validation.md)."""
+    import re
+
+    m = re.fullmatch(r"nexis_(linear|hc1|gcm)(_nobw)?_rho(\d+(?:\.\d+)?)", name)
+    return Method(name, "nexis", m.group(1), not m.group(2), float(m.group(3))) if m else None
+
+
 def resolve_methods(names: Optional[Sequence[str]]) -> List[Method]:
     if not names:
         return list(METHODS)
-    unknown = sorted(set(names) - set(METHOD_NAMES))
+    extra = {n: _rho_method(n) for n in names if n not in METHOD_NAMES}
+    unknown = sorted(n for n, m in extra.items() if m is None)
     if unknown:
-        raise ValueError(f"unknown validation method(s) {unknown}; choose from {list(METHOD_NAMES)}")
-    return [m for m in METHODS if m.name in set(names)]
+        raise ValueError(f"unknown validation method(s) {unknown}; choose from {list(METHOD_NAMES)} or "
+                         "nexis_<test>[_nobw]_rho<value>")
+    known = {m.name: m for m in METHODS}
+    return [known[n] if n in known else extra[n] for n in dict.fromkeys(names)]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -249,7 +260,7 @@ def _coverage_rows(task, sim, alpha, policy_cost, n_truth, rng) -> List[Dict]:
 def run_task(task: Dict) -> List[Dict]:
     """All result rows of one (design point, repetition) task. Pure: same task, same rows (``seconds`` aside)."""
     methods = resolve_methods(task.get("methods"))
-    if task["design"]["kind"] == "text":
+    if task["design"]["kind"] == "text" or task["design"]["kind"].startswith("drivers/"):
         from .text import TextDesign, simulate_text
 
         design = TextDesign.from_dict(task["design"])
@@ -257,6 +268,11 @@ def run_task(task: Dict) -> List[Dict]:
         sim = simulate_text(design, sim_seed)
         gcm_seed = int(nexis_seed.generate_state(1)[0] % (2 ** 31))
         rows = _selection_rows(task, sim, methods, task["alpha"], gcm_seed, task.get("min_active", 20))
+        if task.get("coverage", False) and design.effect != 0:   # design 3: heterogeneity coverage of methods[0]
+            from .drivers import coverage_rows
+
+            chosen = json.loads(next(r["selected"] for r in rows if r["method"] == methods[0].name))
+            rows += coverage_rows(task, sim, chosen, task["alpha"], gcm_seed)
         return rows
     design = EntangledDesign(**{k: tuple(v) if isinstance(v, list) else v for k, v in task["design"].items()})
     ss = task_seed(task["base_seed"], design.key(), task["rep"])
@@ -312,7 +328,8 @@ def wants_text(vcfg) -> bool:
     return bool(vcfg.text if vcfg.text is not None else SIZES[vcfg.size]["text"])
 
 
-def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = None) -> List[Dict]:
+def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = None,
+                driver_representations: Optional[Dict] = None) -> List[Dict]:
     """The study's task list from a :class:`tokens2policy.config.ValidateConfig` (size preset + overrides).
 
     ``text_representation``: the .npz of :func:`tokens2policy.validate.text.build_text_representation`, needed
@@ -353,6 +370,24 @@ def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = N
                 for rep in range(int(reps)):
                     tasks.append(dict(common, task_id=len(tasks), design=design.to_dict(), rep=rep, coverage=False,
                                       m=m_text, min_active=int(vcfg.text_min_active)))
+    if getattr(vcfg, "drivers", False):   # design 3 (validate/drivers.py)
+        from .drivers import driver_design
+        from .text import load_representation
+
+        if not driver_representations:
+            raise ValueError("validate.drivers needs the driver representations: build them with "
+                             "tokens2policy.validate.drivers.build_driver_representation first")
+        d_reps = vcfg.drivers_repetitions or reps
+        d_common = dict(common, methods=[mm.name for mm in resolve_methods(vcfg.drivers_methods)])
+        for (corpus, variant), path in driver_representations.items():
+            m_rep = int(load_representation(str(path))["codes"].shape[1])
+            for n in vcfg.drivers_n_values:
+                for eff in vcfg.drivers_effects:
+                    design = driver_design(corpus, variant, n, eff, path)
+                    for rep in range(int(d_reps)):
+                        tasks.append(dict(d_common, task_id=len(tasks), design=design.to_dict(), rep=rep,
+                                          coverage=bool(vcfg.drivers_coverage), m=m_rep,
+                                          min_active=int(vcfg.text_min_active)))
     return tasks
 
 

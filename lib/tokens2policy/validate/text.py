@@ -76,28 +76,36 @@ class TextDesign:
         return cls(**d)
 
 
-def neuron_topic_f1(codes: sp.spmatrix, topics: np.ndarray, names) -> np.ndarray:
-    """(len(names), n_latents) F1 of active (> 0) vs topic membership, from sparse counts."""
+def neuron_attribute_f1(codes: sp.spmatrix, A: np.ndarray) -> np.ndarray:
+    """(attributes, n_latents) F1 of "neuron active" (> 0) vs each 0/1 attribute column of ``A`` (docs x attributes)."""
     active = (sp.csr_matrix(codes) > 0).astype(np.float64)
     n_active = np.asarray(active.sum(axis=0)).ravel()
-    out = np.zeros((len(names), active.shape[1]))
-    for i, name in enumerate(names):
-        member = (topics == name).astype(np.float64)
-        tp = active.T @ member
-        denom = n_active + member.sum()
-        out[i] = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), 0.0)
-    return out
+    A = np.asarray(A, np.float64)
+    tp = np.asarray((active.T @ A)).T                                   # attributes x latents
+    denom = n_active[None, :] + A.sum(0)[:, None]
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-300), 0.0)
+
+
+def neuron_attribute_precision(codes: sp.spmatrix, A: np.ndarray) -> np.ndarray:
+    """(attributes, n_latents) precision P(attribute | neuron active) (0 for a never-active neuron)."""
+    active = (sp.csr_matrix(codes) > 0).astype(np.float64)
+    n_active = np.asarray(active.sum(axis=0)).ravel()
+    tp = np.asarray((active.T @ np.asarray(A, np.float64))).T
+    return np.where(n_active[None, :] > 0, tp / np.maximum(n_active, 1.0)[None, :], 0.0)
+
+
+def topic_indicators(topics: np.ndarray, names) -> np.ndarray:
+    return np.column_stack([(np.asarray(topics) == name) for name in names]).astype(np.float64)
+
+
+def neuron_topic_f1(codes: sp.spmatrix, topics: np.ndarray, names) -> np.ndarray:
+    """(len(names), n_latents) F1 of active (> 0) vs topic membership, from sparse counts."""
+    return neuron_attribute_f1(codes, topic_indicators(topics, names))
 
 
 def neuron_topic_precision(codes: sp.spmatrix, topics: np.ndarray, names) -> np.ndarray:
     """(len(names), n_latents) precision P(topic | neuron active) over the corpus (0 for a never-active neuron)."""
-    active = (sp.csr_matrix(codes) > 0).astype(np.float64)
-    n_active = np.asarray(active.sum(axis=0)).ravel()
-    out = np.zeros((len(names), active.shape[1]))
-    for i, name in enumerate(names):
-        tp = active.T @ (topics == name).astype(np.float64)
-        out[i] = np.where(n_active > 0, tp / np.maximum(n_active, 1.0), 0.0)
-    return out
+    return neuron_attribute_precision(codes, topic_indicators(topics, names))
 
 
 def representation_hash(cfg) -> str:
@@ -142,7 +150,12 @@ def build_text_representation(cfg, out_dir, epochs: Optional[int] = None, n_arti
         X, keep = np.vstack(vectors), np.asarray(keep)
         np.savez_compressed(emb_path, X=X, keep=keep)
     rc = cfg.represent
-    sae = SparseAutoencoder(n_latents=rc.n_latents, k=rc.k, lr=rc.lr, epochs=epochs or rc.epochs,
+    n_latents = rc.n_latents
+    if n_latents is None and rc.docs_per_latent:   # the stage's rule on the corpus' distinct texts
+        from tokens2policy.represent.sae import latents_for_corpus
+
+        n_latents = latents_for_corpus(len(X), rc.k, rc.docs_per_latent, rc.expansion * X.shape[1])
+    sae = SparseAutoencoder(n_latents=n_latents, k=rc.k, lr=rc.lr, epochs=epochs or rc.epochs,
                             batch_size=min(rc.batch_size, len(X)), seed=cfg.seed, expansion=rc.expansion,
                             num_threads=1).fit(X)
     codes = sp.csr_matrix(sae.encode(X))
@@ -158,36 +171,52 @@ _CACHE: Dict[str, dict] = {}
 
 
 def load_representation(path: str) -> dict:
-    """The stored representation (cached per process: executors read it once)."""
+    """The stored representation (cached per process: executors read it once).
+
+    Driver attributes: the stored ``attributes`` / ``attribute_names`` (documents x attributes 0/1; written by
+    :mod:`tokens2policy.validate.drivers`), else one indicator per topic named by the topic."""
     if path not in _CACHE:
         z = np.load(path, allow_pickle=False)
         codes = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
         names = [str(s) for s in z["topic_names"]]
         topics = z["topics"].astype(str)
-        _CACHE[path] = dict(codes=codes, topics=topics, names=names, f1=z["f1"],
-                            precision=neuron_topic_precision(codes, topics, names),
+        if "attributes" in z.files:
+            A, attr_names = z["attributes"].astype(np.float64), [str(s) for s in z["attribute_names"]]
+        else:
+            A, attr_names = topic_indicators(topics, names), list(names)
+        _CACHE[path] = dict(codes=codes, topics=topics, names=names, attributes=A, attribute_names=attr_names,
+                            f1=neuron_attribute_f1(codes, A), precision=neuron_attribute_precision(codes, A),
                             n_active=np.diff(sp.csc_matrix(codes).indptr), metrics=json.loads(str(z["metrics"])))
     return _CACHE[path]
 
 
+def attribute_index(rep: dict, name: str) -> int:
+    """Column of a driver attribute: its exact name, or ``topic=<name>`` for a bare topic name."""
+    names = rep["attribute_names"]
+    for key in (name, f"topic={name}"):
+        if key in names:
+            return names.index(key)
+    raise ValueError(f"unknown driver attribute {name!r}; the representation has {names}")
+
+
 def text_truth(design: TextDesign) -> Dict[str, tuple]:
-    """Driving topic -> (best-F1 neuron, its F1)."""
+    """Driving attribute (topic) -> (best-F1 neuron, its F1), in the order of ``design.modifiers``."""
     rep = load_representation(design.representation)
     out = {}
-    for topic, coef in design.modifiers:
+    for name, coef in design.modifiers:
         if coef != 0 and design.effect != 0:
-            row = rep["f1"][rep["names"].index(topic)]
-            out[topic] = (int(np.argmax(row)), float(row.max()))
+            row = rep["f1"][attribute_index(rep, name)]
+            out[name] = (int(np.argmax(row)), float(row.max()))
     return out
 
 
 def text_aligned(design: TextDesign) -> Dict[str, list]:
-    """Driving topic -> its topic-aligned neurons (precision > ``design.aligned_share``, plus the best-F1 neuron)."""
+    """Driving attribute -> its aligned neurons (precision > ``design.aligned_share``, plus the best-F1 neuron)."""
     rep = load_representation(design.representation)
     out = {}
-    for topic, (best, _) in text_truth(design).items():
-        prec = rep["precision"][rep["names"].index(topic)]
-        out[topic] = sorted(set(np.nonzero(prec > design.aligned_share)[0].tolist()) | {best})
+    for name, (best, _) in text_truth(design).items():
+        prec = rep["precision"][attribute_index(rep, name)]
+        out[name] = sorted(set(np.nonzero(prec > design.aligned_share)[0].tolist()) | {best})
     return out
 
 
@@ -198,7 +227,7 @@ def representation_summary(path: str, design: Optional[TextDesign] = None) -> di
     design = design or TextDesign(representation=path)
     out = {"sae": rep["metrics"], "n_latents": int(rep["codes"].shape[1]), "n_articles": int(rep["codes"].shape[0]),
            "aligned_share": design.aligned_share, "topics": {}}
-    for i, name in enumerate(rep["names"]):
+    for i, name in enumerate(rep["attribute_names"]):
         f1 = np.sort(rep["f1"][i])[::-1]
         out["topics"][name] = {"best_neuron": int(np.argmax(rep["f1"][i])), "f1_best": float(f1[0]),
                                "f1_runner_up": float(f1[1]) if len(f1) > 1 else None,
@@ -217,6 +246,8 @@ class SimulatedText:
     topic: np.ndarray                       # each unit's (latent) topic
     f1: Dict[str, float] = field(default_factory=dict)
     aligned: list = field(default_factory=list)   # per driving topic (order of ``truth``): its aligned neurons
+    tau: Optional[np.ndarray] = None              # each unit's true CATE
+    doc: Optional[np.ndarray] = None              # each unit's document (row of the representation)
 
 
 def simulate_text(design: TextDesign, seed) -> SimulatedText:
@@ -225,17 +256,19 @@ def simulate_text(design: TextDesign, seed) -> SimulatedText:
     n = design.n
     idx = rng.integers(0, rep["codes"].shape[0], n)
     topic = rep["topics"][idx]
-    mods, mains = dict(design.modifiers), dict(design.main_effects)
-    tau = design.base + design.effect * np.array([mods.get(k, 0.0) for k in topic])
+    mains = dict(design.main_effects)
+    tau = np.full(n, float(design.base))
+    for name, coef in design.modifiers:
+        tau += design.effect * coef * rep["attributes"][idx, attribute_index(rep, name)]
     t = np.zeros(n)
     t[rng.permutation(n)[: int(round(n * design.treated_share))]] = 1.0
     y = np.array([mains.get(k, 0.0) for k in topic]) + t * tau + design.noise_sd * rng.standard_normal(n)
     truth = text_truth(design)
     aligned = text_aligned(design)
-    order = sorted(truth, key=lambda k: truth[k][0])
+    order = list(truth)   # the design's order of modifiers
     return SimulatedText(y=y, t=t, z=rep["codes"][idx], truth=np.array([truth[k][0] for k in order], dtype=int),
                          design=design, topic=topic, f1={k: v[1] for k, v in truth.items()},
-                         aligned=[aligned[k] for k in order])
+                         aligned=[aligned[k] for k in order], tau=tau, doc=idx)
 
 
 def text_seed(base_seed: int, design: TextDesign, rep: int) -> np.random.SeedSequence:

@@ -1,0 +1,170 @@
+"""identify → effects → policy at scale: the real stage runner on a synthetic experiment of N units.
+
+A fresh lakehouse gets ``units`` and ``neurons`` from :mod:`tokens2policy.scale_experiment` (4,096 neurons, k = 32
+active per unit, 5 planted direct effect modifiers each with a co-activating proxy, prognostic neurons,
+covariates, clusters, folds — generated in Spark tasks, not on the driver), then each stage runs through
+``tokens2policy.stages.run_stages`` (``--force``), exactly as ``t2p run`` would. Prints one JSON line:
+
+* ``seconds`` and ``spark_jobs`` per stage (every Spark job the stage started, the runner's own reads/writes of
+  ``stage_runs`` included: counted with a Spark job tag around the stage);
+* identify: ``rounds`` (distinct (phase, round) of the selection trace), ``jobs_per_round``, and any pass counts
+  the identify stage reports in its summary (keys containing ``pass``);
+* ``peak_rss_mb``: the driver's Python process and the JVM (in local mode the JVM holds driver and executors), each
+  the peak of a 0.2 s sampler over the stage (Spark's Python workers are not included);
+* selections: ``selected`` neurons, ``planted``, ``recovered`` (planted ∩ selected), ``proxies_selected`` and
+  ``false_selected`` (selected neither planted nor proxy), and how many proxies the marginal screen flags.
+
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 20000
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc1 --driver-memory 8g
+
+Timings depend on the machine's load: record it (``load_average`` is in the output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+STAGES = ("identify", "effects", "policy")
+
+
+def _rss_mb(pid) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+class PeakRss:
+    """Samples the RSS of some processes every ``every`` seconds; ``peak`` per process while running."""
+
+    def __init__(self, pids: dict, every: float = 0.2):
+        self.pids, self.every = pids, every
+        self.peak = {k: 0.0 for k in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                v = _rss_mb(pid)
+                if v == v:
+                    self.peak[name] = max(self.peak[name], v)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000, help="units")
+    ap.add_argument("--m", type=int, default=4096, help="neurons")
+    ap.add_argument("--k", type=int, default=32, help="active neurons per unit")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test", default=None, help="identify.test (default: the config default, gcm)")
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--driver-memory", default="6g")
+    ap.add_argument("--data-dir", default=None, help="a fresh directory (default: a new temp dir, removed after)")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    args = ap.parse_args(argv)
+
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse import get_spark, read_table
+    from tokens2policy.scale_experiment import ScaleDesign, generate
+    from tokens2policy.stages import run_stages
+
+    root = args.data_dir or tempfile.mkdtemp(prefix="t2p_bench_scale_")
+    if os.path.exists(os.path.join(root, "lakehouse")):
+        raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir")
+    overrides = [f"data_dir={root}", f"spark.master={args.master}", f"spark.driver_memory={args.driver_memory}",
+                 "spark.session=create", *([f"identify.test={args.test}"] if args.test else []), *args.set]
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    spark = get_spark(cfg)
+    jvm_start = time.perf_counter() - t0
+    sc = spark.sparkContext
+    pids = {"python": os.getpid(), "jvm": int(spark._jvm.java.lang.ProcessHandle.current().pid())}
+
+    def tagged(tag):
+        return len(sc._jsc.sc().statusTracker().getJobIdsForTag(tag))
+
+    def log(msg):
+        print(f"[bench_pipeline_scale] {msg}", file=sys.stderr, flush=True)
+
+    design = ScaleDesign(n=args.n, m=args.m, k=args.k, seed=args.seed)
+    t0 = time.perf_counter()
+    sc.addJobTag("bench-generate")
+    with PeakRss(pids) as gen_rss:
+        truth = generate(spark, cfg, design)
+    sc.removeJobTag("bench-generate")
+    out = {"n": args.n, "m": args.m, "k": args.k, "master": args.master, "driver_memory": args.driver_memory,
+           "identify_test": cfg.identify.test, "jvm_start_seconds": round(jvm_start, 2),
+           "generate_seconds": round(time.perf_counter() - t0, 2), "generate_jobs": tagged("bench-generate"),
+           "seconds": {}, "spark_jobs": {}, "peak_rss_mb": {"generate": {k: round(v) for k, v in gen_rss.peak.items()}}}
+    log(f"generated {args.n:,} units in {out['generate_seconds']} s")
+
+    summaries = {}
+    for stage in [s for s in args.stages.split(",") if s]:
+        tag = f"bench-{stage}"
+        sc.addJobTag(tag)
+        t0 = time.perf_counter()
+        with PeakRss(pids) as rss:
+            res = run_stages(spark, cfg, [stage], force=[stage], echo=log)
+        sc.removeJobTag(tag)
+        out["seconds"][stage] = round(time.perf_counter() - t0, 2)
+        out["spark_jobs"][stage] = tagged(tag)
+        out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
+        summaries[stage] = res[-1] if res else {}
+        log(f"{stage}: {out['seconds'][stage]} s, {out['spark_jobs'][stage]} Spark jobs")
+    out["python_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+    if "identify" in summaries:
+        from pyspark.sql import functions as F
+
+        ident = summaries["identify"]
+        out["identify_passes"] = {k: v for k, v in ident.items() if "pass" in k.lower()}
+        trace = read_table(spark, cfg, "selection_trace").select("phase", "round").distinct().count()
+        out["rounds"] = int(trace)
+        out["jobs_per_round"] = round(out["spark_jobs"]["identify"] / max(trace, 1), 1)
+        mods = read_table(spark, cfg, "modifiers").where(F.col("kind") == "Z").select("feature").collect()
+        selected = sorted(int(r[0]) for r in mods)
+        planted, proxies = set(truth["planted"]), set(truth["proxies"].values())
+        marginal = read_table(spark, cfg, "marginal_screen").where(
+            (F.col("kind") == "Z") & F.col("reject_bonferroni")).select("feature").collect()
+        flagged = {int(r[0]) for r in marginal}
+        out.update({
+            "planted": sorted(planted), "selected": selected,
+            "recovered": sorted(planted & set(selected)), "proxies_selected": sorted(proxies & set(selected)),
+            "false_selected": sorted(set(selected) - planted - proxies),
+            "marginal_flagged": len(flagged), "marginal_flagged_proxies": len(flagged & proxies),
+        })
+    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(out), flush=True)
+    spark.stop()
+    if not args.data_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
