@@ -406,6 +406,7 @@ def run_in_study(spark, cfg, run_id: str, out_dir) -> Dict[str, float]:
     metrics = {}
     for r in summary.itertuples():
         key = f"pipeline_path.{r.design}.{r.mode}.{r.selector}.{r.estimand}".replace(" ", "_")
+        key = "".join(ch if ch.isalnum() or ch in "_-.:/" else "_" for ch in key)  # names MLflow accepts
         if np.isfinite(r.rate):
             metrics[key] = float(r.rate)
     mlflow.log_metrics({k.replace(">", "gt"): v for k, v in metrics.items()})
