@@ -326,6 +326,17 @@ class IdentifyConfig(Section):
         return v
 
 
+class HonestyConfig(Section):
+    """Selection-aware inference by sample splitting (docs/effects.md, "Selection-aware inference";
+    ``tokens2policy.honesty``): identify selects on the ``selection`` units, effects and policy estimate on the
+    ``estimation`` units. ``mode: none`` reproduces the paper's single-sample analysis (labelled not
+    selection-aware in the tables and the report)."""
+
+    mode: Literal["split", "none"] = "split"
+    selection_share: float = Field(0.5, gt=0, lt=1)  # expected share of units in the selection role
+    seed: int = 23  # the role hash's seed (changing it reassigns every unit)
+
+
 class EffectsConfig(Section):
     se: Literal["hc1", "cluster"] = "hc1"
     propensity: Optional[float] = None  # None: the randomization share from the data
@@ -402,6 +413,8 @@ class ValidateConfig(Section):
     calibration: Optional[List[Literal["dense", "sparse", "rare", "covariates", "clusters", "nonlinear"]]] = None
     calibration_repetitions: Optional[int] = Field(None, ge=1)
     calibration_methods: Optional[List[str]] = None  # None: study.CALIBRATION_METHODS
+    # the pipeline's own path (validate/pipeline_path.py): repetitions per design; None: 5 (ci) / 500 (full); 0: off
+    pipeline_path_repetitions: Optional[int] = Field(None, ge=0)
     # design 3, distributed drivers (validate/drivers.py, docs/validation.md): corpora x representation variants
     drivers: bool = False
     drivers_corpora: List[Literal["bbc", "drugs"]] = Field(default_factory=lambda: ["bbc", "drugs"])
@@ -434,6 +447,7 @@ class Config(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     represent: RepresentConfig = Field(default_factory=RepresentConfig)
     identify: IdentifyConfig = Field(default_factory=IdentifyConfig)
+    honesty: HonestyConfig = Field(default_factory=HonestyConfig)
     effects: EffectsConfig = Field(default_factory=EffectsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)

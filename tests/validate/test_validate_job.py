@@ -12,7 +12,8 @@ OVERRIDES = [
     "validate.cells=[linear:gaussian]", "validate.n_values=[300]", "validate.effects=[0.8]",
     "validate.repetitions=2", "validate.null_repetitions=2", "validate.null_n=300", "validate.m=10",
     "validate.coverage_n=300", "validate.n_truth=2000", "validate.methods=[nexis_linear,nexis_gcm,marginal_bh]",
-    "validate.figures=false", "validate.calibration=[nonlinear]", "validate.calibration_repetitions=1",
+    "validate.figures=false", "validate.pipeline_path_repetitions=0",  # tested in test_pipeline_path.py
+    "validate.calibration=[nonlinear]", "validate.calibration_repetitions=1",
     "validate.calibration_methods=[nexis_gcm,nexis_gcm_poly2_linz]",
 ]
 

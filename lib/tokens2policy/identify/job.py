@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tokens2policy.fold_tasks import run_fold_tasks
+from tokens2policy.honesty import selection_filter
 
 from .engine import Tester, marginal_from_tester, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
@@ -290,7 +291,7 @@ def run(spark, cfg) -> dict:
 
     with stage_run(cfg, "identify", inputs=versions):
         for exp in experiments:
-            u = units.where(F.col("experiment_id") == exp)
+            u = units.where((F.col("experiment_id") == exp) & selection_filter(cfg.honesty))  # honesty: selection units
             nz = neurons.where(F.col("experiment_id") == exp).select("unit_id", "indices", "values")
             joined = u.join(nz, "unit_id", "left")
             summary["experiments"][exp] = {}
