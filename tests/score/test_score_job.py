@@ -155,3 +155,19 @@ def test_cli_score_with_explicit_model_and_alias(spark, model, tmp_path, capsys)
                f"data_dir={tmp_path / 'data3'}", "--set", "spark.driver_memory=3g"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("t2p: error")]
     assert rc == 2 and len(errors) == 1 and "no successful policy stage run" in errors[0]
+
+
+def test_policy_without_modifiers_scores_every_row():
+    """NEXIS may select no modifier: the served policy is then intercept-only and must still score each row (it
+    raised a shape error in PolicyScorer before — found by the pipeline test on 400 demo units)."""
+    from tokens2policy.embed.models import resolve_model
+    from tokens2policy.config import load_config
+    from tokens2policy.policy.pyfunc import PolicyScorer, PolicySpec, threshold_rule
+
+    embed_spec = resolve_model(load_config(None).embed)
+    spec = PolicySpec.from_fitted(embed_spec, [], {}, {}, threshold_rule(0.1), coef=[0.25])
+    spec.cov, spec.critical_value = [[0.01]], 2.0
+    out = PolicyScorer(spec, None, None).score(pd.DataFrame({"text": ["a", "b", "c"]}))
+    assert list(out["recommended"]) == [1, 1, 1] and np.allclose(out["cate"], 0.25)
+    assert np.allclose(out["ci_low"], 0.05) and np.allclose(out["ci_high"], 0.45)
+    assert list(out["embed_status"]) == ["not_needed"] * 3
