@@ -369,6 +369,19 @@ class PolicyConfig(Section):
     alpha: float = Field(0.05, gt=0, lt=1)
 
 
+class ScoreConfig(Section):
+    """``t2p score``: the registered policy applied to new units (docs/score.md). The input's columns are read with
+    the ``source`` section's mapping (``experiment_id_col``, ``unit_id_col``, ``text_cols``, ``covariate_cols``);
+    a treatment, outcomes, a cluster or timestamps are not needed."""
+
+    input: Optional[str] = None  # a path/URI/glob of files, a catalog table or view, or (kind query) a Spark SQL SELECT
+    kind: Optional[Literal["delta", "parquet", "csv", "json", "table", "query"]] = None  # None: from ``input``
+    experiment_id: Optional[str] = None  # constant experiment id when the input has no experiment id column
+    outcome: Optional[str] = None  # None: every source.outcome_cols (one registered policy each)
+    # None: for each (experiment, outcome) the version the last successful policy stage run registered
+    model_uri: Optional[str] = None
+
+
 class ReportConfig(Section):
     out_dir: Optional[str] = None  # defaults to <data_dir>/reports
     n_examples: int = 3
@@ -451,6 +464,7 @@ class Config(Section):
     effects: EffectsConfig = Field(default_factory=EffectsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

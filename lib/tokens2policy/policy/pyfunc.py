@@ -328,6 +328,7 @@ class PolicyScorer:
             indices, values, status = [[]] * n, [[]] * n, ["not_needed"] * n
         vals = spec.modifier_values(indices, values, frame.reset_index(drop=True))
         Z, _ = spec.linear_design(vals)
+        Z = Z if Z.shape[0] == n else np.zeros((n, 0))  # no modifier selected: an intercept-only CATE
         L = np.column_stack([np.ones(n), Z])
         cate = L @ np.asarray(spec.coef)
         if spec.cov is not None:
@@ -339,6 +340,7 @@ class PolicyScorer:
         leaf = np.full(n, -1, dtype=int)
         if rule["kind"] == "tree":
             X, _ = spec.tree_design(vals)
+            X = X if X.shape[0] == n else np.zeros((n, 0))
             leaf = self.tree.apply(X) if n else leaf
             treat = self.leaf_actions[leaf]
             fired = np.array(self.leaf_rules, dtype=object)[leaf] if n else np.zeros(0, dtype=object)
