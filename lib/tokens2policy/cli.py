@@ -4,8 +4,9 @@
     t2p setup --horovod                         also compile and install Horovod, the optional SAE training backend
     t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...] [--progress MODE]
 
-User errors (bad config, a missing or empty input table, a GPU required but absent, a stage not built yet) print
-one line and exit with status 2. ``--progress`` (or ``T2P_PROGRESS``) sets how long stages show their progress.
+User errors (bad config, a missing or empty input table, a GPU required but absent, a stage not built yet, another
+pipeline holding the lakehouse's run lock) print one line and exit with status 2. ``--progress`` (or
+``T2P_PROGRESS``) sets how long stages show their progress.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from tokens2policy.lakehouse import MissingTableError, get_spark
+    from tokens2policy.lakehouse.lock import LeaseLostError, LockHeldError
     from tokens2policy.stages import EmptyInputError, run_stages
 
     from tokens2policy.progress import progress_mode
@@ -101,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         spark = get_spark(config)
         print(f"[t2p] data_dir={config.data_path}")
         results = run_stages(spark, config, names, force=args.force, stages=stages)  # prints the Spark UI URL first
-    except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError) as exc:
+    except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError, LockHeldError, LeaseLostError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         print("t2p: interrupted; the stage is recorded as failed and a rerun resumes there", file=sys.stderr)

@@ -1,8 +1,17 @@
-"""The pipeline's stages, what each reads and writes, and the rule that skips an up-to-date stage.
+"""The pipeline's stages: what each reads and writes, the rule that skips an up-to-date stage, and the runner.
 
-A stage is up to date when its last successful run (recorded in the ``stage_runs`` Delta table) saw the same Delta
-versions of its input tables and the same config sections, and its outputs still exist. ``--force STAGE`` reruns
-it anyway. Each stage's code is ``tokens2policy.<stage>.job.run(spark, config) -> dict``.
+A stage *declares* its input tables and the config sections (or single keys, ``"ingest.smd_warn"``) it reads;
+its output tables are the registry's tables it owns (:mod:`tokens2policy.lakehouse.schemas`). The runner does the
+plumbing: it pins the input versions once, hands the job a :class:`tokens2policy.context.StageContext` (the
+declared config view, the inputs read as of the pinned versions, checked writes, a clock, the MLflow run), and
+records the run in ``stage_runs`` with its input *and output* versions. Each stage's code is
+``tokens2policy.<stage>.job.main(ctx) -> dict`` (``job.run(spark, config)`` calls it the same way, directly).
+
+A stage is up to date when its last successful run saw the same config sections and input versions and each of
+its outputs is still at the version that run recorded — so a stage killed between two of its commits (or whose
+output someone else rewrote) reruns in full, and the stages after it see new input versions. ``--force STAGE``
+reruns it anyway. One pipeline writes a lakehouse at a time (:mod:`tokens2policy.lakehouse.lock`): the runner
+takes the run lock before the first stage that must run, so a run with nothing to do commits nothing.
 
 Before a stage starts, :func:`check_inputs` turns the usual first-run mistakes into one line that says what to do:
 an input table that no stage has written yet (naming the stage that writes it), an empty ``units`` table, a
@@ -17,38 +26,49 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from tokens2policy.config import Config
+from tokens2policy.lakehouse.schemas import tables_of
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: Tuple[str, ...]
-    outputs: Tuple[str, ...]
-    sections: Tuple[str, ...]  # config sections whose change makes the stage stale
+    inputs: Tuple[str, ...]  # tables it reads (pinned and recorded)
+    outputs: Tuple[str, ...]  # tables it writes
+    sections: Tuple[str, ...]  # config sections (or "section.key") it reads: a change makes the stage stale
     requires: Optional[Tuple[str, ...]] = None  # inputs that must exist before it runs (None: all of them)
+    tracked: Union[bool, str] = True  # an MLflow run per execution (a "section.key" naming a boolean setting)
 
     @property
     def required_inputs(self) -> Tuple[str, ...]:
         return self.inputs if self.requires is None else self.requires
 
 
+# the source keys the unit column contract reads (tokens2policy.context.UnitColumns)
+UNIT_COLUMNS = ("source.outcome_cols", "source.covariate_cols")
+MODEL_STORE = ("tracking.tracking_uri", "tracking.registry_uri")  # where a registered model is resolved
+# what the report renders (it renders whatever exists and lists the missing tables on the page)
+REPORT_TABLES = ("units", "quarantine", "modifiers", "selection_trace", "marginal_screen", "neuron_labels", "gates",
+                 "calibration", "policy_rules", "policy_value", "assignments")
+
 STAGES: Tuple[Stage, ...] = (
-    Stage("ingest", (), ("units", "quarantine"), ("source", "demo", "ingest")),
-    Stage("embed", ("units",), ("embeddings", "token_states"), ("embed",)),
-    Stage("represent", ("embeddings", "token_states"), ("neurons", "neuron_stats", "neuron_labels"), ("represent",)),
-    Stage("identify", ("units", "neurons"), ("modifiers", "selection_trace", "marginal_screen"), ("identify",)),
-    Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"), ("effects",)),
-    Stage("policy", ("units", "neurons", "modifiers", "effects"), ("policy_rules", "policy_value", "assignments"),
-          ("policy", "effects")),
-    # the report renders whatever exists and lists the missing tables on the page
-    Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",), requires=()),
+    Stage("ingest", (), tables_of("ingest"), ("source", "demo", "ingest")),
+    Stage("embed", ("units",), tables_of("embed"), ("embed", *MODEL_STORE)),
+    Stage("represent", ("units", "embeddings", "token_states"), tables_of("represent"), ("represent",),
+          requires=("embeddings", "token_states")),
+    Stage("identify", ("units", "neurons", "neuron_labels"), tables_of("identify"), ("identify", *UNIT_COLUMNS),
+          requires=("units", "neurons")),
+    Stage("effects", ("units", "neurons", "modifiers"), tables_of("effects"), ("effects", *UNIT_COLUMNS)),
+    Stage("policy", ("units", "neurons", "modifiers", "effects"), tables_of("policy"),
+          ("policy", "effects", "embed", *UNIT_COLUMNS, *MODEL_STORE)),
+    Stage("report", REPORT_TABLES, (), ("report", "ingest.smd_warn", *UNIT_COLUMNS, "source.cluster_col"),
+          requires=(), tracked="report.log_to_mlflow"),
 )
 STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in STAGES)
 # Jobs outside the pipeline: run by name, never by `run all`.
-EXTRA_STAGES: Tuple[Stage, ...] = (Stage("validate", (), ("validation_runs",), ("validate",)),)
+EXTRA_STAGES: Tuple[Stage, ...] = (Stage("validate", (), tables_of("validate"), ("validate", "embed", "represent")),)
 RUNS_TABLE = "stage_runs"
 
 
@@ -72,13 +92,14 @@ def get_stage(name: str) -> Stage:
 
 
 def stage_function(name: str) -> Callable:
+    """The stage's job: ``tokens2policy.<name>.job.main(ctx) -> dict``."""
     try:
         module = importlib.import_module(f"tokens2policy.{name}.job")
     except ModuleNotFoundError as exc:
         if exc.name == f"tokens2policy.{name}.job":
             raise StageNotBuilt(f"stage '{name}' is not built yet") from None
         raise
-    return module.run
+    return module.main
 
 
 def producer_of(table: str, stages: Sequence[Stage] = STAGES + EXTRA_STAGES) -> Optional[str]:
@@ -122,7 +143,7 @@ def check_inputs(spark, config: Config, stage: Stage, versions: Dict[str, object
     if table and wanted is not None and versions.get(table, True) is not None:
         from pyspark.sql import functions as F
 
-        df = read_table(spark, config, table)
+        df = read_table(spark, config, table, version=versions.get(table))
         if df.where(F.col("experiment_id").cast("string") == str(wanted)).limit(1).count() == 0:
             have = sorted(str(r[0]) for r in df.select("experiment_id").distinct().limit(21).collect())
             listed = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "") if have else "none"
@@ -171,8 +192,12 @@ def require_gpu(spark, setting: str, instead: str) -> Dict[str, int]:
 
 
 def config_fingerprint(config: Config, stage: Stage) -> str:
+    """Hash of the declared sections (and section keys) plus ``seed``."""
     cfg = config.to_dict()
-    payload = {s: cfg.get(s) for s in stage.sections}
+    payload = {}
+    for item in stage.sections:
+        section, _, key = item.partition(".")
+        payload[item] = (cfg.get(section) or {}).get(key) if key else cfg.get(section)
     payload["seed"] = cfg.get("seed")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -198,13 +223,21 @@ def source_fingerprint(spark, config: Config) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
-def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
+def pinned_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
+    """The Delta version of each input table (None: missing) — computed once per stage run and handed to the job,
+    which reads exactly these versions. Ingest's ``source`` is a fingerprint of the logs."""
     from tokens2policy.lakehouse import table_version
 
     versions: Dict[str, object] = {t: table_version(spark, config, t) for t in stage.inputs}
     if stage.name == "ingest":
         versions["source"] = source_fingerprint(spark, config)
     return versions
+
+
+def output_versions(spark, config: Config, stage: Stage) -> Dict[str, Optional[int]]:
+    from tokens2policy.lakehouse import table_version
+
+    return {t: table_version(spark, config, t) for t in stage.outputs}
 
 
 def last_successes(spark, config: Config) -> Dict[str, dict]:
@@ -228,47 +261,66 @@ def last_successes(spark, config: Config) -> Dict[str, dict]:
     return {r["stage"]: r.asDict() for r in rows}
 
 
-def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> bool:
-    """True when ``last`` (the stage's latest success) saw today's config and input versions and outputs exist."""
-    from tokens2policy.lakehouse import table_exists
-
+def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None,
+                  versions: Optional[Dict[str, object]] = None) -> bool:
+    """True when ``last`` (the stage's latest success) saw today's config and input versions (``versions``, pinned
+    now) and every output is still at the version it recorded."""
     if last is None:
         last = last_successes(spark, config).get(stage.name)
     if last is None or last["config_hash"] != config_fingerprint(config, stage):
         return False
-    if json.loads(last["input_versions"]) != {k: v for k, v in _input_versions(spark, config, stage).items()}:
+    if versions is None:
+        versions = pinned_versions(spark, config, stage)
+    if json.loads(last["input_versions"]) != dict(versions):
         return False
-    return all(table_exists(spark, config, t) for t in stage.outputs)
+    recorded = last.get("output_versions")
+    if recorded is None:  # recorded before output versions were (or by a failed run): not provably current
+        return False
+    return json.loads(recorded) == output_versions(spark, config, stage)
 
 
-def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float, error: str = ""):
-    from pyspark.sql.types import StringType, StructField, StructType, TimestampType, DoubleType
+def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float, error: str = "",
+            outputs=None, run_id: Optional[str] = None):
+    from tokens2policy.lakehouse import table_exists, write_table
+    from tokens2policy.lakehouse.schemas import table_spec
 
-    from tokens2policy.lakehouse import write_table
-
-    schema = StructType(
-        [
-            StructField("stage", StringType(), False),
-            StructField("status", StringType(), False),
-            StructField("config_hash", StringType(), False),
-            StructField("input_versions", StringType(), False),
-            StructField("summary", StringType(), True),
-            StructField("error", StringType(), True),
-            StructField("seconds", DoubleType(), False),
-            StructField("finished_at", TimestampType(), False),
-        ]
-    )
     row = (
         stage.name,
         status,
         config_fingerprint(config, stage),
-        json.dumps(inputs, sort_keys=True),
+        json.dumps(inputs, sort_keys=True, default=str),
+        None if outputs is None else json.dumps(outputs, sort_keys=True),
         json.dumps(summary or {}, default=str)[:20000],
         error[:2000],
         float(time.time() - started),
         _dt.datetime.now(),
+        run_id,
     )
-    write_table(spark.createDataFrame([row], schema), config, RUNS_TABLE, mode="append")
+    df = spark.createDataFrame([row], table_spec(RUNS_TABLE).schema())
+    loc = _runs_location(config)
+    if loc not in _CURRENT_RUNS_TABLES and table_exists(spark, config, RUNS_TABLE) \
+            and "output_versions" not in read_runs_columns(spark, config):
+        # a stage_runs table from before output versions were recorded: add the new columns
+        writer = df.write.format("delta").mode("append").option("mergeSchema", "true")
+        writer.saveAsTable(loc) if config.lakehouse.mode == "catalog" else writer.save(loc)
+    else:
+        write_table(df, config, RUNS_TABLE, mode="append")
+    _CURRENT_RUNS_TABLES.add(loc)
+
+
+_CURRENT_RUNS_TABLES: set = set()  # stage_runs locations known to have every column (checked once per process)
+
+
+def _runs_location(config: Config) -> str:
+    from tokens2policy.lakehouse import table_location
+
+    return table_location(config, RUNS_TABLE)
+
+
+def read_runs_columns(spark, config: Config) -> List[str]:
+    from tokens2policy.lakehouse import read_table
+
+    return read_table(spark, config, RUNS_TABLE).columns
 
 
 def run_stages(
@@ -284,9 +336,13 @@ def run_stages(
     """Run stages in pipeline order; skip those up to date; record every outcome in ``stage_runs``.
 
     A failing stage is recorded and re-raised, leaving every earlier output intact; the next run resumes there
-    because the stages before it are up to date.
+    because the stages before it are up to date. The run lock is taken before the first stage that must run and
+    released at the end (:class:`tokens2policy.lakehouse.lock.RunLock`; a held lock: one-line
+    :class:`~tokens2policy.lakehouse.lock.LockHeldError`).
     """
-    from tokens2policy.lakehouse import MissingTableError
+    from tokens2policy.context import run_stage_job
+    from tokens2policy.lakehouse import MissingTableError, table_version
+    from tokens2policy.lakehouse.lock import RunLock
 
     results = []
     force_all = "all" in force
@@ -296,36 +352,59 @@ def run_stages(
         echo(f"[t2p] Spark {spark.version} master={sc.master} UI: {sc.uiWebUrl or 'disabled (spark.ui.enabled=false)'}")
     except Exception:  # a Spark Connect session (Databricks serverless) has no SparkContext to ask
         echo(f"[t2p] Spark {spark.version} (Spark Connect: see the Spark UI of the cluster)")
-    history = last_successes(spark, config)
+    lock = RunLock(spark, config, command="t2p run " + " ".join(s.name for s in selected), echo=echo)
+    holder = lock.live_holder()
+    if holder is not None:  # another pipeline writes: wait (or stop) before judging what is up to date
+        lock.acquire()
+    history, runs_version = last_successes(spark, config), table_version(spark, config, RUNS_TABLE)
     checked: dict = {}
     # ETA from the last successful run of each stage still to come (unknown for a stage that never ran)
     expected = {s.name: history[s.name]["seconds"] for s in selected if s.name in history}
-    for position, stage in enumerate(selected, start=1):
-        fn = (resolve or stage_function)(stage.name)
-        last = history.get(stage.name)
-        if (skip_up_to_date and not force_all and stage.name not in force
-                and is_up_to_date(spark, config, stage, last)):
-            echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
-            results.append({"stage": stage.name, "skipped": True})
-            continue
-        inputs = _input_versions(spark, config, stage)
-        check_inputs(spark, config, stage, inputs, checked, stages)
-        rest = selected[position - 1:]
-        known = [expected[s.name] for s in rest if s.name in expected]
-        eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
-               + ("" if len(known) == len(rest) else f"; {len(rest) - len(known)} never ran") + ")") if known else ""
-        echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
-        started = time.time()
-        try:
-            summary = fn(spark, config) or {}
-        except BaseException as exc:
-            _record(spark, config, stage, "failed", inputs, None, started, f"{type(exc).__name__}: {exc}")
-            table = isinstance(exc, MissingTableError) and re.match(r"table '([^']+)' does not exist", str(exc))
-            if table:  # say which stage writes it
-                raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist yet: "
-                                        f"{missing_table_hint(table.group(1), stages)}") from exc
-            raise
-        _record(spark, config, stage, "success", inputs, summary, started)
-        echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
-        results.append({"stage": stage.name, "skipped": False, "seconds": time.time() - started, **summary})
+    try:
+        for position, stage in enumerate(selected, start=1):
+            fn = (resolve or stage_function)(stage.name)
+            forced = force_all or stage.name in force
+            versions = pinned_versions(spark, config, stage)
+            if skip_up_to_date and not forced and is_up_to_date(spark, config, stage, history.get(stage.name),
+                                                                 versions):
+                echo(f"[t2p] {stage.name}: up to date (inputs, config and outputs unchanged) — skipped; "
+                     f"--force {stage.name} reruns")
+                results.append({"stage": stage.name, "skipped": True})
+                continue
+            if not lock.held:  # the first stage that writes: take the lock; look again if someone ran meanwhile
+                lock.acquire()
+                if table_version(spark, config, RUNS_TABLE) != runs_version:
+                    history = last_successes(spark, config)
+                    versions = pinned_versions(spark, config, stage)
+                    if skip_up_to_date and not forced and is_up_to_date(spark, config, stage,
+                                                                        history.get(stage.name), versions):
+                        echo(f"[t2p] {stage.name}: up to date (another pipeline ran it) — skipped")
+                        results.append({"stage": stage.name, "skipped": True})
+                        continue
+            lock.check()
+            check_inputs(spark, config, stage, versions, checked, stages)
+            rest = selected[position - 1:]
+            known = [expected[s.name] for s in rest if s.name in expected]
+            eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
+                   + ("" if len(known) == len(rest) else f"; {len(rest) - len(known)} never ran") + ")") \
+                if known else ""
+            echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
+            started = time.time()
+            try:
+                result = run_stage_job(spark, config, stage, fn, versions=versions, echo=echo)
+                lock.check()
+            except BaseException as exc:
+                _record(spark, config, stage, "failed", versions, None, started, f"{type(exc).__name__}: {exc}")
+                table = isinstance(exc, MissingTableError) and re.match(r"table '([^']+)' does not exist", str(exc))
+                if table:  # say which stage writes it
+                    raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist "
+                                            f"yet: {missing_table_hint(table.group(1), stages)}") from exc
+                raise
+            _record(spark, config, stage, "success", versions, result.summary, started,
+                    outputs=result.output_versions, run_id=result.run_id)
+            echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
+            results.append({"stage": stage.name, "skipped": False, "seconds": time.time() - started,
+                            **result.summary})
+    finally:
+        lock.release()
     return results
