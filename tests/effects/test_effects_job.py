@@ -80,12 +80,3 @@ def test_top_neurons_counts_activity_and_breaks_ties_by_index():
     assert effects_job.top_neurons([[1, 2], [2, 5], [5], [2]], 2) == [2, 5]
     assert effects_job.top_neurons([[3], [1]], 5) == [1, 3]
     assert effects_job.top_neurons([[], None], 3) == []
-
-
-def test_write_replaces_only_the_experiment_being_written(spark, cfg):
-    schema = "experiment_id string, v int"
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("a", 1), ("a", 2)], schema), "a")
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("b", 3)], schema), "b")
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("a", 9)], schema), "a")
-    got = sorted((r.experiment_id, r.v) for r in read_table(spark, cfg, "gates").collect())
-    assert got == [("a", 9), ("b", 3)]

@@ -9,7 +9,6 @@ numbers (same rows in the same unit_id order, seeds derived from ``(seed, fold)`
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -24,35 +23,6 @@ from .design import (
 )
 from .gates import encode_modifiers, gates_table, infer_split_kind
 from .learners import DRLearner, NuisanceParams, RLearner, fit_fold_nuisances
-
-GATES_SCHEMA = ("experiment_id string, outcome string, feature string, label string, source string, "
-                "split string, `group` string, n long, n_treated long, estimate double, se double, ci_low double, "
-                "ci_high double, p_value double, se_type string")
-EFFECTS_COLUMNS = ["experiment_id", "unit_id", "outcome", "learner", "cate", "ci_low", "ci_high", "cate_oof", "fold",
-                   "mu0", "mu1", "propensity", "dr_score0", "dr_score1"]
-CALIBRATION_SCHEMA = ("experiment_id string, outcome string, learner string, metric string, `group` string, "
-                      "q double, estimate double, se double, ci_low double, ci_high double, p_value double, "
-                      "null_hypothesis string, n long")
-
-
-def log_metrics(metrics: Dict[str, float]) -> None:
-    """Log finite metrics with keys MLflow accepts (experiment ids may hold other characters)."""
-    import re
-
-    import mlflow
-
-    mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", k): float(v) for k, v in metrics.items() if np.isfinite(v)})
-
-
-class _Clock:
-    def __init__(self):
-        self.t, self.laps = time.perf_counter(), {}
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.laps[name] = round(now - self.t, 3)
-        self.t = now
-
 
 def nuisance_params(cfg) -> NuisanceParams:
     e = cfg.effects
@@ -124,17 +94,6 @@ def load_experiment(spark, cfg, units, neurons, exp: str):
         "values", F.coalesce("values", F.array().cast("array<float>")))
     pdf = joined.toPandas().sort_values("unit_id", kind="stable").reset_index(drop=True)
     return joined, pdf
-
-
-def covariate_columns(cfg, columns) -> List[str]:
-    return [c for c in cfg.source.covariate_cols if c in columns]
-
-
-def outcome_columns(cfg, columns) -> List[str]:
-    out = [c for c in cfg.source.outcome_cols if c in columns]
-    if not out:
-        raise ValueError(f"none of the configured outcome columns {cfg.source.outcome_cols} is in the units table")
-    return out
 
 
 def modifier_frame(pdf, mods_pdf, covariates, cfg):
@@ -227,21 +186,6 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates):
     return gates, pd.concat(effects, ignore_index=True), pd.concat(calib, ignore_index=True), curves, metrics
 
 
-def _spark_frame(spark, pdf: pd.DataFrame, schema: str):
-    cols = [c.strip().split(" ")[0].strip("`") for c in schema.split(",")]
-    pdf = pdf[cols].astype(object).where(pdf[cols].notna(), None)
-    return spark.createDataFrame(pdf.values.tolist(), schema)
-
-
-def _write(spark, cfg, name: str, df, exp: str):
-    from tokens2policy.lakehouse import experiment_filter, table_exists, write_table
-
-    if table_exists(spark, cfg, name):
-        write_table(df, cfg, name, mode="overwrite", replace_where=experiment_filter(exp))
-    else:
-        write_table(df, cfg, name, mode="overwrite")
-
-
 def _plot_curves(curves: List[pd.DataFrame], path):
     import matplotlib
 
@@ -264,28 +208,32 @@ def _plot_curves(curves: List[pd.DataFrame], path):
 
 
 def run(spark, cfg) -> dict:
+    """Run the effects stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "effects", main)
+
+
+def main(ctx) -> dict:
+    """GATEs, CATE learners and calibration per experiment; each experiment's rows replaced in each table."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
-
-    from tokens2policy.lakehouse import experiment_filter, read_table, table_version
     from tokens2policy.progress import spark_progress
-    from tokens2policy.tracking import stage_run
 
-    units = read_table(spark, cfg, "units")
-    neurons = read_table(spark, cfg, "neurons")
-    modifiers = read_table(spark, cfg, "modifiers")
-    versions = {n: table_version(spark, cfg, n) for n in ("units", "neurons", "modifiers")}
-    outcomes = outcome_columns(cfg, units.columns)
-    covariates = covariate_columns(cfg, units.columns)
+    spark, cfg = ctx.spark, ctx.config
+    units = ctx.read("units")
+    neurons = ctx.read("neurons")
+    modifiers = ctx.read("modifiers")
+    outcomes = list(ctx.units.outcomes)
+    covariates = list(ctx.units.covariates)
     params = nuisance_params(cfg)
     summary: Dict[str, object] = {"experiments": [], "outcomes": outcomes}
-    with stage_run(cfg, "effects", inputs=versions):
+    with ctx.clock.timed("total"):
         exps = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
         mods_every = modifiers.toPandas()
         for exp in exps:
-            clock = _Clock()
+            clock = ctx.new_clock(str(exp))
             joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
             clock.lap("load")
             mods_all = mods_every[mods_every["experiment_id"] == exp]
@@ -295,13 +243,12 @@ def run(spark, cfg) -> dict:
             clock.lap("features")
             folds = sorted(int(k) for k in pdf["fold"].unique())
             cols = ["unit_id", "treatment", "fold"] + outcomes + covariates + ["indices", "values"]
-            start = time.perf_counter()
+            clock.reset()
             with spark_progress(spark, f"effects {exp}: nuisance cross-fit", note=f"{len(folds)} folds"):
                 nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
-            wall = time.perf_counter() - start
-            clock.lap("nuisances")
+            wall = clock.lap("nuisances")
             n_tasks = int(nu_pdf["partition_id"].nunique())
-            log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
+            ctx.log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
                                 f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
             gates_all, eff_all, cal_all, curves_all = [], [], [], []
             for outcome in outcomes:
@@ -312,25 +259,19 @@ def run(spark, cfg) -> dict:
                 eff_all.append(eff)
                 cal_all.append(cal)
                 curves_all += curves
-                log_metrics({f"{exp}.{k}": v for k, v in metrics.items()})
+                ctx.log_metrics({f"{exp}.{k}": v for k, v in metrics.items()})
             clock.lap("analysis")
             gates = pd.concat(gates_all, ignore_index=True)
             eff = pd.concat(eff_all, ignore_index=True)
             cal = pd.concat(cal_all, ignore_index=True)
-            unit_type = units.schema["unit_id"].dataType.simpleString()
-            eff_schema = (f"experiment_id string, unit_id {unit_type}, outcome string, learner string, cate double, "
-                          "ci_low double, ci_high double, cate_oof double, fold int, mu0 double, mu1 double, "
-                          "propensity double, dr_score0 double, dr_score1 double")
-            _write(spark, cfg, "gates", _spark_frame(spark, gates, GATES_SCHEMA), exp)
-            _write(spark, cfg, "effects", _spark_frame(spark, eff, eff_schema), exp)
-            _write(spark, cfg, "calibration", _spark_frame(spark, cal, CALIBRATION_SCHEMA), exp)
+            for name, frame in (("gates", gates), ("effects", eff), ("calibration", cal)):
+                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
             with tempfile.TemporaryDirectory() as tmp:
                 gates.to_csv(Path(tmp) / f"gates_{exp}.csv", index=False)
                 cal[cal.q.isna()].to_csv(Path(tmp) / f"calibration_{exp}.csv", index=False)
                 _plot_curves(curves_all, Path(tmp) / f"toc_qini_{exp}.png")
-                mlflow.log_artifacts(tmp, artifact_path="effects")
+                ctx.log_artifacts(tmp, artifact_path="effects")
             clock.lap("write")
-            log_metrics({f"{exp}.seconds_{k}": v for k, v in clock.laps.items()})
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)), "folds": len(folds),
                                            "nuisance_tasks": n_tasks, "gate_rows": int(len(gates)),
                                            "effects_rows": int(len(eff)), "seconds": clock.laps})
