@@ -37,11 +37,11 @@ def test_policy_job_recovers_rule_and_values_cover_oracle(spark, make_cfg):
 
     rules = read_table(spark, cfg, "policy_rules").toPandas()
     tree_rules = rules[rules.policy == "tree"]
-    treat_conditions = tree_rules[tree_rules.action == 1].conditions.tolist()
+    treat_conditions = tree_rules[tree_rules.treat == 1].conditions.tolist()
     # the planted rule (treat iff neuron 3 is active): every leaf reads only neuron_3, control exactly when inactive
     assert all(c.startswith("neuron_3 [topic 3]") or c.startswith("0 < neuron_3 [topic 3]")
                for c in tree_rules.conditions), tree_rules.rule.tolist()
-    assert tree_rules[tree_rules.action == 0].conditions.tolist() == ["neuron_3 [topic 3] inactive"]
+    assert tree_rules[tree_rules.treat == 0].conditions.tolist() == ["neuron_3 [topic 3] inactive"]
     assert set(rules.policy) == {"tree", "threshold", "budget"}
 
     asg = read_table(spark, cfg, "assignments").toPandas()

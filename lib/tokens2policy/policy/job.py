@@ -11,28 +11,17 @@ all units (what one would deploy); ``heldout_treat`` is the assignment the value
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List
 
 import numpy as np
 import pandas as pd
 
 from ..effects.gates import encode_modifiers
-from ..effects.job import (
-    _Clock, _spark_frame, _write, cluster_ids, covariate_columns, load_experiment, log_metrics, modifier_frame,
-)
+from ..effects.job import cluster_ids, load_experiment, modifier_frame
 from ..effects.ols import mean_with_se
 from .rules import budget_policy, threshold_policy
 from .tree import PolicyTree
 from .value import compare_policies
-
-RULES_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, leaf_id int, rule string, "
-                "conditions string, action int, action_name string, n long, leaf_effect double, leaf_effect_se double, "
-                "cost double")
-VALUE_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, comparison string, "
-                "treated_share double, estimate double, se double, ci_low double, ci_high double, p_value double, "
-                "n long, cost double")
-
 
 def tree_design(values: Dict[str, np.ndarray], kinds: Dict[str, str], mods) -> tuple:
     """Tree features: raw activations for neurons (split at 0 = inactive/active), raw numeric covariates, one
@@ -90,15 +79,15 @@ def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, cutoff, cluster) -> p
         if inside.sum() >= 2:
             est, se, *_ = mean_with_se(phi[inside], cluster=None if cluster is None else cluster[inside])
         rows.append(dict(policy="tree", leaf_id=leaf["leaf_id"], rule=leaf["rule"], conditions=leaf["conditions"],
-                         action=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est,
+                         treat=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est,
                          leaf_effect_se=se))
     n = len(sub)
     rows.append(dict(policy="threshold", leaf_id=0, rule=f"IF cate > {p.cost:.4g} THEN treat ELSE control",
-                     conditions=f"cate > {p.cost:.4g}", action=1, action_name="treat",
+                     conditions=f"cate > {p.cost:.4g}", treat=1, action_name="treat",
                      n=int((sub["cate"] > p.cost).sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
     rows.append(dict(policy="budget", leaf_id=0,
                      rule=f"IF cate >= {cutoff:.4g} (top {p.budget:.0%} of {n}) THEN treat ELSE control",
-                     conditions=f"cate >= {cutoff:.4g}", action=1, action_name="treat",
+                     conditions=f"cate >= {cutoff:.4g}", treat=1, action_name="treat",
                      n=int(np.ceil(p.budget * n - 1e-12)), leaf_effect=np.nan, leaf_effect_se=np.nan))
     return pd.DataFrame(rows).assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost)
 
@@ -126,33 +115,33 @@ def assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, cutoff) -> pd
 
 
 def run(spark, cfg) -> dict:
+    """Run the policy stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "policy", main)
+
+
+def main(ctx) -> dict:
+    """Rules, held-out values and assignments per experiment; each experiment's rows replaced in each table."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
-
-    from tokens2policy.lakehouse import experiment_filter, read_table, table_version
-    from tokens2policy.tracking import stage_run
-
+    spark, cfg = ctx.spark, ctx.config
     p = cfg.policy
-    units = read_table(spark, cfg, "units")
-    neurons = read_table(spark, cfg, "neurons")
-    modifiers = read_table(spark, cfg, "modifiers")
-    effects = read_table(spark, cfg, "effects")
-    versions = {n: table_version(spark, cfg, n) for n in ("units", "neurons", "modifiers", "effects")}
-    covariates = covariate_columns(cfg, units.columns)
+    units = ctx.read("units")
+    neurons = ctx.read("neurons")
+    modifiers = ctx.read("modifiers")
+    effects = ctx.read("effects")
+    covariates = list(ctx.units.covariates)
     summary: Dict[str, object] = {"experiments": []}
-    unit_type = units.schema["unit_id"].dataType.simpleString()
-    assign_schema = (f"experiment_id string, unit_id {unit_type}, outcome string, policy string, recommended boolean, "
-                     "treat int, heldout_treat int, cate double, rule string, leaf_id int")
-    with stage_run(cfg, "policy", inputs=versions):
+    with ctx.clock.timed("total"):
         mods_every = modifiers.toPandas()
         eff_every = effects.filter(effects.learner == p.learner).toPandas()
         if eff_every.empty:
             raise ValueError(f"the effects table has no rows for learner '{p.learner}' (policy.learner); "
                              f"run the effects stage first or pick another learner")
         for exp in sorted(eff_every["experiment_id"].unique()):
-            clock = _Clock()
+            clock = ctx.new_clock(str(exp))
             _, pdf = load_experiment(spark, cfg, units, neurons, exp)
             mods_all = mods_every[mods_every["experiment_id"] == exp]
             rules_all, values_all, assign_all, metrics, model_uris = [], [], [], {}, {}
@@ -188,14 +177,13 @@ def run(spark, cfg) -> dict:
             rules = pd.concat(rules_all, ignore_index=True)
             values = pd.concat(values_all, ignore_index=True)
             assigns = pd.concat(assign_all, ignore_index=True)
-            _write(spark, cfg, "policy_rules", _spark_frame(spark, rules, RULES_SCHEMA), exp)
-            _write(spark, cfg, "policy_value", _spark_frame(spark, values, VALUE_SCHEMA), exp)
-            _write(spark, cfg, "assignments", _spark_frame(spark, assigns, assign_schema), exp)
-            log_metrics(metrics)
+            for name, frame in (("policy_rules", rules), ("policy_value", values), ("assignments", assigns)):
+                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
+            ctx.log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / f"rules_{exp}.txt").write_text("\n".join(rules["outcome"] + ": " + rules["rule"]) + "\n")
                 values.to_csv(Path(tmp) / f"policy_value_{exp}.csv", index=False)
-                mlflow.log_artifacts(tmp, artifact_path="policy")
+                ctx.log_artifacts(tmp, artifact_path="policy")
             clock.lap("write")
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)),
                                            "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps,
