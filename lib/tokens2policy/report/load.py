@@ -15,13 +15,10 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from tokens2policy.config import Config
+from tokens2policy.stages import REPORT_TABLES as _REPORT_INPUTS
 
-REPORT_TABLES = (
-    "units", "quarantine", "modifiers", "selection_trace", "marginal_screen", "neuron_labels", "gates",
-    "calibration", "calibration_curves", "policy_rules", "policy_value", "assignments",
-)
-# tables that are only optional extras (their absence is not reported as a gap)
-OPTIONAL_TABLES = ("calibration_curves",)
+# what the report reads: the report stage's declared inputs (tokens2policy.stages), read as of their pinned versions
+REPORT_TABLES = _REPORT_INPUTS
 # columns the report reads, by table (anything else is shown as-is where a table is printed)
 EXPECTED_COLUMNS: Dict[str, Sequence[str]] = {
     "units": ("experiment_id", "unit_id", "treatment"),
@@ -233,7 +230,7 @@ def load_lakehouse(spark, config: Config, versions: Optional[Dict[str, Optional[
 
     present = [n for n in REPORT_TABLES if versions.get(n) is not None]
     missing = [f"table '{n}' does not exist (its stage has not run)" for n in REPORT_TABLES
-               if versions.get(n) is None and n not in OPTIONAL_TABLES]
+               if versions.get(n) is None]
     # Small tables: the cost is Spark's per-job latency, so the reads overlap (Spark schedules concurrent jobs).
     with ThreadPoolExecutor(max_workers=4) as pool:
         loaded = dict(zip(present, pool.map(read, present)))
