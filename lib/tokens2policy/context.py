@@ -520,11 +520,15 @@ class StageResult:
 
 
 def run_stage_job(spark, config: Config, stage, job: Callable[[StageContext], Optional[dict]],
-                  versions: Optional[Mapping[str, Any]] = None, echo: Callable = print) -> StageResult:
-    """Run ``job(ctx)`` for ``stage``: pin inputs (unless ``versions`` are given), open the MLflow run, call the
-    job, log timings and output versions. Raises what the job raises (the MLflow run is then marked failed)."""
+                  versions: Optional[Mapping[str, Any]] = None, echo: Callable = print,
+                  preflight: Optional[Callable] = None) -> StageResult:
+    """Run ``job(ctx)`` for ``stage``: run ``preflight(spark, config_view)`` (checks of its settings that must fail
+    in one line before any work), pin inputs (unless ``versions`` are given), open the MLflow run, call the job, log
+    timings and output versions. Raises what the job raises (the MLflow run is then marked failed)."""
     from tokens2policy.stages import pinned_versions
 
+    if preflight is not None:
+        preflight(spark, ConfigView(config, stage.sections, stage.name))
     if versions is None:
         versions = pinned_versions(spark, config, stage)
     ctx = StageContext(spark, config, stage, versions, echo=echo)
@@ -542,12 +546,13 @@ def run_stage_job(spark, config: Config, stage, job: Callable[[StageContext], Op
     return StageResult(summary, outputs, ctx.run_id, ctx.config.reads, frozenset(ctx.tables_read))
 
 
-def run_job(spark, config: Config, stage_name: str, job: Callable[[StageContext], Optional[dict]]) -> dict:
+def run_job(spark, config: Config, stage_name: str, job: Callable[[StageContext], Optional[dict]],
+            preflight: Optional[Callable] = None) -> dict:
     """A job called directly (tests, notebooks, benchmarks): ``run_stage_job`` for the named stage, its summary.
     Unlike ``t2p run`` it neither takes the run lock nor records ``stage_runs``."""
     from tokens2policy.stages import get_stage
 
-    return run_stage_job(spark, config, get_stage(stage_name), job).summary
+    return run_stage_job(spark, config, get_stage(stage_name), job, preflight=preflight).summary
 
 
 def context_of(config) -> Optional[StageContext]:

@@ -91,15 +91,24 @@ def get_stage(name: str) -> Stage:
     raise ValueError(f"unknown stage '{name}'; choose one of: {', '.join(STAGE_NAMES)} or all")
 
 
-def stage_function(name: str) -> Callable:
-    """The stage's job: ``tokens2policy.<name>.job.main(ctx) -> dict``."""
+def _job_module(name: str):
     try:
-        module = importlib.import_module(f"tokens2policy.{name}.job")
+        return importlib.import_module(f"tokens2policy.{name}.job")
     except ModuleNotFoundError as exc:
         if exc.name == f"tokens2policy.{name}.job":
             raise StageNotBuilt(f"stage '{name}' is not built yet") from None
         raise
-    return module.main
+
+
+def stage_function(name: str) -> Callable:
+    """The stage's job: ``tokens2policy.<name>.job.main(ctx) -> dict``."""
+    return _job_module(name).main
+
+
+def stage_preflight(name: str) -> Optional[Callable]:
+    """The stage's optional ``tokens2policy.<name>.job.preflight(spark, config)``: one-line checks of its settings (a GPU
+    that is not there, a backend that is not installed) run before any work and before its MLflow run opens."""
+    return getattr(_job_module(name), "preflight", None)
 
 
 def producer_of(table: str, stages: Sequence[Stage] = STAGES + EXTRA_STAGES) -> Optional[str]:
@@ -391,7 +400,8 @@ def run_stages(
             echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
             started = time.time()
             try:
-                result = run_stage_job(spark, config, stage, fn, versions=versions, echo=echo)
+                result = run_stage_job(spark, config, stage, fn, versions=versions, echo=echo,
+                                       preflight=None if resolve else stage_preflight(stage.name))
                 lock.check()
             except BaseException as exc:
                 _record(spark, config, stage, "failed", versions, None, started, f"{type(exc).__name__}: {exc}")
@@ -403,8 +413,8 @@ def run_stages(
             _record(spark, config, stage, "success", versions, result.summary, started,
                     outputs=result.output_versions, run_id=result.run_id)
             echo(f"[t2p] {stage.name}: done in {time.time() - started:.1f}s")
-            results.append({"stage": stage.name, "skipped": False, "seconds": time.time() - started,
-                            **result.summary})
+            results.append({**result.summary, "stage": stage.name, "skipped": False,
+                            "seconds": time.time() - started})
     finally:
         lock.release()
     return results

@@ -212,7 +212,16 @@ def run(spark: SparkSession, cfg: Config, loader: Union[str, Callable, None] = N
     """Run the embed stage directly (tests, notebooks, benchmarks): :func:`main` under a stage context."""
     from tokens2policy.context import run_job
 
-    return run_job(spark, cfg, "embed", lambda ctx: main(ctx, loader=loader))
+    return run_job(spark, cfg, "embed", lambda ctx: main(ctx, loader=loader), preflight=preflight)
+
+
+def preflight(spark, cfg) -> None:
+    """One line before any work when ``embed.device=cuda`` and no GPU is there."""
+    if cfg.embed.device == "cuda":
+        from tokens2policy.stages import require_gpu
+
+        require_gpu(spark, "embed.device=cuda",
+                    "--set embed.device=auto (the GPU when there is one, else the CPU)")
 
 
 def main(ctx, loader: Union[str, Callable, None] = None) -> dict:
@@ -222,10 +231,6 @@ def main(ctx, loader: Union[str, Callable, None] = None) -> dict:
     (a plug-in model without a config change; tests use it to inject failures).
     """
     spark, cfg = ctx.spark, ctx.config
-    if cfg.embed.device == "cuda":  # one line before any work when no GPU is there
-        from tokens2policy.stages import require_gpu
-
-        require_gpu(spark, "embed.device=cuda", "--set embed.device=auto (the GPU when there is one, else the CPU)")
     units = ctx.read("units")
     spec = resolve_model(cfg.embed, spark, tracking_uri=tracking_uri(cfg),
                          registry_uri=cfg.tracking.registry_uri, loader=loader)

@@ -287,17 +287,13 @@ def run(spark, cfg: Config) -> dict:
     """Run the represent stage directly (tests, notebooks): :func:`main` under a stage context."""
     from tokens2policy.context import run_job
 
-    return run_job(spark, cfg, "represent", main)
+    return run_job(spark, cfg, "represent", main, preflight=preflight)
 
 
-def main(ctx) -> dict:
-    """Train (or fit a baseline), encode every unit, compute neuron statistics and labels."""
-    from pyspark.sql import functions as F
-
-    from tokens2policy.progress import spark_progress
+def preflight(spark, cfg) -> None:
+    """Settings that cannot work fail in one line before any work (and before the MLflow run opens)."""
     from tokens2policy.stages import require_gpu
 
-    spark, cfg = ctx.spark, ctx.config
     rc = cfg.represent
     if rc.encode == "tokens_maxpool" and rc.kind != "sae":
         raise ConfigError(f"represent.encode=tokens_maxpool max-pools non-negative SAE codes; kind={rc.kind} codes "
@@ -308,6 +304,16 @@ def main(ctx) -> dict:
             raise ConfigError(why)
     if rc.kind == "sae" and rc.use_gpu and rc.backend != "local":
         require_gpu(spark, f"represent.use_gpu=true (backend {rc.backend})", "--set represent.use_gpu=false")
+
+
+def main(ctx) -> dict:
+    """Train (or fit a baseline), encode every unit, compute neuron statistics and labels."""
+    from pyspark.sql import functions as F
+
+    from tokens2policy.progress import spark_progress
+
+    spark, cfg = ctx.spark, ctx.config
+    rc = cfg.represent
     emb = ctx.read("embeddings").where(
         F.col("status").isin(*OK_STATUS) & F.col("vector").isNotNull())
     if rc.experiment_id:
