@@ -283,6 +283,9 @@ class RunnerConfig(Section):
 
     lock_wait_seconds: float = Field(0.0, ge=0)  # a second pipeline waits this long for the lock (0: exits at once)
     lease_seconds: float = Field(120.0, ge=3)  # a holder that stops renewing loses the lock after this long
+    # take the lock over from a live-looking holder (one on another host whose lease has not expired yet) when the
+    # operator knows it is gone: --set runner.break_lock=true
+    break_lock: bool = False
 
 
 class Config(Section):

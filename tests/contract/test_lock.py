@@ -1,10 +1,12 @@
 """One writing pipeline per lakehouse: the run lock on real Delta, in one process and across two real processes."""
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,52 @@ def test_stale_leases_are_taken_over(spark, make_cfg):
     taker.release()
 
 
+def test_racing_takers_one_wins_the_others_name_it(spark, make_cfg):
+    """Real concurrent Delta commits (threads of this process, one JVM; the process race is the slow test below):
+    takers released at once on a lakehouse with no lock table yet, then on a free lock row — exactly one holds."""
+    cfg = make_cfg()
+    for round_ in range(2):
+        takers = [RunLock(spark, cfg, command=f"taker {i}", wait_seconds=0, lease_seconds=60, echo=lambda m: None)
+                  for i in range(3)]
+        barrier = threading.Barrier(len(takers))
+        outcome = {}
+
+        def take(lock):
+            barrier.wait()
+            try:
+                lock.acquire()
+                outcome[lock.command] = "held"
+            except LockHeldError as exc:
+                outcome[lock.command] = str(exc)
+
+        threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+        [t.start() for t in threads]
+        [t.join(timeout=600) for t in threads]
+        winners = [t for t in takers if outcome[t.command] == "held"]
+        assert len(winners) == 1, (round_, outcome)
+        for t in takers:
+            if t is not winners[0]:
+                assert f"({winners[0].command})" in outcome[t.command] and "\n" not in outcome[t.command]
+        assert [lease.owner for lease in RunLock(spark, cfg)._rows()] == [winners[0].owner]
+        winners[0].release()
+        assert RunLock(spark, cfg).holder() is None
+
+
+def test_break_lock_takes_over_a_live_holder_which_then_stops(spark, make_cfg):
+    cfg = make_cfg("runner.break_lock=true")
+    stuck = RunLock(spark, cfg, command="stuck", lease_seconds=3600, break_lock=False).acquire()
+    stuck._stop.set()
+    stuck._thread.join()
+    with pytest.raises(LockHeldError, match="runner.break_lock=true"):
+        RunLock(spark, cfg, wait_seconds=0, break_lock=False).acquire()
+    lines = []
+    breaker = RunLock(spark, cfg, wait_seconds=0, lease_seconds=60, echo=lines.append).acquire()
+    assert breaker.holder().owner == breaker.owner
+    assert any("breaking (runner.break_lock=true) run lock of pid" in m and "(stuck)" in m for m in lines), lines
+    assert stuck.renew() is False and stuck.lost, "the broken holder finds out at its next renewal"
+    breaker.release()
+
+
 def _toy(data_dir, *args, env=None):
     return subprocess.Popen([sys.executable, str(TOY), str(data_dir), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -94,3 +142,50 @@ def test_a_second_pipeline_process_exits_naming_the_holder_or_waits_for_it(spark
     runs = read_table(spark, cfg, "stage_runs").collect()
     assert sorted(r.stage for r in runs if r.status == "success") == ["a", "b"]
     assert min(r.finished_at.timestamp() for r in runs) > released
+
+
+def _wait_for(proc, prefix):
+    for text in iter(proc.stdout.readline, ""):
+        if text.startswith(prefix):
+            return text
+    raise AssertionError(f"{prefix!r} never printed: {proc.communicate()}")
+
+
+@pytest.mark.slow  # three Spark processes (~1-2 min under load)
+def test_two_runner_processes_race_one_wins_and_a_killed_holder_is_taken_over(spark, make_cfg, tmp_path):
+    """Two `t2p`-like runner processes released at the same instant on a fresh lakehouse (the lock table does not
+    exist yet): one runs the pipeline, the other exits 2 with one line naming the winner's pid. Then a holder is
+    SIGKILLed mid-stage; the next runner takes its stale lease over at once and the stage reruns."""
+    cfg = make_cfg()
+    go = tmp_path / "go"
+    env = {"TOY_GO_FILE": str(go), "TOY_B_SECONDS": "10"}
+    racers = [_toy(cfg.data_path, "--set", "runner.lock_wait_seconds=0", env=env) for _ in range(2)]
+    for r in racers:
+        _wait_for(r, "[toy] pid")
+    go.touch()
+    with ThreadPoolExecutor(2) as pool:  # drain both pipes at once
+        outputs = list(pool.map(lambda r: r.communicate(timeout=900), racers))
+    done = {r.pid: (r.returncode, *o) for r, o in zip(racers, outputs)}
+    codes = sorted(rc for rc, _, _ in done.values())
+    assert codes == [0, 2], done
+    winner = next(pid for pid, (rc, _, _) in done.items() if rc == 0)
+    loser_err = next(err for rc, _, err in done.values() if rc == 2)
+    line = [x for x in loser_err.splitlines() if x.startswith("t2p: error:")]
+    assert len(line) == 1 and f"pid {winner} on {socket.gethostname()} (t2p run a b)" in line[0], loser_err
+    runs = read_table(spark, cfg, "stage_runs").collect()
+    assert sorted((r.stage, r.status) for r in runs) == [("a", "success"), ("b", "success")], "the loser wrote nothing"
+    assert RunLock(spark, cfg).holder() is None
+
+    killed = _toy(cfg.data_path, "--force", "b", env={"TOY_B_SECONDS": "600"})
+    _wait_for(killed, "[t2p] stage 2/2 b: running")
+    assert RunLock(spark, cfg).holder().pid == killed.pid
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    # lock_wait_seconds=0: the dead holder's lease (120 s, renewed until the kill) is taken over at once, not after
+    taker = _toy(cfg.data_path, "--force", "b", "--set", "runner.lock_wait_seconds=0")
+    out, err = taker.communicate(timeout=900)
+    assert taker.returncode == 0, (out, err)
+    assert f"[t2p] taking over the stale run lock of pid {killed.pid} on {socket.gethostname()}" in out, out
+    runs = read_table(spark, cfg, "stage_runs").collect()
+    assert sorted(r.stage for r in runs if r.status == "success") == ["a", "b", "b"]
+    assert RunLock(spark, cfg).holder() is None

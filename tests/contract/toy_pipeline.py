@@ -2,6 +2,8 @@
 
     python tests/contract/toy_pipeline.py DATA_DIR [--force b] [--set key=value ...]
 
+(environment: ``TOY_B_SECONDS`` makes ``b`` sleep first, ``TOY_GO_FILE`` = a path: the runner starts once it exists).
+
 Stage ``a`` writes ``t_a`` (``ingest.n_folds`` rows); stage ``b`` reads it and writes two tables, ``t_b`` then
 ``t_b2`` (two commits, so a kill between them leaves ``t_b`` new and ``t_b2`` old), both stamped with a ``token``
 unique to that execution of ``b``, so a table pair from two different executions is visible. Errors print one line and exit 2,
@@ -59,6 +61,10 @@ def main(argv=None) -> int:
     cfg = load_config(None, [f"data_dir={args.data_dir}", "spark.driver_memory=1g", "spark.shuffle_partitions=2",
                              "spark.app_name=toy", *args.overrides])
     spark = get_spark(cfg)
+    go = os.environ.get("TOY_GO_FILE")  # racers: say ready, then start the runner when the file appears
+    print(f"[toy] pid {os.getpid()} ready", flush=True)
+    while go and not os.path.exists(go):
+        time.sleep(0.02)
     try:
         run_stages(spark, cfg, ["a", "b"], force=args.force, stages=STAGES, resolve=JOBS.__getitem__)
     except (ConfigError, LockHeldError) as exc:

@@ -156,7 +156,7 @@ _TABLES: Tuple[TableSpec, ...] = (
         "rewritten by anyone else, reruns.", internal=True),
     TableSpec("run_lock", "runner", (
         C("lock", "string", "lock name (`pipeline`: one writer per lakehouse)"),
-        C("owner", "string", "random id of the holding run"),
+        C("owner", "string", "random id of the holding run (null: free)"),
         C("host", "string", "host name of the holding process"),
         C("pid", "bigint", "process id of the holding process"),
         C("command", "string", "what the holder runs (stages)"),
@@ -164,10 +164,12 @@ _TABLES: Tuple[TableSpec, ...] = (
         C("renewed_at", "timestamp", "the holder's last renewal"),
         C("expires_at", "timestamp", "the lease is stale after this (renewed every third of `runner.lease_seconds`)"),
     ), ("lock",),
-        "The run lock (`tokens2policy.lakehouse.lock`): a lease committed to Delta by the pipeline that writes, "
-        "renewed while it runs and deleted when it ends. A second pipeline on the same lakehouse waits "
+        "The run lock (`tokens2policy.lakehouse.lock`): one row per lock, taken (a conditional Delta UPDATE) by the "
+        "pipeline that writes, renewed while it runs and freed (owner null) when it ends. A second pipeline on the "
+        "same lakehouse waits "
         "(`runner.lock_wait_seconds`) or exits with one line naming the holder. A lease past `expires_at`, or "
-        "held by a process that no longer exists on this host, is stale and taken over.", internal=True),
+        "held by a process that no longer exists on this host, is stale and taken over; "
+        "`runner.break_lock=true` takes over the lease it finds even when it looks live.", internal=True),
     # ------------------------------------------------------------------ ingest
     TableSpec("units", "ingest", (
         EXPERIMENT,
