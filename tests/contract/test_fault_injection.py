@@ -1,6 +1,6 @@
 """A stage killed (a real SIGKILL of its process) between two of its commits reruns in full at the next run.
 
-The toy case runs in the default suite: a `--force b` of the two-table toy stage is killed after its first commit
+The toy case (slow: a second Spark process; 182 s under heavy load): a `--force b` of the two-table toy stage is killed after its first commit
 — the state that used to be skipped as up to date (new ``t_b`` with the old ``t_b2``). The pipeline case (slow)
 kills every multi-commit stage of the demo pipeline in turn and shows the end state equals an uninterrupted run,
 row for row.
@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tokens2policy.context import FAULT_ENV
 from tokens2policy.lakehouse import read_table, table_version
@@ -27,6 +29,7 @@ def _rows(spark, cfg, name):
     return sorted(tuple(r) for r in read_table(spark, cfg, name).drop("token").collect())
 
 
+@pytest.mark.slow  # a second Spark process: 182 s under heavy load, well over 20 s even idle
 def test_a_forced_stage_killed_between_its_commits_reruns_in_full(spark, make_cfg):
     cfg = make_cfg()
     _toy_in_process(spark, cfg)
