@@ -8,7 +8,7 @@ The public Python API (``docs/api.md``)::
     results = t2p.run("all", config="conf/local.yaml", overrides=["data_dir=/tmp/run1"])
     t2p.status(config="conf/local.yaml")                 # each stage: up to date or stale, and why
     t2p.tables(config="conf/local.yaml"); t2p.show("modifiers", config="conf/local.yaml")
-    est = t2p.Nexis(alpha=0.05, test="hc1").fit(y, t, z)  # NEXIS in memory, scikit-learn style
+    est = t2p.Nexis(alpha=0.05, test="hc2").fit(y, t, z)  # NEXIS in memory, scikit-learn style
     est.selected_, est.pvalues_, est.trace_
 
 Importing the package is cheap: the names below load their modules (and Spark, scikit-learn) on first use.

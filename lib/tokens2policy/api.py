@@ -5,6 +5,7 @@
     t2p.status(config="conf/local.yaml")          # a pandas DataFrame: each stage, up to date or stale and why
     t2p.tables(config="conf/local.yaml")          # each table: rows, Delta version, last commit
     t2p.show("modifiers", config="conf/local.yaml")
+    t2p.api.score("s3a://bucket/new_units/", config="conf/local.yaml")   # the registered policy on new units
 
 Each function takes ``config`` (a YAML path, a loaded :class:`~tokens2policy.config.Config`, or None for the
 embedded default ``conf/local.yaml``), ``overrides`` (``["key=value", ...]`` as ``--set``) and ``spark`` (a session
@@ -116,6 +117,33 @@ def show(table: str, limit: int = 20, version: Optional[int] = None, config: Con
 
     cfg = resolve_config(config, overrides)
     return table_head(session(cfg, spark), cfg, table, limit=limit, version=version)
+
+
+def score(input: Optional[str] = None, config: ConfigLike = None, overrides: Sequence[str] = (), spark=None,
+          model_uri: Optional[str] = None, kind: Optional[str] = None, experiment_id: Optional[str] = None,
+          outcome: Optional[str] = None) -> Dict[str, Any]:
+    """Score new units with the registered policy into the ``scores`` Delta table, as ``t2p score`` does
+    (docs/score.md): ``input`` a path/URI/glob of delta/parquet/csv/json files, a catalog table, or (``kind=
+    "query"``) a Spark SQL query; ``model_uri`` default: the version the last successful policy stage run
+    registered for each experiment/outcome. The keyword arguments set the ``score`` config section (None keeps
+    the config's value). Returns counts (``rows_in``, ``scored``, ``quarantined`` with ``reasons``, ``inserted``,
+    ``updated``), the model URI used per ``experiment/outcome`` and the ``scores`` table version. Errors: one-line
+    :class:`ConfigError` (no input, unreadable input, unmappable columns, no model)."""
+    from tokens2policy.config import ScoreConfig
+    from tokens2policy.logs import ensure_console_logging
+    from tokens2policy.score.job import run as run_score
+
+    ensure_console_logging()
+    cfg = resolve_config(config, overrides)
+    given = {"input": input, "model_uri": model_uri, "kind": kind, "experiment_id": experiment_id,
+             "outcome": outcome}
+    try:
+        section = ScoreConfig.model_validate({**cfg.score.model_dump(),
+                                              **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as err:  # pydantic's ValidationError: a bad kind
+        raise ConfigError(f"score: {str(err).splitlines()[-1].strip()}") from None
+    cfg = cfg.model_copy(update={"score": section})
+    return run_score(session(cfg, spark), cfg)
 
 
 def report_path(results: Sequence[Dict[str, Any]]) -> Optional[str]:

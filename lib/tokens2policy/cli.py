@@ -7,6 +7,8 @@
     t2p status [--config ...] [--set ...]       each stage: last run, seconds, versions, up to date or stale and why
     t2p tables [--config ...] [--set ...]       each table: rows, Delta version, last commit and operation, writer
     t2p show TABLE [--limit N] [--version V]    a table's first rows, cells shortened to read
+    t2p score --input PATH_OR_TABLE [--model-uri URI] [--config ...] [--set ...]
+                                                the registered policy on new units → the ``scores`` table
 
 User errors (bad config, a missing or empty input table, a GPU required but absent, a stage not built yet, an
 unknown table) print one line and exit with status 2. ``--progress`` (or ``T2P_PROGRESS``) sets how long stages
@@ -67,7 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("table", help="table name (t2p tables lists them)")
     show.add_argument("--limit", "-n", type=int, default=20, help="rows to show (default 20)")
     show.add_argument("--version", type=int, default=None, help="Delta version to read (default: the latest)")
+    score = sub.add_parser("score", parents=[common, profile],
+                           help="score new units (text + covariates) with the registered policy into 'scores'")
+    score.add_argument("--input", "-i", default=None, metavar="PATH_OR_TABLE",
+                       help="files (path/URI/glob: delta, parquet, csv, json), a catalog table, or with --kind query "
+                       "a Spark SQL query (score.input)")
+    score.add_argument("--kind", choices=["delta", "parquet", "csv", "json", "table", "query"], default=None,
+                       help="the input's kind (default: from the input: a name is a table, else the extension or "
+                       "a Delta log)")
+    score.add_argument("--model-uri", default=None,
+                       help="policy model to use, e.g. models:/NAME/3 or models:/NAME@champion (default: the version "
+                       "the last successful policy stage run registered for each experiment/outcome)")
+    score.add_argument("--experiment-id", default=None, help="experiment id when the input has no such column")
+    score.add_argument("--outcome", default=None, help="score this outcome's policy only (default: every outcome)")
     return p
+
+
+def _score(args) -> int:
+    from tokens2policy import api
+
+    config = load_config(args.config, args.overrides)
+    summary = api.score(args.input, config=config, model_uri=args.model_uri, kind=args.kind,
+                        experiment_id=args.experiment_id, outcome=args.outcome)
+    reasons = ", ".join(f"{r} ({n})" for r, n in summary["reasons"].items())
+    print(f"scored {summary['scored']} of {summary['rows_in']} row(s) into 'scores' (version "
+          f"{summary['scores_version']}: {summary['inserted']} new, {summary['updated']} updated, "
+          f"{summary['unchanged']} unchanged); quarantined {summary['quarantined']} into 'score_quarantine'"
+          + (f": {reasons}" if reasons else ""), flush=True)
+    for pair, uri in summary["models"].items():
+        print(f"  {pair}: {uri}", flush=True)
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -137,6 +168,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from tokens2policy.lakehouse import MissingTableError
     from tokens2policy.stages import EmptyInputError
+
+    if args.command == "score":
+        try:
+            return _score(args)
+        except (ConfigError, MissingTableError) as exc:
+            return _fail(str(exc))
 
     if args.command in ("status", "tables", "show"):
         try:

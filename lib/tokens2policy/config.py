@@ -304,16 +304,37 @@ class RepresentConfig(Section):
 
 class IdentifyConfig(Section):
     alpha: float = 0.05
-    # gcm: the test calibrated on every design of the validation study, SAE codes included (hc1 over-rejects on
-    # sparse codes: FWER 0.116 at alpha 0.05, docs/validation.md); hc1/linear/cluster stay available
-    test: Literal["linear", "hc1", "cluster", "gcm"] = "gcm"
+    # gcm: model-free and calibrated on every null design of the validation study (docs/validation.md);
+    # linear / hc2 / cluster stay available (hc1 was removed: anti-conservative on sparse codes, issue 13)
+    test: Literal["linear", "hc2", "cluster", "gcm"] = "gcm"
     adjust: Optional[Literal["FWER", "FDR"]] = "FWER"
     rho: Optional[float] = 0.5
     backward: bool = True
-    nuisance: Literal["poly2", "lgbm"] = "poly2"
+    # GCM learner of y and the pseudo-outcome on Z_S, and of every candidate Z_j on Z_S (docs/identify.md)
+    nuisance: Literal["spline", "poly2", "lgbm"] = "spline"
+    z_nuisance: Literal["spline", "poly2", "linear"] = "spline"  # (per-candidate lgbm: in-memory nexis() only)
     max_rounds: int = 20
     min_active: int = 20  # neurons active in fewer units are skipped (recorded in the trace)
     use_covariates: bool = True
+
+    @field_validator("test", mode="before")
+    @classmethod
+    def _no_hc1(cls, v):
+        if v == "hc1":
+            raise ValueError("hc1 is no longer offered: anti-conservative on sparse codes (null FWER 0.88 at "
+                             "alpha 0.05, docs/validation.md); use hc2 (HC2 + Bell-McCaffrey df) or gcm")
+        return v
+
+
+class HonestyConfig(Section):
+    """Selection-aware inference by sample splitting (docs/effects.md, "Selection-aware inference";
+    ``tokens2policy.honesty``): identify selects on the ``selection`` units, effects and policy estimate on the
+    ``estimation`` units. ``mode: none`` reproduces the paper's single-sample analysis (labelled not
+    selection-aware in the tables and the report)."""
+
+    mode: Literal["split", "none"] = "split"
+    selection_share: float = Field(0.5, gt=0, lt=1)  # expected share of units in the selection role
+    seed: int = 23  # the role hash's seed (changing it reassigns every unit)
 
 
 class EffectsConfig(Section):
@@ -346,6 +367,19 @@ class PolicyConfig(Section):
     max_candidates: int = Field(32, ge=1)  # split candidates per tree feature (quantiles when more values)
     recommended: Literal["tree", "threshold", "budget"] = "tree"
     alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class ScoreConfig(Section):
+    """``t2p score``: the registered policy applied to new units (docs/score.md). The input's columns are read with
+    the ``source`` section's mapping (``experiment_id_col``, ``unit_id_col``, ``text_cols``, ``covariate_cols``);
+    a treatment, outcomes, a cluster or timestamps are not needed."""
+
+    input: Optional[str] = None  # a path/URI/glob of files, a catalog table or view, or (kind query) a Spark SQL SELECT
+    kind: Optional[Literal["delta", "parquet", "csv", "json", "table", "query"]] = None  # None: from ``input``
+    experiment_id: Optional[str] = None  # constant experiment id when the input has no experiment id column
+    outcome: Optional[str] = None  # None: every source.outcome_cols (one registered policy each)
+    # None: for each (experiment, outcome) the version the last successful policy stage run registered
+    model_uri: Optional[str] = None
 
 
 class ReportConfig(Section):
@@ -387,6 +421,13 @@ class ValidateConfig(Section):
     text_min_active: int = Field(20, ge=0)  # as identify.min_active: neurons active in fewer units are skipped
     text_epochs: Optional[int] = Field(None, ge=1)  # SAE epochs for the study's representation; None: represent.epochs
     text_articles: Optional[int] = Field(None, ge=50)  # seeded subset of the 2,225 articles; None: all
+    # calibration designs (null FWER of every test option, docs/validation.md): dense | sparse | rare | covariates |
+    # clusters | nonlinear; None: the size's default (all of them), [] none
+    calibration: Optional[List[Literal["dense", "sparse", "rare", "covariates", "clusters", "nonlinear"]]] = None
+    calibration_repetitions: Optional[int] = Field(None, ge=1)
+    calibration_methods: Optional[List[str]] = None  # None: study.CALIBRATION_METHODS
+    # the pipeline's own path (validate/pipeline_path.py): repetitions per design; None: 5 (ci) / 500 (full); 0: off
+    pipeline_path_repetitions: Optional[int] = Field(None, ge=0)
     # design 3, distributed drivers (validate/drivers.py, docs/validation.md): corpora x representation variants
     drivers: bool = False
     drivers_corpora: List[Literal["bbc", "drugs"]] = Field(default_factory=lambda: ["bbc", "drugs"])
@@ -419,9 +460,11 @@ class Config(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     represent: RepresentConfig = Field(default_factory=RepresentConfig)
     identify: IdentifyConfig = Field(default_factory=IdentifyConfig)
+    honesty: HonestyConfig = Field(default_factory=HonestyConfig)
     effects: EffectsConfig = Field(default_factory=EffectsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -1,4 +1,4 @@
-"""NEXIS as a scikit-learn style estimator over in-memory arrays: ``Nexis(alpha=0.05, test="hc1").fit(y, t, z)``.
+"""NEXIS as a scikit-learn style estimator over in-memory arrays: ``Nexis(alpha=0.05, test="hc2").fit(y, t, z)``.
 
 A thin shell around :func:`tokens2policy.identify.nexis` (the engine the Spark stage reduces to): the constructor
 only stores the engine's settings, :meth:`Nexis.fit` hands them and the data to the engine once — which validates
@@ -50,7 +50,7 @@ class Nexis(BaseEstimator):
     Parameters (the engine's; see ``docs/identify.md``)
     ----------
     alpha : level of Gate 1 (forward) and of the backward step.
-    test : "linear", "hc1", "cluster" (needs ``cluster`` at fit) or "gcm".
+    test : "linear", "hc2", "cluster" (needs ``cluster`` at fit) or "gcm".
     adjust : Gate 1 multiplicity: "FWER" (Bonferroni over the candidates tested), "FDR" or None.
     rho : Gate 2 (spectral gap) ratio; None switches it off.
     backward : backward elimination after each forward pass.

@@ -41,10 +41,12 @@ STAGES: Tuple[Stage, ...] = (
     Stage("ingest", (), ("units", "quarantine"), ("source", "demo", "ingest")),
     Stage("embed", ("units",), ("embeddings", "token_states"), ("embed",)),
     Stage("represent", ("embeddings", "token_states"), ("neurons", "neuron_stats", "neuron_labels"), ("represent",)),
-    Stage("identify", ("units", "neurons"), ("modifiers", "selection_trace", "marginal_screen"), ("identify",)),
-    Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"), ("effects",)),
+    Stage("identify", ("units", "neurons"), ("modifiers", "selection_trace", "marginal_screen"),
+          ("identify", "honesty")),
+    Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"),
+          ("effects", "honesty")),
     Stage("policy", ("units", "neurons", "modifiers", "effects"), ("policy_rules", "policy_value", "assignments"),
-          ("policy", "effects")),
+          ("policy", "effects", "honesty")),
     # the report renders whatever exists and lists the missing tables on the page
     Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",), requires=()),
 )

@@ -34,9 +34,9 @@ def test_fit_finds_the_true_modifiers_and_equals_the_engine():
     from tokens2policy.identify import nexis
 
     y, t, z = _design()
-    est = Nexis(alpha=0.05, test="hc1").fit(y, t, z)
+    est = Nexis(alpha=0.05, test="hc2").fit(y, t, z)
     assert sorted(est.selected_.tolist()) == [0, 3]  # the truth; the proxy z1 is not selected
-    ref = nexis(y, t, z, alpha=0.05, test="hc1")
+    ref = nexis(y, t, z, alpha=0.05, test="hc2")
     np.testing.assert_array_equal(est.selected_, ref.selected)
     np.testing.assert_allclose(est.pvalues_, ref.pvalues, rtol=0, atol=0)
     np.testing.assert_allclose(est.tstats_, ref.tstats, rtol=0, atol=0)

@@ -28,7 +28,9 @@ def make_rct(n, seed, share=0.5):
 @pytest.mark.parametrize("learner", [DRLearner, RLearner])
 def test_linear_final_recovers_cate_and_beats_constant_baseline(learner):
     d = make_rct(3000, 1)
-    m = learner(NuisanceParams("hgb"), final="linear", seed=3).fit(d["X"], d["t"], d["y"], d["folds"], Z=d["Z"])
+    nu = cross_fit_nuisances(d["X"], d["t"], d["y"], d["folds"], NuisanceParams("hgb"), 3)  # plain: oof unused
+    m = learner(NuisanceParams("hgb"), final="linear", seed=3).fit(d["X"], d["t"], d["y"], d["folds"], Z=d["Z"],
+                                                                     nuisances=nu)
     cate = m.effect(d["Z"])
     pehe = np.sqrt(np.mean((cate - d["tau"]) ** 2))
     ate_hat = m.scores_[:, 1].mean() - m.scores_[:, 0].mean()
@@ -108,18 +110,53 @@ def test_fold_seed_is_deterministic_and_fold_specific():
     assert fold_seed(0, 1) == fold_seed(0, 1)
     assert len({fold_seed(0, k) for k in range(10)}) == 10
     assert fold_seed(1, 0) != fold_seed(0, 1)
+    assert fold_seed(0, 1, 2) not in {fold_seed(0, k) for k in range(10)}
 
 
-def test_oof_cate_does_not_use_own_fold():
-    """The out-of-fold final stage for fold k must not change when fold k's outcomes change."""
+@pytest.mark.parametrize("learner", [DRLearner, RLearner])
+def test_oof_cate_is_invariant_to_own_folds_outcomes_only_with_nested_cross_fitting(learner):
+    """Fold k's held-out CATE must not move when fold k's outcomes change — nuisances refitted, as in the pipeline.
+
+    Plain cross-fitting fails this (the second-order leak of issue 13 finding 6: the other folds' pseudo-outcomes
+    come from nuisances trained on fold k); nested cross-fitting, the default, passes it exactly."""
     d = make_rct(600, 7)
-    nu = cross_fit_nuisances(d["X"], d["t"], d["y"], d["folds"], NuisanceParams("ridge"))
-    a = DRLearner().fit(d["X"], d["t"], d["y"], d["folds"], Z=d["Z"], nuisances=nu)
     y2 = d["y"].copy()
-    y2[d["folds"] == 0] += 10 * d["t"][d["folds"] == 0]
-    b = DRLearner().fit(d["X"], d["t"], y2, d["folds"], Z=d["Z"], nuisances=nu)
-    np.testing.assert_allclose(a.oof_cate_[d["folds"] == 0], b.oof_cate_[d["folds"] == 0])
-    assert not np.allclose(a.oof_cate_[d["folds"] == 1], b.oof_cate_[d["folds"] == 1])
+    f0 = d["folds"] == 0
+    y2[f0] += 10 * d["t"][f0] + d["X"][f0, 2] ** 2  # fold 0's outcomes only
+    a = learner(NuisanceParams("ridge")).fit(d["X"], d["t"], d["y"], d["folds"], Z=d["Z"])
+    b = learner(NuisanceParams("ridge")).fit(d["X"], d["t"], y2, d["folds"], Z=d["Z"])
+    assert a.oof_nested_ and b.oof_nested_
+    np.testing.assert_allclose(a.oof_cate_[f0], b.oof_cate_[f0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a.effect_without(d["Z"], 0), b.effect_without(d["Z"], 0), rtol=1e-10, atol=1e-12)
+    assert not np.allclose(a.oof_cate_[d["folds"] == 1], b.oof_cate_[d["folds"] == 1])  # fold 0 trains fold 1's
+
+    # the leak without nesting: same data, plain cross-fitted nuisances
+    plain = [learner().fit(d["X"], d["t"], yy, d["folds"], Z=d["Z"],
+                           nuisances=cross_fit_nuisances(d["X"], d["t"], yy, d["folds"], NuisanceParams("ridge")))
+             for yy in (d["y"], y2)]
+    assert not plain[0].oof_nested_
+    assert np.abs(plain[0].oof_cate_[f0] - plain[1].oof_cate_[f0]).max() > 1e-3
+
+
+def test_nested_nuisances_leave_out_both_folds():
+    """Column c of the nested nuisances for a unit of fold j equals a fit on the folds other than j and c,
+    refitted here by hand; the diagonal is the plain cross-fit."""
+    d = make_rct(500, 12)
+    params = NuisanceParams("ridge")
+    nu = cross_fit_nuisances(d["X"], d["t"], d["y"], d["folds"], params, seed=4, nested=True)
+    np.testing.assert_array_equal(nu["fold_ids"], np.arange(5))
+    for key in ("mu0", "mu1", "e"):
+        own = nu["nested"][key][np.arange(500), d["folds"]]
+        np.testing.assert_array_equal(own, nu[key])
+    j, k = 1, 3
+    train = ~np.isin(d["folds"], (j, k))
+    pred = d["folds"] == j
+    ref = fit_fold_nuisances((d["X"][train], d["t"][train], d["y"][train]), d["X"][np.isin(d["folds"], (j, k))],
+                             (j, k), params, seed=4)
+    np.testing.assert_array_equal(nu["nested"]["mu1"][pred, k], ref["mu1"][pred[np.isin(d["folds"], (j, k))]])
+    assert np.isfinite(nu["nested"]["mu0"]).all()
+    with pytest.raises(ValueError, match="at least 3 folds"):
+        cross_fit_nuisances(d["X"], d["t"], d["y"], d["folds"] % 2, params, nested=True)
 
 
 def test_r_learner_linear_final_equals_direct_robinson_regression():

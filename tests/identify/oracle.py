@@ -23,8 +23,12 @@ def design(F, t, S):
     return np.column_stack([np.ones(len(t)), t, XS, t[:, None] * XS])
 
 
+LEVERAGE_TOL = 1e-6    # robust tests: a row with leverage above 1 - this -> not tested ("leverage")
+MIN_DF = 2.0           # robust tests: Bell-McCaffrey df below this -> not tested ("few_df")
+
+
 def linear_tests(y, t, F, S, J, test, cluster_codes=None):
-    """{j: (t, p) or None if degenerate} for each candidate j given S."""
+    """{j: (t, p), None if degenerate, or a reason string ("leverage", "few_df") if the robust test refuses}."""
     n = len(y)
     D = design(F, t, S)
     Q, _ = np.linalg.qr(D)
@@ -49,24 +53,40 @@ def linear_tests(y, t, F, S, J, test, cluster_codes=None):
         bread = np.linalg.inv(Xr.T @ Xr)
         if test == "linear":
             df = n - k
-            V = (e @ e / df) * bread
-        elif test == "hc1":
-            df = n - k
-            meat = (Xr * (e ** 2)[:, None]).T @ Xr
-            V = n / (n - k) * bread @ meat @ bread
-        elif test == "cluster":
-            groups = np.unique(cluster_codes)
-            G = len(groups)
-            meat = np.zeros((2, 2))
-            for g in groups:
-                idx = cluster_codes == g
-                sg = Xr[idx].T @ e[idx]
-                meat += np.outer(sg, sg)
-            df = G - 1
-            V = G / (G - 1) * (n - 1) / (n - k) * bread @ meat @ bread
+            V = (e @ e / df) * bread[1, 1]
         else:
-            raise ValueError(test)
-        tstat = beta[1] / np.sqrt(V[1, 1])
+            # the full design's hat matrix H = QQ' and residual maker M = I - H, explicitly (n x n), and the
+            # weights of the interaction coefficient (gamma_hat = a'y)
+            Qf, _ = np.linalg.qr(np.column_stack([D, X]))
+            M = np.eye(n) - Qf @ Qf.T
+            a = (Xr @ bread)[:, 1]
+            h = 1.0 - np.diag(M)
+            if test == "hc2":
+                if h.max() > 1 - LEVERAGE_TOL:
+                    out[j] = "leverage"
+                    continue
+                A = a ** 2 / (1 - h)                     # A = diag(a_i^2 / (1 - h_i))
+                V = float(A @ e ** 2)
+                trMA = float(A @ np.diag(M))
+                trMAMA = float(A @ (M * M) @ A)          # sum_ik A_i A_k M_ik^2
+            elif test == "cluster":
+                groups = np.unique(cluster_codes)
+                Ag = np.column_stack([np.where(cluster_codes == g, a, 0.0) for g in groups])  # columns a_g
+                V0 = float(((Ag.T @ e) ** 2).sum())
+                P = Ag.T @ M @ Ag                        # a_g' M a_h: A = sum_g a_g a_g'
+                trMA = float(np.trace(P))
+                if trMA <= LEVERAGE_TOL * (a @ a):
+                    out[j] = "leverage"
+                    continue
+                V = V0 * (a @ a) / trMA
+                trMAMA = float((P ** 2).sum())
+            else:
+                raise ValueError(test)
+            df = trMA ** 2 / trMAMA
+            if not df >= MIN_DF:
+                out[j] = "few_df"
+                continue
+        tstat = beta[1] / np.sqrt(V)
         out[j] = (float(tstat), float(2 * stats.t.sf(abs(tstat), df)))
     return out
 
@@ -82,33 +102,81 @@ def poly2(XS):
     return np.column_stack(cols)
 
 
-def fit_predict(XS_tr, y_tr, XS_te, nuisance, seed):
-    if XS_tr.shape[1] == 0:
-        return np.full(XS_te.shape[0], y_tr.mean())
-    if nuisance == "poly2":
-        P = poly2(XS_tr)
-        q = P.shape[1]
-        A = np.vstack([P, np.sqrt(RIDGE) * np.eye(q)[1:]])
-        b = np.concatenate([y_tr, np.zeros(q - 1)])
-        coef, *_ = np.linalg.lstsq(A, b, rcond=None)
-        return poly2(XS_te) @ coef
-    import lightgbm
-    from tokens2policy.identify.nuisance import LGBM_PARAMS
+HIST_BINS, SPLINE_KNOTS, SPLINE_BUDGET, KNOT_SPACING, SPLINE_RIDGE = 1024, 32, 256, 25, 1e-3
 
-    model = lightgbm.LGBMRegressor(**LGBM_PARAMS, random_state=seed)
-    model.fit(XS_tr, y_tr)
-    return model.predict(XS_te)
+
+def spline_knots(x, cap):
+    """Knots of one feature: quantiles at levels l/(K+1) of its non-zero values, located in their 1024-bin
+    histogram over [min, max] by walking the cumulative counts (linear within the bin); K = min(cap, nnz // 25)."""
+    v = x[x != 0]
+    if not len(v):
+        return []
+    lo, hi = v.min(), v.max()
+    K = min(cap, len(v) // KNOT_SPACING)
+    if K < 1 or not hi > lo:
+        return []
+    counts, edges = np.histogram(v, bins=HIST_BINS, range=(lo, hi))
+    knots = []
+    for level in range(1, K + 1):
+        target = len(v) * level / (K + 1)
+        cum = 0.0
+        for b in range(HIST_BINS):
+            if cum + counts[b] >= target:
+                knots.append(edges[b] + (target - cum) / counts[b] * (edges[b + 1] - edges[b]))
+                break
+            cum += counts[b]
+    return sorted({k for k in knots if lo < k < hi})
+
+
+def basis(XS, kind):
+    """The full-data nuisance basis and its ridge penalty (diagonal; intercept unpenalized)."""
+    n, s = XS.shape
+    if kind == "poly2":
+        B = poly2(XS)
+        return B, np.r_[0.0, np.full(B.shape[1] - 1, RIDGE)]
+    cap = min(SPLINE_KNOTS, (SPLINE_BUDGET // max(1, s) - 2) // 2)
+    cols = [np.ones(n)]
+    for a in range(s):
+        x = XS[:, a]
+        if (x != 0).sum() < n:
+            cols.append((x != 0).astype(float))
+        cols.append(x)
+        kn = spline_knots(x, cap)
+        cols += [np.maximum(x - k, 0.0) for k in kn]
+        cols += [(x > k).astype(float) for k in kn]
+    B = np.column_stack(cols)
+    var = B.var(0)
+    pen = SPLINE_RIDGE * n * np.maximum(var, 1e-12 * np.maximum((B ** 2).mean(0), 1e-300))
+    pen[0] = 0.0
+    return B, pen
 
 
 def crossfit(XS, target, folds, nuisance, seed):
+    """Out-of-fold predictions: fold k predicted by a fit on the other folds (ridge by augmented least squares on
+    the full-data basis, or LightGBM)."""
     pred = np.empty(len(target))
+    if nuisance in ("poly2", "spline"):
+        B, pen = basis(XS, nuisance)
     for k in np.unique(folds):
         te = folds == k
-        pred[te] = fit_predict(XS[~te], target[~te], XS[te], nuisance, seed)
+        if XS.shape[1] == 0:
+            pred[te] = target[~te].mean()
+        elif nuisance in ("poly2", "spline"):
+            A = np.vstack([B[~te], np.diag(np.sqrt(pen))])
+            b = np.concatenate([target[~te], np.zeros(len(pen))])
+            coef, *_ = np.linalg.lstsq(A, b, rcond=None)
+            pred[te] = B[te] @ coef
+        else:
+            import lightgbm
+            from tokens2policy.identify.nuisance import LGBM_PARAMS
+
+            model = lightgbm.LGBMRegressor(**LGBM_PARAMS, random_state=seed)
+            model.fit(XS[~te], target[~te])
+            pred[te] = model.predict(XS[te])
     return pred
 
 
-def gcm_tests(y, t, F, S, J, folds, nuisance, seed):
+def gcm_tests(y, t, F, S, J, folds, nuisance, seed, z_nuisance="spline"):
     n = len(y)
     XS = F[:, list(S)]
     e = t.mean()
@@ -120,8 +188,9 @@ def gcm_tests(y, t, F, S, J, folds, nuisance, seed):
     for j in J:
         x = F[:, j]
         coef, *_ = np.linalg.lstsq(C, x, rcond=None)
-        xr = x - C @ coef
-        if (xr @ xr) / (x @ x) < DEGENERATE_TOL:
+        xr_lin = x - C @ coef          # a linear function of Z_S (a copy of a selected feature) is never tested
+        xr = xr_lin if z_nuisance == "linear" else x - crossfit(XS, x, folds, z_nuisance, seed)
+        if min(xr @ xr, xr_lin @ xr_lin) / (x @ x) < DEGENERATE_TOL:
             out[j] = None
             continue
         R = phi_res * xr
@@ -135,13 +204,16 @@ def gcm_tests(y, t, F, S, J, folds, nuisance, seed):
 
 
 # ---------------------------------------------------------------------------------------------- search
-def bh_reject(p, alpha):
+def bh_reject(p, alpha, family=None):
+    """BH at alpha; ``family`` >= len(p) adds hypotheses tested later, padded explicitly here as p = 1."""
     p = np.asarray(p, float)
     m = len(p)
     if m == 0:
         return np.zeros(0, bool)
-    order = np.sort(p)
-    ok = order <= alpha * np.arange(1, m + 1) / m
+    padded = np.concatenate([p, np.ones(max(family or m, m) - m)])
+    M = len(padded)
+    order = np.sort(padded)
+    ok = order <= alpha * np.arange(1, M + 1) / M
     if not ok.any():
         return np.zeros(m, bool)
     cutoff = order[np.nonzero(ok)[0].max()]
@@ -163,7 +235,7 @@ def bh_adjust(p):
 
 
 def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=0.5, backward=True,
-                 cluster=None, nuisance="poly2", n_folds=5, max_rounds=20, folds=None, seed=0):
+                 cluster=None, nuisance="spline", n_folds=5, max_rounds=20, folds=None, seed=0, z_nuisance="spline"):
     y = np.asarray(y, float)
     t = np.asarray(t, float)
     Z = z.toarray() if hasattr(z, "toarray") else np.asarray(z, float)
@@ -193,7 +265,7 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
         if not J:
             return {}
         if test == "gcm":
-            return gcm_tests(y, t, F, S, J, folds, nuisance, seed)
+            return gcm_tests(y, t, F, S, J, folds, nuisance, seed, z_nuisance)
         return linear_tests(y, t, F, S, J, test, codes)
 
     def n_params(S):
@@ -203,7 +275,8 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
     t_add = {}     # |t| at addition
     events = []
 
-    def run_phase(candidates, phase):
+    def run_phase(candidates, phase, deferred=0):
+        """``deferred``: neurons the W-phase does not test but counts in its Gate-1 family (one α per search)."""
         converged = False
         for rnd in range(1, max_rounds + 1):
             # forward
@@ -213,16 +286,16 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
                     break
                 J = [j for j in candidates if j not in S]
                 res = tests(S, J)
-                testable = [j for j in J if res[j] is not None]
+                testable = [j for j in J if isinstance(res[j], tuple)]
                 if not testable:
                     events.append((phase, rnd, "forward", "stop_empty", None))
                     break
                 p = np.array([res[j][1] for j in testable])
                 R = len(testable)
                 if adjust == "FWER":
-                    elig = p <= alpha / R
+                    elig = p <= alpha / (R + deferred)
                 elif adjust == "FDR":
-                    elig = bh_reject(p, alpha)
+                    elig = bh_reject(p, alpha, R + deferred)
                 else:
                     elig = p <= alpha
                 if not elig.any():
@@ -244,7 +317,8 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
                 pv = {}
                 for j in S:
                     rest = [s for s in S if s != j]
-                    pv[j] = tests(rest, [j])[j]
+                    r = tests(rest, [j])[j]
+                    pv[j] = r if isinstance(r, tuple) else (0.0, 1.0)   # untestable given the rest: dropped
                 ps = np.array([pv[j][1] for j in S])
                 if adjust == "FDR":
                     keep = bh_reject(ps, alpha)
@@ -270,13 +344,14 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
 
     conv = True
     if mw:
-        conv &= run_phase([j for j in usable if j < mw], "W")
+        conv &= run_phase([j for j in usable if j < mw], "W", deferred=len([j for j in usable if j >= mw]))
     conv &= run_phase(usable, "joint")
 
     final = {}
     for j in S:
         rest = [s for s in S if s != j]
-        final[j] = tests(rest, [j])[j]
+        r = tests(rest, [j])[j]
+        final[j] = r if isinstance(r, tuple) else (0.0, 1.0)
     sel_z = [j - mw for j in S if j >= mw]
     sel_w = [j for j in S if j < mw]
     return dict(
@@ -292,7 +367,8 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
     )
 
 
-def oracle_marginal(y, t, z, test="linear", cluster=None, nuisance="poly2", n_folds=5, folds=None, seed=0):
+def oracle_marginal(y, t, z, test="linear", cluster=None, nuisance="spline", n_folds=5, folds=None, seed=0,
+                    z_nuisance="spline"):
     """S = empty test for every column of z: (t, p raw, p Bonferroni, BH q-value) with NaN for skipped columns."""
     y = np.asarray(y, float)
     t = np.asarray(t, float)
@@ -309,12 +385,12 @@ def oracle_marginal(y, t, z, test="linear", cluster=None, nuisance="poly2", n_fo
         parts = [x] if test == "gcm" else [x[t == 0], x[t == 1]]
         if all(part.var() > CONSTANT_TOL * (part ** 2).mean() for part in parts):
             J.append(j)
-    res = gcm_tests(y, t, F, [], J, np.asarray(folds), nuisance, seed) if test == "gcm" else \
+    res = gcm_tests(y, t, F, [], J, np.asarray(folds), nuisance, seed, z_nuisance) if test == "gcm" else \
         linear_tests(y, t, F, [], J, test, codes)
     tt = np.full(M, np.nan)
     p = np.full(M, np.nan)
     for j in J:
-        if res[j] is not None:
+        if isinstance(res[j], tuple):
             tt[j], p[j] = res[j]
     ok = ~np.isnan(p)
     bonf = np.full(M, np.nan)

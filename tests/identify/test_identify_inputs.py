@@ -40,7 +40,8 @@ def test_bad_options_raise(data):
     for kw, msg in [(dict(test="ols"), "test"), (dict(adjust="holm"), "adjust"), (dict(alpha=1.5), "alpha"),
                     (dict(test="cluster"), "cluster ids"), (dict(test="cluster", cluster=np.zeros(len(y))), "2 clusters"),
                     (dict(test="gcm", folds=np.zeros(len(y))), "2 folds"), (dict(nuisance="rf"), "nuisance"),
-                    (dict(max_rounds=0), "max_rounds"), (dict(rho=-1), "rho")]:
+                    (dict(max_rounds=0), "max_rounds"), (dict(rho=-1), "rho"), (dict(test="hc1"), "hc2"),
+                    (dict(z_nuisance="rf"), "z_nuisance")]:
         with pytest.raises(ValueError, match=msg):
             nexis(y, t, Z, **kw)
 
@@ -53,7 +54,7 @@ def test_sparse_nan_raises(data):
         nexis(y, t, Zs)
 
 
-@pytest.mark.parametrize("test", ["linear", "hc1", "gcm"])
+@pytest.mark.parametrize("test", ["linear", "hc2", "gcm"])
 def test_constant_zero_and_collinear_columns_are_skipped_and_recorded(data, test):
     y, t, Z = data
     Z = np.column_stack([Z, np.zeros(len(y)), np.full(len(y), 3.0), Z[:, 0]])  # 8: zero, 9: constant, 10: copy of 0
@@ -71,7 +72,7 @@ def test_single_arm_support_is_skipped(data):
     y, t, Z = data
     Z = Z.copy()
     Z[:, 3] = np.where(t == 1, Z[:, 3], 0.0)   # active only among the treated: Z_j == T·Z_j, not identified
-    r = nexis(y, t, Z)
+    r = nexis(y, t, Z, test="linear")
     assert r.skipped == {3: "constant"}
 
 
@@ -89,7 +90,7 @@ def test_df_exhaustion_is_recorded():
     Z = rng.normal(size=(n, 6))
     t = np.array([0, 1] * 6, float)
     y = t * (3 * Z[:, 0] + 3 * Z[:, 1] + 3 * Z[:, 2]) + 0.01 * rng.normal(size=n)
-    r = nexis(y, t, Z, alpha=0.5, adjust=None, rho=None, backward=False)
+    r = nexis(y, t, Z, alpha=0.5, adjust=None, rho=None, backward=False, test="linear", min_active=0)
     actions = [x["action"] for x in r.trace if x["step"] == "forward"]
     assert actions[-1] in ("stop_df", "stop_empty", "stop_gate1")
     assert len(r.selected) <= (n - 4) // 2
@@ -109,5 +110,5 @@ def test_nan_in_covariates_and_list_input(data):
     W[7, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         nexis(y, t, Z, w=W)
-    r = nexis(list(y), list(t), Z.tolist())   # plain lists are accepted like arrays
-    assert r.selected.tolist() == nexis(y, t, Z).selected.tolist() == [0]
+    r = nexis(list(y), list(t), Z.tolist(), test="linear")   # plain lists are accepted like arrays
+    assert r.selected.tolist() == nexis(y, t, Z, test="linear").selected.tolist() == [0]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from tokens2policy.effects.design import resolve_modifiers
 from tokens2policy.effects.gates import encode_modifiers
@@ -21,7 +22,7 @@ from tokens2policy.policy.job import assignment_frame, tree_design
 from tokens2policy.policy.pyfunc import (
     PolicyScorer, PolicySpec, budget_rule, log_stage_policy_model, spark_scorer, threshold_rule,
 )
-from tokens2policy.policy.rules import budget_policy, threshold_policy
+from tokens2policy.policy.rules import budget_assign, budget_cutoff, threshold_policy
 from tokens2policy.policy.tree import PolicyTree
 from tokens2policy.represent.sae import SparseAutoencoder, csr_to_rows
 
@@ -82,18 +83,18 @@ def chain():
     Xt, names, tkinds = tree_design(vals, kinds, mods)
     tree = PolicyTree(depth=2, min_leaf_size=10).fit(Xt, learner.scores_ - np.array([0.0, COST]), names, tkinds)
     cate = learner.effect(Z)
-    deploy_budget = budget_policy(cate, BUDGET)
-    cutoff = float(cate[deploy_budget == 1].min())
+    budget_fit = budget_cutoff(cate, BUDGET)
+    deploy_budget = budget_assign(cate, *budget_fit, pdf.unit_id, cfg.seed)
     sub = pdf.assign(cate=cate, y=y, mu0=learner.nuisances_["mu0"], mu1=learner.nuisances_["mu1"],
-                     propensity=learner.nuisances_["e"])
+                     propensity=learner.nuisances_["e"], sample="both")  # fitted on every unit: role "both"
     plans = {"tree": tree.predict(Xt), "threshold": threshold_policy(cate, COST), "budget": deploy_budget}
-    ref = assignment_frame(cfg, "exp", "y", sub, {k: (v, v) for k, v in plans.items()}, tree, Xt, cutoff)
-    rules = {"tree": tree, "threshold": threshold_rule(COST), "budget": budget_rule(cutoff, BUDGET)}
+    ref = assignment_frame(cfg, "exp", "y", sub, {k: (v, v) for k, v in plans.items()}, tree, Xt, budget_fit)
+    rules = {"tree": tree, "threshold": threshold_rule(COST), "budget": budget_rule(*budget_fit, BUDGET, cfg.seed)}
     specs = {k: PolicySpec.from_fitted(embed_spec, mods, vals, kinds, r, cate_model=learner, frame=pdf)
              for k, r in rules.items()}
     return dict(cfg=cfg, embed_spec=embed_spec, embedder=embedder, sae=sae, pdf=pdf, ref=ref, specs=specs,
                 learner=learner, Z=Z, neuron=neuron, active=active, sub=sub, mods=mods, vals=vals, kinds=kinds,
-                tree=tree, cutoff=cutoff)
+                tree=tree, budget_fit=budget_fit)
 
 
 def _expected(chain, policy):
@@ -113,7 +114,7 @@ def _check(out: pd.DataFrame, ref: pd.DataFrame, exact: bool = True):
 @pytest.mark.parametrize("policy", ["tree", "threshold", "budget"])
 def test_scorer_reproduces_the_policy_jobs_assignments(chain, policy):
     scorer = PolicyScorer(chain["specs"][policy], chain["embedder"], chain["sae"])
-    raw = chain["pdf"][["text"] + COVARIATES]
+    raw = chain["pdf"][["unit_id", "text"] + COVARIATES]
     out = scorer.score(raw)
     ref = _expected(chain, policy)
     _check(out, ref)
@@ -145,6 +146,45 @@ def test_scorer_reproduces_the_policy_jobs_assignments(chain, policy):
         assert single["cate"].iloc[0] == pytest.approx(out["cate"].iloc[i], abs=1e-9)
 
 
+def test_served_budget_rule_keeps_the_budget_when_cates_tie(chain):
+    """Issue 13 finding 5: one neuron active in ~10 % of the units, indicator-encoded linear CATE (two values),
+    budget 0.3. The rule the job applies and the one the served model applies must treat the same units — about
+    30 %, not 100 % (the old served rule, "cate ≥ the lowest treated cate", treated every unit: it failed this)."""
+    pdf, sae, embedder = chain["pdf"], chain["sae"], chain["embedder"]
+    counts = np.bincount(np.concatenate(pdf["indices"].to_numpy()), minlength=16)
+    rare = int(np.argmin(np.abs(counts - 0.1 * len(pdf))))
+    active = np.array([rare in ix for ix in pdf["indices"]], dtype=float)
+    assert 0.05 <= active.mean() <= 0.2, active.mean()
+    mods_pdf = pd.DataFrame({"feature": [f"neuron_{rare}"], "kind": ["Z"], "round_added": [1], "label": ["rare"]})
+    mods, vals, kinds = modifier_frame(pdf, mods_pdf, COVARIATES, chain["cfg"])
+    coef = [0.1, 1.0]  # τ̂ = 0.1 + 1·1{active}: ties everywhere
+    cate = coef[0] + coef[1] * active
+    budget_fit = budget_cutoff(cate, BUDGET)
+    assert budget_fit[0] == pytest.approx(0.1) and 0 < budget_fit[1] < 1
+    assert (cate >= budget_fit[0]).mean() == 1.0  # what the old served rule treated
+    job = budget_assign(cate, *budget_fit, pdf.unit_id, chain["cfg"].seed)
+    spec = PolicySpec.from_fitted(chain["embed_spec"], mods, vals, kinds,
+                                  budget_rule(*budget_fit, BUDGET, chain["cfg"].seed), coef=coef, frame=pdf)
+    scorer = PolicyScorer(spec, embedder, sae)
+    served = scorer.score(pdf[["unit_id", "text"] + COVARIATES])
+    np.testing.assert_array_equal(served["cate"], cate)
+    np.testing.assert_array_equal(served["recommended"], job)  # the job's and the served decision, unit by unit
+    # the budget holds in expectation: treated = the active units + a Binomial(tied, p) share of the rest
+    tied = int((active == 0).sum())
+    drawn = int(job.sum() - active.sum())
+    assert stats.binom.cdf(drawn, tied, budget_fit[1]) > 0.001 and stats.binom.sf(drawn - 1, tied, budget_fit[1]) > 0.001
+    assert abs(job.mean() - BUDGET) < 0.15
+    # per unit, not per batch: the same unit gets the same decision alone, in reverse order, in any batch
+    for i in (0, 7, 42):
+        assert scorer.score(pdf.iloc[[i]][["unit_id", "text"] + COVARIATES])["recommended"].iloc[0] == job[i]
+    rev = scorer.score(pdf.iloc[::-1][["unit_id", "text"] + COVARIATES])
+    np.testing.assert_array_equal(rev["recommended"].to_numpy()[::-1], job)
+    assert set(served["rule"]) <= {"cate > 0.1 (top 30%)", f"cate = 0.1, tie drawn in (p = {budget_fit[1]:.4g})",
+                                   f"cate = 0.1, tie drawn out (p = {budget_fit[1]:.4g})"}
+    with pytest.raises(ValueError, match="unit_id"):
+        scorer.score(pdf[["text"] + COVARIATES])
+
+
 def test_spec_validates_and_round_trips(chain):
     spec = chain["specs"]["tree"]
     back = PolicySpec.from_json(spec.to_json())
@@ -153,6 +193,20 @@ def test_spec_validates_and_round_trips(chain):
         PolicySpec.from_json(spec.to_json().replace('"coef": [', '"coef": [0.0, '))
     with pytest.raises(ValueError, match="lacks column"):
         PolicyScorer(spec, chain["embedder"], chain["sae"]).score(chain["pdf"][["text", "tenure"]])
+
+
+def test_input_example_fits_the_signature_for_every_rule(chain):
+    """The logged input example must carry every input the signature names: the budget rule's ties are decided
+    per unit id, so its signature asks for ``unit_id`` and its example must have one (it lacked it)."""
+    from tokens2policy.policy.pyfunc import input_example, model_signature
+
+    for kind, spec in chain["specs"].items():
+        names = model_signature(spec).inputs.input_names()
+        example = input_example(spec)
+        assert list(example.columns) == names, kind
+        assert ("unit_id" in names) == (kind == "budget")
+        out = PolicyScorer(spec, chain["embedder"], chain["sae"]).score(example)
+        assert len(out) == 1 and out["recommended"].iloc[0] in (0, 1)
 
 
 @pytest.mark.slow  # MLflow log + registry + spark_udf with the text model loaded per worker (~40-60 s idle)
@@ -165,7 +219,7 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
         exp = mlflow.create_experiment("policy-pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=exp):  # the policy stage's hook (policy.recommended = tree)
             uri = log_stage_policy_model(chain["cfg"], "exp", "y", chain["sub"], chain["mods"], chain["vals"],
-                                         chain["kinds"], chain["tree"], chain["cutoff"],
+                                         chain["kinds"], chain["tree"], chain["budget_fit"],
                                          representation_dir=chain["sae"].save(str(tmp_path / "sae")))
         assert uri == "models:/tokens2policy-policy-exp-y/1"  # one registered model per experiment/outcome
         client = mlflow.MlflowClient()

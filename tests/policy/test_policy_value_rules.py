@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from tokens2policy.effects.learners import NuisanceParams, aipw_scores, cross_fit_nuisances
-from tokens2policy.policy.rules import budget_policy, threshold_policy
+from tokens2policy.policy.rules import (
+    budget_assign, budget_cutoff, budget_policy, budget_rule_text, threshold_policy, tie_draws,
+)
 from tokens2policy.policy.value import compare_policies, policy_value, value_summands
 
 
@@ -65,3 +67,30 @@ def test_threshold_and_budget_rules():
     assert budget_policy(np.zeros(10), 0.25).sum() == 3  # ceil(2.5)
     with pytest.raises(ValueError, match="budget"):
         budget_policy(cate, 1.5)
+
+
+def test_budget_rule_fills_the_budget_through_ties_deterministically_per_unit():
+    """Ties at the cutoff (issue 13 finding 5): cutoff and tie share fill the budget exactly in expectation, and a
+    unit's decision depends on its id only (batch, order and rerun invariant)."""
+    cate = np.r_[np.full(100, 2.0), np.full(900, 0.5)]  # 10 % "active"
+    ids = np.array([f"unit-{i}" for i in range(1000)])
+    cutoff, share = budget_cutoff(cate, 0.3)
+    assert cutoff == 0.5 and share == pytest.approx(200 / 900)
+    treat = budget_assign(cate, cutoff, share, ids, seed=3)
+    assert treat[:100].all()
+    k = treat[100:].sum()  # Binomial(900, 2/9) draws
+    assert abs(k - 200) <= 4 * np.sqrt(900 * share * (1 - share))
+    perm = np.random.default_rng(0).permutation(1000)
+    np.testing.assert_array_equal(budget_assign(cate[perm], cutoff, share, ids[perm], seed=3), treat[perm])
+    np.testing.assert_array_equal(budget_assign(cate[:10], cutoff, share, ids[:10], seed=3), treat[:10])
+    np.testing.assert_array_equal(treat[100:], (tie_draws(ids[100:], 3) < share).astype(int))
+    assert not np.array_equal(budget_assign(cate, cutoff, share, ids, seed=4), treat)
+    # last-bit differences of a recomputed CATE take the same branch
+    np.testing.assert_array_equal(budget_assign(cate * (1 + 1e-13), cutoff, share, ids, seed=3), treat)
+    # no ties: the exact top-k, tie share 1
+    c2, s2 = budget_cutoff(np.arange(10.0), 0.3)
+    assert (c2, s2) == (7.0, 1.0)
+    np.testing.assert_array_equal(budget_assign(np.arange(10.0), c2, s2, ids[:10]), [0] * 7 + [1] * 3)
+    assert budget_cutoff(cate, 0.0)[0] == np.inf and budget_assign(cate, np.inf, 0.0, ids).sum() == 0
+    assert "probability 0.2222" in budget_rule_text(cutoff, share, 0.3)
+    np.testing.assert_array_equal(budget_policy(cate, 0.3, unit_ids=ids, seed=3), treat)

@@ -129,9 +129,9 @@ def test_tiny_null_design_keeps_the_fwer(tmp_path, monkeypatch):
 def test_rho_methods_resolve():
     from tokens2policy.validate.study import resolve_methods
 
-    m = resolve_methods(["nexis_gcm_rho0.25", "nexis_hc1_nobw_rho0.1", "nexis_gcm"])
+    m = resolve_methods(["nexis_gcm_rho0.25", "nexis_hc2_nobw_rho0.1", "nexis_gcm"])
     assert [(x.name, x.test, x.backward, x.rho) for x in m] == [
-        ("nexis_gcm_rho0.25", "gcm", True, 0.25), ("nexis_hc1_nobw_rho0.1", "hc1", False, 0.1),
+        ("nexis_gcm_rho0.25", "gcm", True, 0.25), ("nexis_hc2_nobw_rho0.1", "hc2", False, 0.1),
         ("nexis_gcm", "gcm", True, 0.5)]
     with pytest.raises(ValueError, match="unknown validation method"):
         resolve_methods(["nexis_gcm_rhoX"])

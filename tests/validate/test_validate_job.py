@@ -12,7 +12,9 @@ OVERRIDES = [
     "validate.cells=[linear:gaussian]", "validate.n_values=[300]", "validate.effects=[0.8]",
     "validate.repetitions=2", "validate.null_repetitions=2", "validate.null_n=300", "validate.m=10",
     "validate.coverage_n=300", "validate.n_truth=2000", "validate.methods=[nexis_linear,nexis_gcm,marginal_bh]",
-    "validate.figures=false",
+    "validate.figures=false", "validate.pipeline_path_repetitions=0",  # tested in test_pipeline_path.py
+    "validate.calibration=[nonlinear]", "validate.calibration_repetitions=1",
+    "validate.calibration_methods=[nexis_gcm,nexis_gcm_poly2_linz]",
 ]
 
 
@@ -30,16 +32,17 @@ def test_spark_job_writes_validation_runs_equal_to_in_memory(spark, make_cfg):
 
     cfg = make_cfg(*OVERRIDES)
     tasks = build_tasks(cfg.validate_, cfg.seed)
-    assert len(tasks) == 4
-    assert study_frame(spark, tasks, "x", "ci").rdd.getNumPartitions() == 4  # one Spark task per repetition
+    assert len(tasks) == 5   # 2 sweep + 2 null + 1 calibration (the nonlinear null of issue 13, finding 4)
+    assert study_frame(spark, tasks, "x", "ci").rdd.getNumPartitions() == 5  # one Spark task per repetition
 
     summary = run(spark, cfg)
     stored = read_table(spark, cfg, "validation_runs").toPandas()
     assert set(stored["run_id"]) == {summary["run_id"]} and set(stored["study"]) == {"ci"}
-    assert summary["rows"] == len(stored) and summary["tasks"] == 4
+    assert summary["rows"] == len(stored) and summary["tasks"] == 5
 
     got, want = _sorted(stored), _sorted(run_in_memory(tasks))
-    assert len(got) == len(want) and len(want) == 4 * 3 + 4 * 7  # 3 methods per task, 7 CIs per covered task
+    # 3 methods per design-1 task, 7 CIs per covered task, 2 methods on the calibration task
+    assert len(got) == len(want) and len(want) == 4 * 3 + 4 * 7 + 2
     for col, dtype in RESULT_COLUMNS.items():
         if col == "seconds":
             continue
@@ -54,6 +57,7 @@ def test_spark_job_writes_validation_runs_equal_to_in_memory(spark, make_cfg):
     mlrun = client.get_run(summary["run_id"])
     assert mlrun.data.tags["t2p.stage"] == "validate"
     assert "fwer.gaussian.nexis_linear" in mlrun.data.metrics
+    assert "fwer.cal-nonlinear.nexis_gcm" in mlrun.data.metrics
     arts = {a.path for a in client.list_artifacts(summary["run_id"], "validation")}
     assert {"validation/validation_selection_summary.csv", "validation/validation_coverage_summary.csv"} <= arts
     assert summary["figures"] == []  # validate.figures=false (the figures are tested without Spark)

@@ -13,7 +13,7 @@ def _rows():
     recs = []
     for design, eff in (("linear", 0.25), ("linear", 0.5), ("null", 0.0)):
         for n in (250, 1000):
-            for method in ("nexis_hc1", "marginal_bh"):
+            for method in ("nexis_hc2", "marginal_bh"):
                 for rep in range(5):
                     sel = float(rng.uniform() < 0.1)
                     recs.append(dict(design=design, outcome="gaussian", n=n, m=10, effect=eff, kind="selection",
@@ -21,7 +21,7 @@ def _rows():
                                      iou=np.nan if design == "null" else rng.uniform(), precision=np.nan,
                                      recall=np.nan, n_selected=sel, any_selected=sel))
     for n in (250, 1000):  # design 2: strict and topic-aligned IoU
-        for method in ("nexis_hc1", "marginal_bh"):
+        for method in ("nexis_hc2", "marginal_bh"):
             for rep in range(5):
                 recs.append(dict(design="text", outcome="gaussian", n=n, m=128, effect=1.0, kind="selection",
                                  method=method, family=method.split("_")[0], iou=rng.uniform(0, 0.3),

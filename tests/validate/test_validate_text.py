@@ -74,7 +74,7 @@ def test_truth_is_the_best_aligned_neuron_and_nexis_finds_it(tmp_path):
         assert abs(est - (0.5 + coef)) < 0.35
     from tokens2policy.identify import nexis
 
-    assert sorted(nexis(sim.y, sim.t, sim.z, test="hc1", min_active=20).selected.tolist()) == [7, 21]
+    assert sorted(nexis(sim.y, sim.t, sim.z, test="hc2", min_active=20).selected.tolist()) == [7, 21]
     assert text_truth(TextDesign(effect=0.0, representation=path)) == {}
     # topic-aligned neurons: 7 and 8 fire on sport articles only, 21 mostly on politics (~5 % noise on 600
     # articles); the noise neurons fire on every topic (majority share ~0.2-0.3)

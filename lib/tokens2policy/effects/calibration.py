@@ -1,7 +1,11 @@
-"""Held-out calibration of CATE predictions, all on doubly-robust scores φᵢ (E[φ | X] = τ(X)).
+"""Calibration of CATE predictions, all on doubly-robust scores φᵢ (E[φ | X] = τ(X)).
 
-Inputs are out-of-fold predictions S (final stage fit without the unit's fold) and cross-fitted AIPW scores φ, so
-every statement is about held-out performance.
+The effects stage passes, for the estimation units (``tokens2policy.honesty``), out-of-fold predictions S — the
+final stage fitted without the unit's fold on pseudo-outcomes whose nuisances never saw that fold either (nested
+cross-fitting, ``learners``) — and the units' cross-fitted AIPW scores φ. So no outcome of a unit's fold enters
+its S, and (with ``honesty.mode=split``) no outcome that selected the modifiers S is built on: the statements are
+about held-out performance. With ``honesty.mode=none`` the selection used every unit and they are not. The
+functions themselves compute the statistics for whatever S and φ they are given.
 
 * **BLP** (Chernozhukov, Demirer, Duflo & Fernández-Val 2018, "Generic machine learning inference on heterogeneous
   treatment effects"; score form as in Semenova & Chernozhukov 2021 and grf's ``test_calibration``):

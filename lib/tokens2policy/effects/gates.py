@@ -13,8 +13,10 @@ same (HC1 or cluster-robust CR1S) covariance. Groups are
 * ``categorical``: one group per level, contrasts against the most frequent level.
 
 The joint regression ``Y ~ 1 + T + M + T·M`` (M centred at its mean, so the T coefficient is the effect at the
-average modifier profile) reports each modifier's interaction *given the others* — the quantity NEXIS tests —
-with the same robust covariance.
+average modifier profile) reports each modifier's interaction *given the other selected modifiers*, with the same
+robust covariance. What that coefficient means follows the encoding of M (:func:`encode_modifiers`): with neuron
+*values* it is the interaction with the activation, the quantity NEXIS's linear test is about; with the active
+*indicator* (the effects stage's default) it is the inactive → active change in the effect — a different quantity.
 """
 from __future__ import annotations
 

@@ -18,13 +18,17 @@ EconML-style separation (Chernozhukov et al. 2018, "Double/debiased machine lear
    on Z — Semenova & Chernozhukov 2021). ``final`` in {"ridge", "hgb", "forest"}: flexible comparison models on
    the full feature set (no per-unit CIs).
 
-Out-of-fold final-stage predictions (``oof_cate_``) — final stage fit without fold k, predicted on fold k — feed the
-held-out calibration (BLP, GATES, RATE) and policy learning.
+Out-of-fold final-stage predictions (``oof_cate_``) — final stage fit without fold k, predicted on fold k — feed
+calibration (BLP, GATES, RATE) and the policy stage's cross-fitted rules. **Nested cross-fitting** makes them
+truly held out: the pseudo-outcome of a unit in fold j ≠ k that trains fold k's final stage comes from nuisances
+fitted without folds j *and* k (:func:`cross_fit_nuisances` with ``nested=True``, one fit per pair of folds), so
+no outcome of fold k reaches fold k's prediction — not even through the other folds' nuisances, which plain
+cross-fitting trains on fold k (a second-order leak). ``oof_nested_`` says which one a fit used.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -59,9 +63,22 @@ class NuisanceParams:
             raise ValueError(f"clip must be in [0, 0.5), got {self.clip}")
 
 
-def fold_seed(seed: int, fold: int) -> int:
-    """Deterministic per-fold seed: the same on the driver and in any executor."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(fold) & 0xFFFFFFFF]).generate_state(1)[0])
+def fold_seed(seed: int, *folds: int) -> int:
+    """Deterministic per-fold seed: the same on the driver and in any executor. A nuisance fit that leaves out two
+    folds (nested cross-fitting) is seeded by both: ``fold_seed(seed, j, k)``."""
+    words = [int(seed) & 0xFFFFFFFF] + [int(f) & 0xFFFFFFFF for f in folds]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def nuisance_tasks(fold_ids: Sequence[int], nested: bool = True) -> List[Tuple[int, ...]]:
+    """The folds each nuisance fit leaves out: ``(k,)`` for every fold (plain cross-fitting) and, with ``nested``,
+    ``(j, k)`` for every pair j < k. A fit leaving out ``excl`` trains on the other folds and predicts the units
+    of the folds in ``excl``."""
+    ids = sorted(int(k) for k in fold_ids)
+    tasks: List[Tuple[int, ...]] = [(k,) for k in ids]
+    if nested:
+        tasks += [(j, k) for a, j in enumerate(ids) for k in ids[a + 1:]]
+    return tasks
 
 
 def make_regressor(kind: str, seed: int):
@@ -108,12 +125,13 @@ def _as_2d(X, n=None, name="X") -> np.ndarray:
 def fit_fold_nuisances(
     train: Tuple[np.ndarray, np.ndarray, np.ndarray],
     predict_X: np.ndarray,
-    fold: int,
+    fold: Union[int, Sequence[int]],
     params: NuisanceParams,
     seed: int,
 ) -> Dict[str, np.ndarray]:
     """Fit the nuisances on ``train = (X, t, y)`` (the rows outside ``fold``) and predict ``predict_X`` (fold's rows).
 
+    ``fold``: the left-out fold, or the tuple of left-out folds of a nested fit (it only seeds the fit).
     Pure: the result depends only on the arguments (row order included), so any executor reproduces it.
     Returns ``{"mu0", "mu1", "e"}`` arrays aligned with ``predict_X``."""
     X, t, y = train
@@ -129,7 +147,7 @@ def fit_fold_nuisances(
     treated = t == 1
     if treated.sum() < 2 or (~treated).sum() < 2:
         raise ValueError(f"fold {fold}: training rows need at least 2 treated and 2 control units")
-    s = fold_seed(seed, fold)
+    s = fold_seed(seed, *np.atleast_1d(fold).tolist())
     out = {}
     for arm, mask in (("mu0", ~treated), ("mu1", treated)):
         model = make_regressor(params.model, s + (1 if arm == "mu1" else 0))
@@ -146,8 +164,14 @@ def fit_fold_nuisances(
     return out
 
 
-def cross_fit_nuisances(X, t, y, folds, params: NuisanceParams = NuisanceParams(), seed: int = 0) -> Dict[str, np.ndarray]:
-    """Sequential cross-fitting: for each fold k, :func:`fit_fold_nuisances` on the rows with fold ≠ k."""
+def cross_fit_nuisances(X, t, y, folds, params: NuisanceParams = NuisanceParams(), seed: int = 0,
+                        nested: bool = False) -> Dict[str, np.ndarray]:
+    """Sequential cross-fitting: for each fold k, :func:`fit_fold_nuisances` on the rows with fold ≠ k.
+
+    Returns ``{"mu0", "mu1", "e"}`` (each unit predicted by the fit without its own fold). With ``nested`` also
+    ``"fold_ids"`` (the sorted fold ids) and ``"nested"``: ``{"mu0", "mu1", "e"}`` arrays of shape (n, K) whose
+    column c holds, for a unit of fold j, the prediction of the fit without folds j and ``fold_ids[c]`` (the
+    plain prediction when ``fold_ids[c] == j``) — what fold ``fold_ids[c]``'s held-out final stage trains on."""
     X = _as_2d(X)
     n = X.shape[0]
     t = np.asarray(t).ravel()
@@ -158,12 +182,27 @@ def cross_fit_nuisances(X, t, y, folds, params: NuisanceParams = NuisanceParams(
     uniq = np.unique(folds)
     if uniq.size < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {uniq.size}")
-    out = {k: np.empty(n) for k in ("mu0", "mu1", "e")}
-    for k in uniq:
-        test = folds == k
-        res = fit_fold_nuisances((X[~test], t[~test], y[~test]), X[test], int(k), params, seed)
-        for key in out:
-            out[key][test] = res[key]
+    if nested and uniq.size < 3:
+        raise ValueError(f"nested cross-fitting needs at least 3 folds, got {uniq.size}")
+    keys = ("mu0", "mu1", "e")
+    out = {k: np.empty(n) for k in keys}
+    cube = {k: np.full((n, uniq.size), np.nan) for k in keys}
+    col = {int(k): c for c, k in enumerate(uniq)}
+    for excl in nuisance_tasks(uniq, nested):
+        test = np.isin(folds, excl)
+        res = fit_fold_nuisances((X[~test], t[~test], y[~test]), X[test], excl if len(excl) > 1 else excl[0],
+                                 params, seed)
+        rows = np.flatnonzero(test)
+        for key in keys:
+            if len(excl) == 1:
+                out[key][rows] = res[key]
+                cube[key][rows, col[excl[0]]] = res[key]
+            else:  # a unit of fold j predicted without (j, k): column k
+                other = np.where(folds[rows] == excl[0], excl[1], excl[0])
+                cube[key][rows, [col[int(o)] for o in other]] = res[key]
+    if nested:
+        out["fold_ids"] = uniq
+        out["nested"] = cube
     return out
 
 
@@ -207,8 +246,10 @@ class _CrossFitLearner:
     def fit(self, X, t, y, folds, Z=None, cluster=None, nuisances: Optional[Dict[str, np.ndarray]] = None):
         """Fit on nuisance features X and final-stage features Z (default X).
 
-        ``nuisances``: precomputed cross-fitted ``{"mu0", "mu1", "e"}`` (e.g. from the Spark per-fold job); else
-        they are cross-fitted here over ``folds``. ``cluster``: ids for CR1S covariance of the linear final stage."""
+        ``nuisances``: precomputed cross-fitted ``{"mu0", "mu1", "e"}`` (e.g. from the Spark per-fold job), with
+        ``"nested"`` and ``"fold_ids"`` for nested cross-fitting (:func:`cross_fit_nuisances`); else they are
+        cross-fitted here over ``folds``, nested when there are at least 3 folds. ``cluster``: ids for CR1S
+        covariance of the linear final stage."""
         y = np.asarray(y, dtype=float).ravel()
         n = y.shape[0]
         t = np.asarray(t).ravel()
@@ -217,11 +258,18 @@ class _CrossFitLearner:
         folds = np.asarray(folds).ravel()
         if folds.shape[0] != n:
             raise ValueError(f"folds has length {folds.shape[0]}, expected {n}")
+        uniq = np.unique(folds)
         if nuisances is None:
-            nuisances = cross_fit_nuisances(X, t, y, folds, self.nuisance, self.seed)
+            nuisances = cross_fit_nuisances(X, t, y, folds, self.nuisance, self.seed, nested=uniq.size >= 3)
         nu = {k: np.asarray(nuisances[k], dtype=float).ravel() for k in ("mu0", "mu1", "e")}
         if any(v.shape[0] != n for v in nu.values()):
             raise ValueError("nuisance arrays must have one entry per unit")
+        nested = nuisances.get("nested")
+        if nested is not None:
+            ids = [int(k) for k in np.asarray(nuisances["fold_ids"]).ravel()]
+            if sorted(set(int(k) for k in uniq)) != sorted(ids):
+                raise ValueError(f"nested nuisances are for folds {ids}, the units have folds {uniq.tolist()}")
+            nested = {k: np.asarray(nested[k], dtype=float).reshape(n, len(ids)) for k in ("mu0", "mu1", "e")}
         Z = _as_2d(X if Z is None else Z, n, "Z")
         self.nuisances_ = nu
         self.scores_ = aipw_scores(t, y, nu["mu0"], nu["mu1"], nu["e"])
@@ -229,15 +277,30 @@ class _CrossFitLearner:
         self.pseudo_outcome_, self.weight_ = target, w
         self.model_ = self._fit_final(Z, target, w, cluster, self.seed)
         oof = np.empty(n)
-        for k in np.unique(folds):
+        self.fold_models_ = {}
+        for k in uniq:
             test = folds == k
-            model = self._fit_final(
-                Z[~test], target[~test], None if w is None else w[~test],
-                None if cluster is None else np.asarray(cluster)[~test], fold_seed(self.seed, int(k)),
-            )
+            if nested is not None:  # the training units' pseudo-outcomes from nuisances fitted without fold k too
+                c = ids.index(int(k))
+                tk, wk = self._pseudo(t[~test], y[~test], {key: v[~test, c] for key, v in nested.items()})
+            else:
+                tk, wk = target[~test], None if w is None else w[~test]
+            if not np.isfinite(tk).all():
+                raise ValueError(f"fold {k}: nested nuisances are missing for some training units")
+            model = self._fit_final(Z[~test], tk, wk, None if cluster is None else np.asarray(cluster)[~test],
+                                    fold_seed(self.seed, int(k)))
+            self.fold_models_[int(k)] = model
             oof[test] = self._predict_final(model, Z[test])
         self.oof_cate_ = oof
+        self.oof_nested_ = nested is not None
         return self
+
+    def effect_without(self, Z, fold: int) -> np.ndarray:
+        """τ̂(z) of the final stage fitted without ``fold`` (what ``oof_cate_`` holds for that fold's units)."""
+        self._check_fitted()
+        if int(fold) not in self.fold_models_:
+            raise ValueError(f"no final stage was fitted without fold {fold}; folds: {sorted(self.fold_models_)}")
+        return self._predict_final(self.fold_models_[int(fold)], _as_2d(Z, name="Z"))
 
     def effect(self, Z) -> np.ndarray:
         """τ̂(z) from the full-sample final stage."""
@@ -272,7 +335,8 @@ class DRLearner(_CrossFitLearner):
     nuisances converge at rate n^-1/4; unbiased for E[τ|Z] under known propensity even if μ is misspecified."""
 
     def _pseudo(self, t, y, nu):
-        return self.scores_[:, 1] - self.scores_[:, 0], None
+        g = aipw_scores(t, y, nu["mu0"], nu["mu1"], nu["e"])
+        return g[:, 1] - g[:, 0], None
 
 
 class RLearner(_CrossFitLearner):

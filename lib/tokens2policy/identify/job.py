@@ -2,7 +2,7 @@
 
 Distributed exactly like the in-memory engine: every statistic NEXIS needs is a sum over rows (``stats.Block``),
 so :class:`SparkSource` evaluates it per partition with ``mapInPandas`` and sums the partial results on the
-driver, where the same selection loop (``engine.run_search``) runs. The GCM poly2 nuisances are fit per fold
+driver, where the same selection loop (``engine.run_search``) runs. The GCM basis-ridge nuisances are fit per fold
 from per-fold Gram matrices summed across the cluster (rows grouped by the stored ``fold`` column), so each
 fold's out-of-fold fit equals the in-memory one. The GCM LightGBM nuisances have no additive statistics: fold k's
 model is trained in one Spark task on the rows of the other folds (``tokens2policy.fold_tasks``, the pattern the
@@ -25,10 +25,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tokens2policy.fold_tasks import run_fold_tasks
+from tokens2policy.honesty import selection_filter
 
 from .engine import Tester, marginal_from_tester, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
-from .stats import Block
+from .stats import Block, combine
 
 MODIFIERS_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, source string, label string, "
                     "p_value double, t double, direction string, round_added int, phase string, test string, "
@@ -39,14 +40,6 @@ TRACE_SCHEMA = ("experiment_id string, outcome string, seq int, phase string, ro
 MARGINAL_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, t double, p_value double, "
                    "p_bonferroni double, q_bh double, reject_raw boolean, reject_bonferroni boolean, "
                    "reject_bh boolean")
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    if isinstance(a, dict):
-        return {k: a[k] + b[k] for k in a}
-    return a + b
 
 
 def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
@@ -82,17 +75,21 @@ class SparkSource:
             def stat(block):
                 return getattr(block, method)(*args, **kwargs)
 
+        whole = bool(spec.get("cluster_codes"))
+
         def partials(batches):
             total = None
+            if whole:  # the cluster statistics need each cluster whole: one Block per partition (see run())
+                batches = [pd.concat([b for b in batches if len(b)] or [pd.DataFrame()], ignore_index=True)]
             for pdf in batches:
                 if len(pdf):
-                    total = _add(total, stat(block_from_pandas(pdf, spec)))
+                    total = combine(total, stat(block_from_pandas(pdf, spec)))
             if total is not None:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
         total = None
         for row in self.df.mapInPandas(partials, "payload binary").collect():
-            total = _add(total, pickle.loads(row["payload"]))
+            total = combine(total, pickle.loads(row["payload"]))
         if total is None:
             raise ValueError("no rows to identify on")
         return total
@@ -158,12 +155,13 @@ class SparkSource:
             design.unpersist()
 
 
-def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e):
+def lgbm_gcm_block_sums(block: Block, S, m_models, g_models, e, zspec=("linear",), n_folds=0):
     """One partition's GCM sums with φ_res = φ - ĝ(X_S), φ = (y - m̂(X_S))(t - e)/(e(1 - e)), every row predicted
-    by its own fold's models — the arithmetic of the in-memory ``nexis(..., nuisance="lgbm")``."""
+    by its own fold's models — the arithmetic of the in-memory ``nexis(..., nuisance="lgbm")``; the candidates'
+    residualization ``zspec`` as there (``Block.gcm_sums``)."""
     XS = block.columns(S)
     phi = pseudo_outcome(block.y, block.t, predict_out_of_fold(m_models, XS, block.folds), e)
-    return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds))
+    return block.gcm_sums(S, phi - predict_out_of_fold(g_models, XS, block.folds), zspec, n_folds)
 
 
 class SparkTester(Tester):
@@ -198,7 +196,10 @@ class SparkTester(Tester):
         if f[0] != "lgbm":
             return super()._gcm_sums(S, f)
         m_models, g_models, e = f[1]
-        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e))
+        zs, K = self.z_spec(S), self.K
+        if zs[0] == "lgbm":
+            raise ValueError("z_nuisance='lgbm' runs in memory only; use identify.z_nuisance=spline in the job")
+        return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e, zs, K))
 
 
 def _numeric_covariates(units, names):
@@ -218,14 +219,38 @@ def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     K = len(spec.get("fold_codes") or {})
     if ic.test == "gcm" and ic.nuisance == "lgbm" and "unit_id" not in df.columns:
         raise ValueError("GCM with nuisance='lgbm' needs a unit_id column (it orders each fold's training rows)")
-    src = SparkSource(df, spec)
-    tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True)
-    params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                  nuisance=ic.nuisance, max_rounds=ic.max_rounds, min_active=ic.min_active)
-    res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                     max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
-    mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    whole = None
+    if ic.test == "cluster":  # every cluster in one partition: its statistics are functions of per-cluster sums
+        whole = df = df.repartition("cluster").cache()
+    try:
+        src = SparkSource(df, spec)
+        tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True, z_nuisance=ic.z_nuisance)
+        params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                      nuisance=ic.nuisance, z_nuisance=ic.z_nuisance, max_rounds=ic.max_rounds,
+                      min_active=ic.min_active)
+        res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                         max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
+        mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    finally:
+        if whole is not None:
+            whole.unpersist()
     return res, mg
+
+
+def frame_spec(df, ic, m, covariates) -> Dict:
+    """The Block spec of the rows actually analysed (``df``: one experiment, one outcome, non-null outcomes only):
+    cluster and fold levels are counted over these rows, as the in-memory ``nexis`` counts them over its input — a
+    unit without an outcome must not add a cluster to the cluster test's G (issue 13, finding 6) or a fold to the cross-fit."""
+    from pyspark.sql import functions as F
+
+    spec = {"m": m, "covariates": covariates}
+    if ic.test == "cluster":
+        levels = sorted(str(r[0]) for r in df.select(F.col("cluster").cast("string")).distinct().collect())
+        spec["cluster_codes"] = {v: i for i, v in enumerate(levels)}
+    if ic.test == "gcm":
+        levels = sorted(int(r[0]) for r in df.select("fold").distinct().collect())
+        spec["fold_codes"] = {v: i for i, v in enumerate(levels)}
+    return spec
 
 
 def _validate_spark_options(ic, has_fold, has_cluster):
@@ -266,16 +291,9 @@ def run(spark, cfg) -> dict:
 
     with stage_run(cfg, "identify", inputs=versions):
         for exp in experiments:
-            u = units.where(F.col("experiment_id") == exp)
+            u = units.where((F.col("experiment_id") == exp) & selection_filter(cfg.honesty))  # honesty: selection units
             nz = neurons.where(F.col("experiment_id") == exp).select("unit_id", "indices", "values")
             joined = u.join(nz, "unit_id", "left")
-            spec = {"m": m, "covariates": covariates}
-            if ic.test == "cluster":
-                levels = sorted(str(r[0]) for r in u.select(F.col("cluster").cast("string")).distinct().collect())
-                spec["cluster_codes"] = {v: i for i, v in enumerate(levels)}
-            if ic.test == "gcm":
-                levels = sorted(int(r[0]) for r in u.select("fold").distinct().collect())
-                spec["fold_codes"] = {v: i for i, v in enumerate(levels)}
             summary["experiments"][exp] = {}
             for outcome in outcomes:
                 cols = [F.col(outcome).cast("double").alias("y"), F.col("treatment").cast("double").alias("treatment"),
@@ -288,6 +306,7 @@ def run(spark, cfg) -> dict:
                     cols.append("unit_id")  # orders each fold's training rows (same models as in memory)
                 df = joined.where(F.col(outcome).isNotNull()).select(*cols).cache()
                 try:
+                    spec = frame_spec(df, ic, m, covariates)
                     label = f"NEXIS {ic.test}, {m} neurons"
                     with spark_progress(spark, f"identify {exp}/{outcome}", note=label,
                                         open_ended=True) as bar:  # one Spark job per statistic: the total grows

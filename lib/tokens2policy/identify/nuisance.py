@@ -1,9 +1,9 @@
-"""GCM nuisance learners: ridge on the degree-2 polynomial basis (from per-fold Grams) and LightGBM.
+"""GCM nuisance learners: ridge on a basis of Z_S (spline or poly2, from per-fold Grams) and LightGBM.
 
-The poly2 ridge is fit from additive per-fold Gram matrices: fold k's out-of-fold fit solves
-(A - A_k + λ I') c_k = b - b_k, where A = Σ_k A_k, so a distributed job needs one pass per nuisance and the
-fit is exactly the in-memory one. The intercept is not penalized (I' is the identity with a zero in the
-intercept slot), so with S = ∅ the nuisance is the out-of-fold mean.
+The basis ridges are fit from additive per-fold Gram matrices: fold k's out-of-fold fit solves
+(A - A_k + Λ) c_k = b - b_k, where A = Σ_k A_k, so a distributed job needs one pass per nuisance and the
+fit is exactly the in-memory one. The intercept is not penalized, so with S = ∅ the nuisance is the out-of-fold
+mean. The bases and penalties are in ``stats.py`` (``basis_matrix``, ``basis_penalty``).
 
 LightGBM has no additive sufficient statistics: fold k's model is trained on the rows of the other folds. One
 fold's fit is the pure function :func:`lgbm_fit` (training rows in, serialisable model out) and its use the pure
@@ -17,7 +17,6 @@ from typing import Sequence, Union
 
 import numpy as np
 
-RIDGE = 1.0
 LGBM_PARAMS = dict(n_estimators=100, learning_rate=0.1, num_leaves=15, min_child_samples=20,
                    subsample=1.0, colsample_bytree=1.0, n_jobs=1, deterministic=True, force_row_wise=True,
                    verbose=-1)
@@ -25,13 +24,12 @@ LGBM_PARAMS = dict(n_estimators=100, learning_rate=0.1, num_leaves=15, min_child
 FoldModel = Union[str, float]  # a LightGBM model string, or the training mean when there are no features
 
 
-def ridge_from_grams(A, b, ridge=RIDGE):
-    """Out-of-fold ridge coefficients, one row per fold, from per-fold Grams A (K x q x q) and b (K x q)."""
-    K, q, _ = A.shape
-    pen = ridge * np.eye(q)
-    pen[0, 0] = 0.0
+def ridge_from_grams(A, b, penalty):
+    """Out-of-fold ridge coefficients, one row per fold, from per-fold Grams A (K x q x q) and b (K x q): fold k's
+    fit solves (Σ_l A_l - A_k + penalty) c_k = Σ_l b_l - b_k (``stats.basis_penalty``: intercept unpenalized)."""
+    K = A.shape[0]
     At, bt = A.sum(0), b.sum(0)
-    return np.stack([np.linalg.solve(At - A[k] + pen, bt - b[k]) for k in range(K)])
+    return np.stack([np.linalg.solve(At - A[k] + penalty, bt - b[k]) for k in range(K)])
 
 
 def _lightgbm():

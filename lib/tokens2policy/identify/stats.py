@@ -10,11 +10,12 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 
 * ``moments``            one pass, O(nnz): Gram-type sums of every column with 1, t, y, ty and of its square.
 * ``cross(S)``           O(nnz · |S|): F'x_s and F'(t x_s), the cross-products a newly selected feature adds.
-* ``robust(...)``        HC1 meat / cluster scores given per-candidate coefficients. Dense columns (and sparse
-                         blocks of at most DIRECT_CELLS cells): O(n · |J| · p) as a few matrix products and column
-                         sums over cache-sized chunks of candidates. Large sparse blocks: O(n k^4 + nnz · p) via a
-                         zero/non-zero row split (rows where x_j = 0 share one closed form).
-* ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the poly2 ridge nuisances per fold and the GCM sums.
+* ``robust(...)``        HC2 / cluster variance sums and their Bell–McCaffrey degrees-of-freedom terms given
+                         per-candidate coefficients: O(n · |J| · p) as a few matrix products and column sums over
+                         cache-sized chunks of candidates (sparse columns are read densely one chunk at a time).
+* ``cross_hist(S)``      ``cross(S)`` plus the histograms of X_S' non-zero values (the spline knots).
+* ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the basis ridge nuisances per fold (spline or poly2) and the
+                         GCM sums, with each candidate residualized linearly or by a cross-fitted basis ridge.
 
 Sparse Z is kept in CSC form and never densified.
 """
@@ -23,14 +24,19 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-CHUNK = 1 << 20  # non-zeros (or dense cells) handled per vectorized chunk
-# Robust (HC1/cluster) meat: when n x (#sparse candidates) is at most this many cells, the block reads those
-# columns densely and sums every row's exact term. Above it, the zero/non-zero row split is used; the split
-# subtracts the zero-row formula on non-zero rows, which loses digits when a few high-leverage rows dominate
-# (tiny n), so small blocks take the direct path, which is then also the cheaper one.
-DIRECT_CELLS = 1 << 22
-# cells per column chunk of the dense robust path: its n x chunk temporaries stay cache-resident
+# cells per column chunk of the robust (HC2 / cluster) path: its n x chunk temporaries stay cache-resident
 DENSE_CHUNK = 1 << 17
+# a row whose leverage in the full regression exceeds 1 - LEVERAGE_TOL makes HC2's e_i²/(1 - h_i) a 0/0: the
+# candidate is not tested (trace reason "leverage") — its coefficient rests on that one row
+LEVERAGE_TOL = 1e-6
+# GCM spline basis (basis_matrix): histogram resolution for the knots, at most SPLINE_KNOTS knots per feature and
+# one knot per KNOT_SPACING non-zero values, scale-free ridge penalty (a fraction of each column's variance)
+HIST_BINS = 1024
+SPLINE_KNOTS = 32
+SPLINE_BUDGET = 256
+KNOT_SPACING = 25
+SPLINE_RIDGE = 1e-3
+RIDGE = 1.0  # the poly2 basis' penalty (raw scale)
 
 
 def poly2(XS):
@@ -41,6 +47,75 @@ def poly2(XS):
         a, b = np.triu_indices(s)
         cols.append(XS[:, a] * XS[:, b])
     return np.hstack(cols)
+
+
+def spline_knots(hist, lo, hi, max_knots=None):
+    """Knots of one feature's spline basis: the quantiles at levels l/(K+1), l = 1..K, of its non-zero values,
+    read off their histogram (``hist``: HIST_BINS counts over [lo, hi], linear within a bin); K = min(max_knots,
+    #non-zero // KNOT_SPACING). Knots on or outside [lo, hi] and repeats are dropped. A pure function of additive
+    counts, so every partitioning of the rows gives the same knots."""
+    max_knots = SPLINE_KNOTS if max_knots is None else max_knots
+    hist = np.asarray(hist, float)
+    N = hist.sum()
+    K = int(min(max_knots, N // KNOT_SPACING))
+    if K < 1 or not hi > lo:
+        return np.zeros(0)
+    edges = np.linspace(lo, hi, len(hist) + 1)
+    cum = np.cumsum(hist)
+    target = N * np.arange(1, K + 1) / (K + 1)
+    b = np.searchsorted(cum, target, side="left")
+    prev = np.where(b > 0, cum[np.maximum(b - 1, 0)], 0.0)
+    kn = edges[b] + (target - prev) / hist[b] * (edges[b + 1] - edges[b])
+    kn = np.unique(kn)
+    return kn[(kn > lo) & (kn < hi)]
+
+
+def basis_matrix(XS, spec):
+    """The GCM nuisance basis of the columns XS (n x |S|), ``spec`` a picklable description:
+
+    * ``("poly2",)``: [1, x_a, x_a x_b (a <= b)], the degree-2 polynomial basis;
+    * ``("spline", ((has_zeros, knots), ...))`` one entry per column: [1] and per column the zero indicator
+      1{x ≠ 0} (when the column has zeros: sparse codes), x, the hinges (x - κ)₊ and the steps 1{x > κ} at its
+      knots κ — an additive regression spline of degree 1 with jumps at the knots."""
+    if spec[0] == "poly2":
+        return poly2(XS)
+    n = XS.shape[0]
+    cols = [np.ones((n, 1))]
+    for c, (has_zeros, knots) in enumerate(spec[1]):
+        x = XS[:, c:c + 1]
+        if has_zeros:
+            cols.append((x != 0).astype(float))
+        cols.append(x)
+        if len(knots):
+            kn = np.asarray(knots, float)[None, :]
+            cols.append(np.maximum(x - kn, 0.0))
+            cols.append((x > kn).astype(float))
+    return np.hstack(cols)
+
+
+def basis_penalty(spec, A_total):
+    """Ridge penalty matrix of a basis, from the Gram over all rows (``A_total``; intercept unpenalized).
+    poly2: RIDGE·I' (raw scale, as before). spline: SPLINE_RIDGE · n · Var(b) on the diagonal (scale-free)."""
+    q = A_total.shape[0]
+    if spec[0] == "poly2":
+        pen = RIDGE * np.eye(q)
+    else:
+        n = A_total[0, 0]
+        var = np.diag(A_total) / n - (A_total[0] / n) ** 2
+        pen = np.diag(SPLINE_RIDGE * n * np.maximum(var, 1e-12 * np.maximum(np.diag(A_total) / n, 1e-300)))
+    pen[0, 0] = 0.0
+    return pen
+
+
+def combine(a, b):
+    """Sum of two partition statistics (arrays or dicts of arrays); dict entries named ``min*`` / ``max*`` combine
+    by minimum / maximum. The one reduction rule of the in-memory Source and the Spark job."""
+    if a is None:
+        return b
+    if isinstance(a, dict):
+        return {k: (np.minimum(a[k], b[k]) if k.startswith("min") else
+                    np.maximum(a[k], b[k]) if k.startswith("max") else a[k] + b[k]) for k in a}
+    return a + b
 
 
 def _rowdot(A, B):
@@ -60,6 +135,7 @@ class Block:
         self.W = np.zeros((self.n, 0)) if W is None else np.asarray(W, dtype=float)
         if sp.issparse(Z):
             self.Z = sp.csc_matrix(Z, dtype=float)
+            self.Z.eliminate_zeros()
             self.Z.sort_indices()
             self._Zsq = None
         else:
@@ -112,29 +188,6 @@ class Block:
             bottom = self.Z.T @ V
         return np.vstack([top, bottom])
 
-    def entries(self, J):
-        """Yield (rows, positions in J, values) of the non-zero entries of the sparse-Z columns J, in chunks of
-        about CHUNK entries (the split columns of ``robust``; dense columns are read with ``columns``)."""
-        J = np.asarray(J, dtype=np.int64)
-        zj = J - self.mw
-        counts = np.diff(self.Z.indptr)[zj]
-        start = 0
-        while start < len(zj):
-            stop = start + 1
-            total = counts[start]
-            while stop < len(zj) and total + counts[stop] <= CHUNK:
-                total += counts[stop]
-                stop += 1
-            sub = self.Z[:, zj[start:stop]]
-            yield sub.indices, start + np.repeat(np.arange(stop - start), np.diff(sub.indptr)), sub.data
-            start = stop
-
-    def is_sparse_column(self, J):
-        """Columns handled by the zero/non-zero split of ``robust`` (sparse Z in a block of more than
-        DIRECT_CELLS cells)."""
-        J = np.asarray(J, dtype=np.int64)
-        return (J >= self.mw) & self.sparse & (self.n * len(J) > DIRECT_CELLS)
-
     # ------------------------------------------------------------------ linear-family statistics
     def moments(self, with_nnz=True):
         """Column sums with 1, t, y, ty and square sums with 1, t; plus n, Σt, Σy, Σty, Σy², nnz per column.
@@ -154,7 +207,35 @@ class Block:
             B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
             nnz.append(np.count_nonzero(self.Z, axis=0).astype(float) if with_nnz else np.full(self.Z.shape[1], self.n))
         scal = np.array([self.n, t.sum(), y.sum(), (t * y).sum(), (y * y).sum()], dtype=float)
-        return {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz)}
+        lo, hi = self.nonzero_range()
+        return {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz),
+                "min_nz": lo, "max_nz": hi}
+
+    def nonzero_range(self):
+        """(min, max) of each column's non-zero values (+inf / -inf for a column without any): the range of the
+        knot histograms (combined across partitions by min / max, see ``combine``)."""
+        M = self.M
+        lo, hi = np.full(M, np.inf), np.full(M, -np.inf)
+        with np.errstate(invalid="ignore"):
+            if self.mw and self.n:
+                nz = self.W != 0
+                lo[:self.mw] = np.where(nz, self.W, np.inf).min(0)
+                hi[:self.mw] = np.where(nz, self.W, -np.inf).max(0)
+            if self.sparse:
+                ind = self.Z.indptr
+                has = np.diff(ind) > 0
+                if has.any() and self.Z.data.size:
+                    starts = ind[:-1][has]
+                    lo[self.mw:][has] = np.minimum.reduceat(self.Z.data, starts)
+                    hi[self.mw:][has] = np.maximum.reduceat(self.Z.data, starts)
+            else:  # dense Z in column chunks (no n x m temporary)
+                step = max(1, DENSE_CHUNK // max(1, self.n))
+                for c0 in range(0, self.Z.shape[1], step):
+                    Zc = self.Z[:, c0:c0 + step]
+                    nz = Zc != 0
+                    lo[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, np.inf).min(0)
+                    hi[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, -np.inf).max(0)
+        return lo, hi
 
     def cross(self, S):
         """M x 2|S|: columns F'x_s, F'(t x_s) for each s in S (interleaved)."""
@@ -164,125 +245,116 @@ class Block:
         V[:, 1::2] = self.t[:, None] * XS
         return self.rmatvec(V)
 
-    def robust(self, S, J, dy, pi, beta, linv, kind, n_clusters=0):
-        """Additive pieces of the HC1 meat (kind="hc1": |J| x 3 with entries 11, 12, 22) or of the cluster
-        scores (kind="cluster": n_clusters x |J| x 2, summed over the rows of each cluster).
+    def arm_basis(self, S, linv):
+        """(v, h_D): per row, v_i = L_a⁻¹[1, x_S,i] for the row's arm a (``linv[a]`` = L_a⁻¹ from the Cholesky factor
+        of the arm's Gram of [1, X_S], computed by the driver), an orthonormal basis of the design D over each arm's
+        rows — D = [1, T, X_S, T·X_S] spans the two arms' [1, X_S] separately — and the leverage h_D,i = |v_i|²."""
+        C = np.column_stack([np.ones(self.n), self.columns(S)])
+        v = np.empty_like(C)
+        for a in (0, 1):
+            rows = self.t == a
+            v[rows] = C[rows] @ linv[a].T
+        return v, np.einsum("ij,ij->i", v, v)
 
-        For candidate j, with ỹ = y - D·dy the residual of y on D, the full-regression residual is
-        e = ỹ + Dπ_jβ_j - x_j β_j1 - t x_j β_j2 and the residualized regressors are x̃ = [x_j, t x_j] - Dπ_j.
+    def robust(self, S, J, dy, pi, beta, bread, linv, kind, chol_bread=None):
+        """Additive sums of the leverage-aware robust variance of γ_j (the T·x_j coefficient) and of its
+        Bell–McCaffrey degrees of freedom, for every candidate j in J (dict of arrays, first axis |J|).
 
-        * Dense columns (W, dense Z, small sparse blocks): every row's exact term, as n x |J| matrices — D π_j for
-          all candidates of a chunk is one matrix product, so the cost is a few passes over n x |J| cells.
-        * Sparse columns (``is_sparse_column``): on rows where x_j = 0, e and x̃ are linear in q = [ỹ, v] within
-          each arm, v = L_a⁻¹[1, X_S] an orthonormal (over the arm's rows) basis of the arm's design (``linv[a]`` =
-          L_a⁻¹ from the Cholesky factor of the arm's Gram, computed by the driver). Their contribution over *all*
-          rows is a contraction of the arm's 4th-moment tensor Σ vec(qq')vec(qq')' (HC1) or of per-cluster 2nd
-          moments Σ_g qq' (cluster); the orthonormal basis keeps these contractions free of cancellation. The
-          non-zero rows then add (true term - zero-row formula), O(nnz · p).
-        """
+        For candidate j the full regression of y on X = [D, x_j, t x_j] has, by Frisch–Waugh–Lovell, residual
+        e = ỹ - x̃β (ỹ = y - D·dy, x̃ = [x_j, t x_j] - Dπ_j), leverage h_i = h_D,i + x̃_i'(X̃'X̃)⁻¹x̃_i and γ̂_j = Σ a_i y_i
+        with a_i = [(X̃'X̃)⁻¹x̃_i]_2 (``bread`` = (X̃'X̃)⁻¹ per candidate). With Ω = σ²I as the reference, a variance
+        V = e'MAMe-type quadratic form (M = I - H) is a weighted sum of χ²₁ with weights the eigenvalues of MAM,
+        whose sum and sum of squares are tr(MA) and tr(MAMA) = Σ(A²)_ii - 2 tr(HA²) + tr(HAHA); H = H_D + H_X̃
+        with H_D = Σ_arms V_a V_a' (``arm_basis``) and H_X̃ = X̃ (X̃'X̃)⁻¹ X̃'.
+
+        * kind="hc2" (A = diag(a_i²/(1 - h_i))): ``meat`` Σ A_i e_i² (the HC2 variance), ``a2h`` Σ A_i²(1 - 2h_i),
+          ``XAX`` X̃'AX̃ (3 entries 11, 12, 22), ``XAV`` X̃'AV_a per arm (2 x 2 x (k+1)), ``VAV`` V_a'AV_a per
+          arm (2 x (k+1)²) and ``n_lev`` the rows with h_i > 1 - LEVERAGE_TOL (their A_i is set to 0; the driver
+          skips such a candidate). Additive over any row partition.
+        * kind="cluster" (A = Σ_g a_g a_g', the CR0 meat's form): with u_g = [V_0,g'a_g, V_1,g'a_g, L'X̃_g'a_g]
+          (L L' = ``chol_bread`` per candidate, so that a_g'H_gh a_h = u_g'u_h), ``meat`` Σ_g (a_g'e_g)²,
+          ``a4`` Σ_g |a_g|⁴, ``a2u2`` Σ_g |a_g|²|u_g|² and ``UU`` Σ_g u_g u_g' (d x d, d = 2k + 4). These are sums
+          over clusters of functions of per-cluster sums: additive over row partitions that keep every cluster
+          whole (the in-memory blocks and the Spark job's partitions are cut that way)."""
         J = np.asarray(J, dtype=np.int64)
         nJ, k = len(J), len(S)
         XS = self.columns(S)
         t = self.t
         D = np.column_stack([np.ones(self.n), t, XS, t[:, None] * XS])
         yres = self.y - D @ dy
-        pib = np.einsum("jpa,ja->jp", pi, beta)          # D-coefficients of the fitted x_j·β part
-        out = np.zeros((nJ, 3)) if kind == "hc1" else np.zeros((n_clusters, nJ, 2))
-        split = self.is_sparse_column(J)
-        dense = np.nonzero(~split)[0]
-        if len(dense):
-            self._robust_dense(out, J, dense, D, yres, pi, beta, kind, n_clusters)
-        if not split.any():
-            return out
-        for a in (0, 1):
-            rows = t == a
-            if not rows.any():
-                continue
-            Linv = linv[a]
-            L = np.linalg.inv(Linv)
-            q = np.column_stack([yres[rows], np.column_stack([np.ones(rows.sum()), XS[rows]]) @ Linv.T])
-            kk = q.shape[1]
-
-            def red(u):  # p-vector coefficients on D -> arm-a coefficients on the orthonormal basis v
-                r = np.concatenate([u[:, :1] + a * u[:, 1:2], u[:, 2:2 + k] + a * u[:, 2 + k:]], axis=1)
-                return r @ L
-
-            ce = np.hstack([np.ones((nJ, 1)), red(pib)]) * split[:, None]
-            c1 = np.hstack([np.zeros((nJ, 1)), -red(pi[:, :, 0])])
-            c2 = np.hstack([np.zeros((nJ, 1)), -red(pi[:, :, 1])])
-            if kind == "hc1":
-                G4 = np.zeros((kk * kk, kk * kk))
-                step = max(1, CHUNK // (kk * kk))
-                for lo in range(0, q.shape[0], step):
-                    qc = q[lo:lo + step]
-                    Q2 = (qc[:, :, None] * qc[:, None, :]).reshape(len(qc), -1)
-                    G4 += Q2.T @ Q2
-                ME = (ce[:, :, None] * ce[:, None, :]).reshape(nJ, -1) @ G4
-                for col, (u, v) in enumerate(((c1, c1), (c1, c2), (c2, c2))):
-                    out[:, col] += _rowdot(ME, (u[:, :, None] * v[:, None, :]).reshape(nJ, -1))
+        v, hD = self.arm_basis(S, linv)
+        kk = k + 1
+        arms = [np.nonzero(t == a)[0] for a in (0, 1)]
+        if kind == "hc2":
+            out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
+                   "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk)), "n_lev": np.zeros(nJ)}
+            vv = [(v[r][:, :, None] * v[r][:, None, :]).reshape(len(r), -1) for r in arms]
+        else:
+            d = 2 * kk + 2
+            out = {"meat": np.zeros(nJ), "a4": np.zeros(nJ), "a2u2": np.zeros(nJ), "UU": np.zeros((nJ, d, d))}
+            codes, inv = np.unique(self.codes, return_inverse=True)
+            onehot = sp.csr_matrix((np.ones(self.n), (inv, np.arange(self.n))), shape=(len(codes), self.n))
+        step = max(1, DENSE_CHUNK // max(1, self.n))
+        for lo in range(0, nJ, step):
+            c = np.arange(lo, min(nJ, lo + step))
+            X = self.columns(J[c])                                   # n x |c|
+            A1 = X - D @ pi[c, :, 0].T                               # residualized x_j
+            B1 = t[:, None] * X - D @ pi[c, :, 1].T                  # residualized t x_j
+            E = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]    # full-regression residual
+            br = bread[c]
+            a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]                  # γ̂_j = Σ a_i y_i
+            if kind == "hc2":
+                h = hD[:, None] + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
+                bad = h > 1.0 - LEVERAGE_TOL
+                out["n_lev"][c] += bad.sum(0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    A = np.where(bad, 0.0, a * a / (1.0 - h))
+                out["meat"][c] += np.einsum("ij,ij->j", A, E * E)
+                out["a2h"][c] += np.einsum("ij,ij->j", A * A, 1.0 - 2.0 * h)
+                AA1, AB1 = A * A1, A * B1
+                out["XAX"][c] += np.column_stack([np.einsum("ij,ij->j", AA1, A1), np.einsum("ij,ij->j", AA1, B1),
+                                                  np.einsum("ij,ij->j", AB1, B1)])
+                for arm, r in enumerate(arms):
+                    out["XAV"][c, 0, arm] += AA1[r].T @ v[r]
+                    out["XAV"][c, 1, arm] += AB1[r].T @ v[r]
+                    out["VAV"][c, arm] += (vv[arm].T @ A[r]).T
             else:
-                codes = self.codes[rows]
-                onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
-                                       shape=(n_clusters, len(codes)))
-                H = np.zeros((n_clusters, kk * kk))
-                step = max(1, CHUNK // (kk * kk))
-                for lo in range(0, q.shape[0], step):
-                    qc = q[lo:lo + step]
-                    H += onehot[:, lo:lo + step] @ (qc[:, :, None] * qc[:, None, :]).reshape(len(qc), -1)
-                for col, c in enumerate((c1, c2)):
-                    out[:, :, col] += H @ (ce[:, :, None] * c[:, None, :]).reshape(nJ, -1).T
-        # non-zero rows of the split columns: true term minus the zero-row formula already counted
-        where = np.nonzero(split)[0]
-        for rows, p, x in self.entries(J[where]):
-            p = where[p]
-            d = D[rows]
-            e0 = yres[rows] + _rowdot(d, pib[p])
-            a0 = -_rowdot(d, pi[p, :, 0])
-            b0 = -_rowdot(d, pi[p, :, 1])
-            tx = t[rows] * x
-            e1 = e0 - x * beta[p, 0] - tx * beta[p, 1]
-            a1 = a0 + x
-            b1 = b0 + tx
-            if kind == "hc1":
-                e1s, e0s = e1 * e1, e0 * e0
-                for col, (u1, v1, u0, v0) in enumerate(((a1, a1, a0, a0), (a1, b1, a0, b0), (b1, b1, b0, b0))):
-                    out[:, col] += np.bincount(p, e1s * u1 * v1 - e0s * u0 * v0, minlength=nJ)
-            else:
-                idx = self.codes[rows] * nJ + p
-                for col, (u1, u0) in enumerate(((a1, a0), (b1, b0))):
-                    out[:, :, col] += np.bincount(idx, e1 * u1 - e0 * u0,
-                                                  minlength=n_clusters * nJ).reshape(n_clusters, nJ)
+                out["meat"][c] += ((onehot @ (a * E)) ** 2).sum(0)
+                a2g = onehot @ (a * a)                                # |a_g|²
+                out["a4"][c] += (a2g * a2g).sum(0)
+                U = np.empty((onehot.shape[0], len(c), 2 * kk + 2))
+                for arm, r in enumerate(arms):
+                    U[:, :, arm * kk:(arm + 1) * kk] = np.stack(
+                        [onehot[:, r] @ (a[r] * v[r, l:l + 1]) for l in range(kk)], axis=2)
+                XA = np.stack([onehot @ (a * A1), onehot @ (a * B1)], axis=2)          # X̃_g'a_g
+                U[:, :, 2 * kk:] = np.einsum("gjb,jba->gja", XA, chol_bread[c])          # L'X̃_g'a_g
+                out["a2u2"][c] += (a2g * np.einsum("gjd,gjd->gj", U, U)).sum(0)
+                out["UU"][c] += np.einsum("gjd,gje->jde", U, U)
         return out
 
-    def _robust_dense(self, out, J, pos, D, yres, pi, beta, kind, n_clusters):
-        """Exact per-row HC1 meat / cluster scores of the candidates J[pos], read densely in column chunks."""
-        t = self.t
-        onehot = None
-        if kind != "hc1":
-            onehot = sp.csr_matrix((np.ones(self.n), (self.codes, np.arange(self.n))), shape=(n_clusters, self.n))
-        step = max(1, DENSE_CHUNK // max(1, self.n))
-        for lo in range(0, len(pos), step):
-            c = pos[lo:lo + step]
-            X = self.columns(J[c])                            # n x |c|
-            TX = t[:, None] * X
-            A1 = X - D @ pi[c, :, 0].T                        # residualized x_j
-            B1 = TX - D @ pi[c, :, 1].T                       # residualized t x_j
-            E1 = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]   # = ỹ - x̃β, the full-regression residual
-            if kind == "hc1":
-                E1 *= E1
-                EA = E1 * A1
-                out[c, 0] += np.einsum("ij,ij->j", EA, A1)
-                out[c, 1] += np.einsum("ij,ij->j", EA, B1)
-                out[c, 2] += np.einsum("ij,ij->j", E1 * B1, B1)
-            else:
-                out[:, c, 0] += onehot @ (E1 * A1)
-                out[:, c, 1] += onehot @ (E1 * B1)
-
     # ------------------------------------------------------------------ GCM statistics
-    def fold_grams(self, S, n_folds, coef_m=None, e=None):
-        """Per-fold Gram P_k'P_k and P_k'target of the poly2 basis of X_S. target = y, or the pseudo-outcome φ
+    def cross_hist(self, S, lo, hi):
+        """``cross(S)`` and, in the same pass, the histograms (|S| x HIST_BINS counts over [lo_s, hi_s]) of each
+        feature's non-zero values, from which the spline basis places its knots (``spline_knots``)."""
+        XS = self.columns(S)
+        hist = np.zeros((len(S), HIST_BINS))
+        for c in range(len(S)):
+            v = XS[:, c]
+            hist[c] = np.histogram(v[v != 0], bins=HIST_BINS, range=(lo[c], hi[c]))[0]
+        return {"cross": self.cross(S), "hist": hist}
+
+    def basis(self, S, spec):
+        """The nuisance basis of X_S named by ``spec`` (``basis_matrix``); the latest one is kept (the passes of
+        one conditioning set reuse it)."""
+        key = (tuple(int(s) for s in S), spec)
+        if getattr(self, "_basis_key", None) != key:
+            self._basis_key, self._basis = key, basis_matrix(self.columns(S), spec)
+        return self._basis
+
+    def fold_grams(self, S, n_folds, spec, coef_m=None, e=None):
+        """Per-fold Gram P_k'P_k and P_k'target of the basis ``spec`` of X_S. target = y, or the pseudo-outcome φ
         when the (cross-fitted) outcome-model coefficients coef_m are given."""
-        P = poly2(self.columns(S))
+        P = self.basis(S, spec)
         target = self.y if coef_m is None else self.pseudo_outcome(P, coef_m, e)
         q = P.shape[1]
         A = np.zeros((n_folds, q, q))
@@ -298,15 +370,47 @@ class Block:
         m_hat = _rowdot(P, coef_m[self.folds])
         return (self.y - m_hat) * (self.t - e) / (e * (1.0 - e))
 
-    def gcm_residual(self, S, coef_m, coef_g, e):
-        """φ_res = φ - ĝ(X_S), both nuisances cross-fitted (row i uses its fold's out-of-fold coefficients)."""
-        P = poly2(self.columns(S))
+    def gcm_residual(self, S, spec, coef_m, coef_g, e):
+        """φ_res = φ - ĝ(X_S), both nuisances cross-fitted ridges on the basis ``spec`` (row i uses its fold's
+        out-of-fold coefficients)."""
+        P = self.basis(S, spec)
         return self.pseudo_outcome(P, coef_m, e) - _rowdot(P, coef_g[self.folds])
 
-    def gcm_sums(self, S, f):
-        """Sums that give, for every candidate j, Σ R_ij and Σ R_ij² with R = f · (x_j - C Π_j), C = [1, X_S]."""
-        C = np.column_stack([np.ones(self.n), self.columns(S)])
+    def gcm_sums(self, S, f, zspec=("linear",), n_folds=0):
+        """Sums that give, for every candidate j, Σ R_ij and Σ R_ij² with R = f · Z_res,j.
+
+        * zspec ("linear",): Z_res,j = x_j - C Π_j, the in-sample OLS of x_j on C = [1, X_S] (Π_j from the Grams).
+          Sums F'f, (F∘F)'f², F'(f² C), C'f, C'diag(f²)C.
+        * zspec = a basis spec (``basis_matrix``): Z_res,j = x_j - B Π_j^(k) on the rows of fold k, Π_j^(k) the ridge
+          of x_j on the basis B fit on the other folds (cross-fitted, like the nuisances of f). Per fold k:
+          ``SB`` F'B_k and ``SfB`` F'(f² B_k) (M x K x q: the per-fold cross-moments of every column with the basis),
+          ``A`` B_k'B_k, ``Bf`` B_k'f, ``Bf2B`` B_k'diag(f²)B_k; and F'f, (F∘F)'f². One pass over Z for all
+          candidates at once, O(nnz(Z) · 2Kq)."""
         f2 = f * f
-        FV = self.rmatvec(np.column_stack([f, f2[:, None] * C]))
-        return {"Sf": FV[:, 0], "Sf2xC": FV[:, 1:], "Sf2x2": self.rmatvec(f2, square=True)[:, 0],
-                "Cf": C.T @ f, "Cf2C": C.T @ (f2[:, None] * C)}
+        out = {"Sf": self.rmatvec(f)[:, 0], "Sf2x2": self.rmatvec(f2, square=True)[:, 0]}
+        if zspec[0] == "linear":
+            C = np.column_stack([np.ones(self.n), self.columns(S)])
+            out.update(Sf2xC=self.rmatvec(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
+            return out
+        B = self.basis(S, zspec)
+        q = B.shape[1]
+        # one pass over Z for all folds: column block k of V holds B (and f² B) on fold k's rows, zeros elsewhere
+        V = np.zeros((self.n, 2 * n_folds * q))
+        cols = self.folds[:, None] * q + np.arange(q)[None, :]
+        rows = np.arange(self.n)[:, None]
+        V[rows, cols] = B
+        V[rows, cols + n_folds * q] = f2[:, None] * B
+        R = self.rmatvec(V)
+        SB = R[:, :n_folds * q].reshape(self.M, n_folds, q)
+        SfB = R[:, n_folds * q:].reshape(self.M, n_folds, q)
+        A = np.zeros((n_folds, q, q))
+        Bf = np.zeros((n_folds, q))
+        Bf2B = np.zeros((n_folds, q, q))
+        for k in range(n_folds):
+            Bk = B[self.folds == k]
+            fk = f[self.folds == k]
+            A[k] = Bk.T @ Bk
+            Bf[k] = Bk.T @ fk
+            Bf2B[k] = Bk.T @ (fk[:, None] ** 2 * Bk)
+        out.update(SB=SB, SfB=SfB, A=A, Bf=Bf, Bf2B=Bf2B)
+        return out

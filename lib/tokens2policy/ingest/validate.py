@@ -45,7 +45,7 @@ class ColumnMap:
     experiment_id_col: Optional[str]
     experiment_id: Optional[str]
     unit_id_col: str
-    treatment_col: str
+    treatment_col: Optional[str]  # None: new units to score, no treatment yet
     treatment_labels: List
     outcome_cols: List[str]
     text_cols: List[str]
@@ -81,8 +81,11 @@ def _kind(dtype: T.DataType) -> str:
     return "nested"
 
 
-def map_columns(schema: T.StructType, cfg: Config, where: str) -> ColumnMap:
-    """Map the source schema to the ``units`` contract or raise one ConfigError naming every unmappable column."""
+def map_columns(schema: T.StructType, cfg: Config, where: str, pre_treatment_only: bool = False) -> ColumnMap:
+    """Map the source schema to the ``units`` contract or raise one ConfigError naming every unmappable column.
+
+    ``pre_treatment_only``: map only the ids, text and covariates (new units to score: ``t2p score``); treatment,
+    outcomes, cluster and timestamps are neither required nor checked."""
     src = cfg.source
     demo = src.kind == "demo"
     cmap = ColumnMap(
@@ -100,9 +103,13 @@ def map_columns(schema: T.StructType, cfg: Config, where: str) -> ColumnMap:
         assigned_at_col=src.assigned_at_col or ("assigned_at" if demo else None),
         measured_at_col=src.measured_at_col or ("measured_at" if demo else None),
     )
+    if pre_treatment_only:
+        cmap.treatment_col, cmap.outcome_cols, cmap.cluster_col = None, [], None
+        cmap.assigned_at_col = cmap.measured_at_col = None
     wanted: List[Tuple[str, str, Tuple[str, ...]]] = [  # (column, config key, accepted kinds)
         (cmap.unit_id_col, "source.unit_id_col", ("string", "numeric")),
-        (cmap.treatment_col, "source.treatment_col", ("string", "numeric", "boolean")),
+        *([(cmap.treatment_col, "source.treatment_col", ("string", "numeric", "boolean"))] if cmap.treatment_col
+          else []),
         *[(c, "source.outcome_cols", ("numeric", "string", "boolean")) for c in cmap.outcome_cols],
         *[(c, "source.text_cols", ("string", "binary")) for c in cmap.text_cols],
         *[(c, "source.covariate_cols", ("numeric", "string", "boolean")) for c in cmap.covariate_cols],
@@ -201,7 +208,9 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
     uid_missing = _blank(cmap.unit_id_col, d[cmap.unit_id_col])
 
     control, treated = cmap.treatment_labels
-    if cmap.numeric_labels:
+    if cmap.treatment_col is None:  # new units to score (map_columns(pre_treatment_only=True)): no treatment yet
+        treatment = F.lit(None).cast("int")
+    elif cmap.numeric_labels:
         t = _as_double(cmap.treatment_col)
         treatment = F.when(t == F.lit(label_key(treated)[1]), 1).when(t == F.lit(label_key(control)[1]), 0)
     else:  # text (labels compared as written; true/false case-insensitively, as label_text does)
@@ -240,9 +249,9 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
     checks = malformed + [
         ("missing_experiment_id", exp_missing, F.lit(f"experiment id (column '{cmap.experiment_id_col}') is missing")),
         ("missing_unit_id", uid_missing, F.lit(f"unit id (column '{cmap.unit_id_col}') is missing")),
-        ("bad_treatment", treatment.isNull(),
-         F.concat(F.lit(f"treatment '{cmap.treatment_col}' = "), _shown(cmap.treatment_col),
-                  F.lit(f" is not one of the configured labels {labels}"))),
+        *([("bad_treatment", treatment.isNull(),
+            F.concat(F.lit(f"treatment '{cmap.treatment_col}' = "), _shown(cmap.treatment_col),
+                     F.lit(f" is not one of the configured labels {labels}")))] if cmap.treatment_col else []),
         ("wrong_type", any_of(wrong), F.concat(F.lit("column "), _names_where(wrong),
                                                F.lit(" cannot be read as a number/timestamp"))),
         ("missing_outcome", any_of(out_missing), F.concat(F.lit("outcome "), _names_where(out_missing),

@@ -1,13 +1,21 @@
-"""Policy stage job: threshold, budget and exact-tree rules on the effects stage's DR scores; held-out AIPW values.
+"""Policy stage job: threshold, budget and exact-tree rules on the effects stage's DR scores; cross-fitted values.
 
 Reads ``effects`` (CATE, out-of-fold CATE and the cross-fitted AIPW scores of ``policy.learner``), ``units``,
 ``neurons`` and ``modifiers``; writes ``policy_rules``, ``policy_value`` and ``assignments``.
 
-Honest evaluation (Athey & Wager 2021): every policy is *learned without the fold it is evaluated on* — the tree is
-refit K times on the other folds' scores, the threshold and budget rules use the out-of-fold CATE — and its value
-is the AIPW mean on those held-out assignments, compared (paired) with treat-all, treat-none and random at the
-same budget. The rules reported and the ``treat`` column of ``assignments`` come from the same procedure fitted on
-all units (what one would deploy); ``heldout_treat`` is the assignment the value estimate used.
+**Selection-aware** (``honesty.mode=split``, :mod:`tokens2policy.honesty`): rules are learned and values estimated
+on the estimation units only — the units that did not select the modifiers the rules are built on. The deployable
+rules are applied to every unit (the ``assignments`` rows of the selection units say ``sample = selection``).
+
+**Cross-fitted evaluation** (Athey & Wager 2021): the value of each rule is the AIPW mean over the estimation units
+of assignments learned without the unit's fold — the tree is refit on the other folds' rewards, using the effects
+stage's *nested* AIPW scores for fold k (nuisances fitted without fold k as well), the threshold rule reads the
+out-of-fold CATE (final stage fitted without fold k, on nested pseudo-outcomes), and the budget rule is learned on
+fold k's out-of-fold CATEs (the fold treated as a batch, ties at the cutoff by the units' tie draws). So no outcome
+of fold k enters the policy that fold k's units are valued with; the AIPW scores that value it are cross-fitted.
+Values are compared (paired) with treat-all, treat-none and random at the same budget. The rules reported and the
+``treat`` column come from the same procedures fitted on all estimation units (what one would deploy);
+``heldout_treat`` is the assignment the value used (null for selection units, which enter no value).
 """
 from __future__ import annotations
 
@@ -17,21 +25,29 @@ from typing import Dict, List
 import numpy as np
 import pandas as pd
 
+from tokens2policy.honesty import estimated_on, estimates
+
 from ..effects.gates import encode_modifiers
 from ..effects.job import (
     _Clock, _spark_frame, _write, cluster_ids, covariate_columns, load_experiment, log_metrics, modifier_frame,
 )
 from ..effects.ols import mean_with_se
-from .rules import budget_policy, threshold_policy
+from .rules import budget_assign, budget_cutoff, budget_fired, budget_rule_text, threshold_policy
 from .tree import PolicyTree
 from .value import compare_policies
 
 RULES_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, leaf_id int, rule string, "
                 "conditions string, action int, action_name string, n long, leaf_effect double, leaf_effect_se double, "
-                "cost double")
+                "cost double, estimated_on string")
 VALUE_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, comparison string, "
                 "treated_share double, estimate double, se double, ci_low double, ci_high double, p_value double, "
-                "n long, cost double")
+                "n long, cost double, estimated_on string")
+
+
+def assignments_schema(unit_type: str = "string") -> str:
+    """DDL of the ``assignments`` table (``unit_type``: the units table's unit_id type)."""
+    return (f"experiment_id string, unit_id {unit_type}, outcome string, policy string, recommended boolean, "
+            "treat int, heldout_treat int, cate double, rule string, leaf_id int, sample string")
 
 
 def tree_design(values: Dict[str, np.ndarray], kinds: Dict[str, str], mods) -> tuple:
@@ -53,60 +69,102 @@ def tree_design(values: Dict[str, np.ndarray], kinds: Dict[str, str], mods) -> t
     return X, display, tree_kinds
 
 
+def estimation_mask(sub: pd.DataFrame) -> np.ndarray:
+    """Rows the policy may learn and evaluate on (role estimation, or both under ``honesty.mode=none``).
+
+    A frame without the ``sample`` column is refused: treating all its rows as estimation units would label
+    numbers "estimated on the estimation units" that the selection units' outcomes fed."""
+    if "sample" not in sub.columns:
+        raise ValueError("no 'sample' column: the units' selection/estimation roles are unknown (effects table "
+                         "written before selection-aware inference: rerun the effects stage)")
+    return estimates(sub["sample"].to_numpy())
+
+
+def _nested_rewards(sub: pd.DataFrame, rows: np.ndarray, fold_pos: int, cost: float) -> np.ndarray:
+    """Rewards [Γ(0), Γ(1) − cost] of ``rows`` from the nested AIPW scores without fold position ``fold_pos``
+    (the plain scores when the effects table has no nested scores)."""
+    if "dr_score0_nested" not in sub.columns or sub.loc[rows, "dr_score0_nested"].isna().any():
+        g = sub.loc[rows, ["dr_score0", "dr_score1"]].to_numpy(dtype=float)
+    else:
+        g = np.column_stack([np.array([v[fold_pos] for v in sub.loc[rows, c]], dtype=float)
+                             for c in ("dr_score0_nested", "dr_score1_nested")])
+    return g - np.array([0.0, cost])
+
+
 def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kinds: List[str]):
-    """Deployable and held-out assignments of the three rules, the fitted full-data tree and the budget cutoff."""
+    """Deployable assignments (every unit) and cross-fitted assignments (estimation units; -1 elsewhere) of the
+    three rules, the fitted deployable tree, the deployable budget rule ``(cutoff, tie_share)`` and the
+    cross-fitted rules per fold (``{"tree": {k: PolicyTree}, "budget": {k: (cutoff, tie_share)}}``; the
+    threshold rule's per-fold CATE is the effects learner's final stage without fold k).
+
+    Everything is learned on the estimation units (:func:`estimation_mask`)."""
     p = cfg.policy
+    est = estimation_mask(sub)
     folds = sub["fold"].astype(int).to_numpy()
-    scores = sub[["dr_score0", "dr_score1"]].to_numpy()
-    rewards = scores - np.array([0.0, p.cost])
+    unit_ids = sub["unit_id"].to_numpy()
+    rewards = sub[["dr_score0", "dr_score1"]].to_numpy() - np.array([0.0, p.cost])
 
     def make_tree(n_train):
         min_leaf = max(p.min_leaf_size, int(np.ceil(p.min_leaf_share * n_train)))
         return PolicyTree(depth=p.tree_depth, min_leaf_size=min_leaf, max_candidates=p.max_candidates)
 
-    tree = make_tree(len(sub)).fit(X, rewards, feature_names=names, feature_kinds=kinds)
-    heldout_tree = np.empty(len(sub), dtype=int)
-    for k in np.unique(folds):
-        test = folds == k
-        heldout_tree[test] = make_tree(int((~test).sum())).fit(X[~test], rewards[~test], names, kinds).predict(X[test])
+    tree = make_tree(int(est.sum())).fit(X[est], rewards[est], feature_names=names, feature_kinds=kinds)
     cate, oof = sub["cate"].to_numpy(), sub["cate_oof"].to_numpy()
-    deploy_budget = budget_policy(cate, p.budget)
-    cutoff = float(cate[deploy_budget == 1].min()) if deploy_budget.any() else float("inf")
+    cutoff, tie_share = budget_cutoff(cate[est], p.budget)
+    held = {name: np.full(len(sub), -1, dtype=int) for name in ("tree", "threshold", "budget")}
+    fold_rules: Dict[str, Dict[int, object]] = {"tree": {}, "budget": {}}
+    fold_ids = np.unique(folds[est])
+    for pos, k in enumerate(fold_ids):
+        test = est & (folds == k)
+        train = est & (folds != k)
+        fold_tree = make_tree(int(train.sum())).fit(X[train], _nested_rewards(sub, train, pos, p.cost), names, kinds)
+        held["tree"][test] = fold_tree.predict(X[test])
+        held["threshold"][test] = threshold_policy(oof[test], p.cost)
+        c_k, s_k = budget_cutoff(oof[test], p.budget)
+        held["budget"][test] = budget_assign(oof[test], c_k, s_k, unit_ids[test], cfg.seed)
+        fold_rules["tree"][int(k)], fold_rules["budget"][int(k)] = fold_tree, (c_k, s_k)
     return {
-        "tree": (tree.predict(X), heldout_tree),
-        "threshold": (threshold_policy(cate, p.cost), threshold_policy(oof, p.cost)),
-        "budget": (deploy_budget, budget_policy(oof, p.budget)),
-    }, tree, cutoff
+        "tree": (tree.predict(X), held["tree"]),
+        "threshold": (threshold_policy(cate, p.cost), held["threshold"]),
+        "budget": (budget_assign(cate, cutoff, tie_share, unit_ids, cfg.seed), held["budget"]),
+    }, tree, (cutoff, tie_share), fold_rules
 
 
-def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, cutoff, cluster) -> pd.DataFrame:
+def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster) -> pd.DataFrame:
+    """``policy_rules`` rows: the tree's leaves (n and leaf effect on the estimation units) and the two CATE
+    rules, with the number of estimation units each treats."""
     p = cfg.policy
+    est = estimation_mask(sub)
     phi = (sub["dr_score1"] - sub["dr_score0"]).to_numpy()
     leaf_of = tree.apply(X)
     rows = []
     for leaf in tree.leaves():
-        inside = leaf_of == leaf["leaf_id"]
-        est, se = (np.nan, np.nan)
+        inside = (leaf_of == leaf["leaf_id"]) & est
+        est_, se = (np.nan, np.nan)
         if inside.sum() >= 2:
-            est, se, *_ = mean_with_se(phi[inside], cluster=None if cluster is None else cluster[inside])
+            est_, se, *_ = mean_with_se(phi[inside], cluster=None if cluster is None else cluster[inside])
         rows.append(dict(policy="tree", leaf_id=leaf["leaf_id"], rule=leaf["rule"], conditions=leaf["conditions"],
-                         action=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est,
+                         action=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est_,
                          leaf_effect_se=se))
-    n = len(sub)
+    cutoff, tie_share = budget_fit
     rows.append(dict(policy="threshold", leaf_id=0, rule=f"IF cate > {p.cost:.4g} THEN treat ELSE control",
                      conditions=f"cate > {p.cost:.4g}", action=1, action_name="treat",
-                     n=int((sub["cate"] > p.cost).sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
-    rows.append(dict(policy="budget", leaf_id=0,
-                     rule=f"IF cate >= {cutoff:.4g} (top {p.budget:.0%} of {n}) THEN treat ELSE control",
-                     conditions=f"cate >= {cutoff:.4g}", action=1, action_name="treat",
-                     n=int(np.ceil(p.budget * n - 1e-12)), leaf_effect=np.nan, leaf_effect_se=np.nan))
-    return pd.DataFrame(rows).assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost)
+                     n=int((sub["cate"][est] > p.cost).sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
+    treated = budget_assign(sub["cate"].to_numpy()[est], cutoff, tie_share, sub["unit_id"].to_numpy()[est], cfg.seed)
+    rows.append(dict(policy="budget", leaf_id=0, rule=budget_rule_text(cutoff, tie_share, p.budget),
+                     conditions=f"cate > {cutoff:.4g}, ties at {cutoff:.4g} with probability {tie_share:.4g}",
+                     action=1, action_name="treat", n=int(treated.sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
+    return pd.DataFrame(rows).assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost,
+                                     estimated_on=estimated_on(cfg.honesty))
 
 
-def assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, cutoff) -> pd.DataFrame:
+def assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, budget_fit) -> pd.DataFrame:
+    """``assignments`` rows: every unit, every rule; ``rule`` is the rule text that fired for the unit."""
     p = cfg.policy
+    cutoff, tie_share = budget_fit
     leaf_rules = {leaf["leaf_id"]: leaf["rule"] for leaf in tree.leaves()}
     leaf_of = tree.apply(X)
+    sample = sub["sample"].to_numpy() if "sample" in sub.columns else np.full(len(sub), "both", dtype=object)
     out = []
     for name, (deploy, heldout) in assignments.items():
         if name == "tree":
@@ -116,13 +174,72 @@ def assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, cutoff) -> pd
             fired = np.where(deploy == 1, f"cate > {p.cost:.4g}", f"cate <= {p.cost:.4g}")
             leaf = np.full(len(sub), -1)
         else:
-            fired = np.where(deploy == 1, f"cate >= {cutoff:.4g} (top {p.budget:.0%})", f"cate below top {p.budget:.0%}")
+            fired = budget_fired(sub["cate"].to_numpy(), deploy, cutoff, tie_share, p.budget)
             leaf = np.full(len(sub), -1)
+        held = pd.array(np.where(heldout < 0, 0, heldout), dtype="Int64")
+        held[heldout < 0] = pd.NA
         out.append(pd.DataFrame({
             "experiment_id": exp, "unit_id": sub["unit_id"].to_numpy(), "outcome": outcome, "policy": name,
-            "recommended": name == p.recommended, "treat": deploy.astype(int), "heldout_treat": heldout.astype(int),
-            "cate": sub["cate"].to_numpy(), "rule": fired, "leaf_id": leaf.astype(int)}))
+            "recommended": name == p.recommended, "treat": deploy.astype(int), "heldout_treat": held,
+            "cate": sub["cate"].to_numpy(), "rule": fired, "leaf_id": leaf.astype(int), "sample": sample}))
     return pd.concat(out, ignore_index=True)
+
+
+def outcome_policies(cfg, exp: str, outcome: str, pdf: pd.DataFrame, eff: pd.DataFrame, mods_pdf: pd.DataFrame,
+                     covariates) -> Dict[str, object]:
+    """The policy stage's statistical body for one (experiment, outcome), on pandas.
+
+    ``pdf``: the experiment's units joined with their activations (``effects.job.load_experiment`` /
+    ``experiment_frame``); ``eff``: the ``effects`` rows of ``policy.learner`` for this outcome. Returns the
+    ``rules``, ``value`` and ``assignments`` frames and the fitted pieces (``sub``, ``mods``, ``values``,
+    ``kinds``, ``tree``, ``budget_fit``, ``X``, ``cluster``, held-out ``assignments``)."""
+    p = cfg.policy
+    if "sample" not in eff.columns:
+        raise ValueError(f"{exp}/{outcome}: the effects table has no 'sample' column (written before selection-aware "
+                         "inference): rerun the effects stage (`t2p run effects --force effects`)")
+    drop = [c for c in ("fold", "sample") if c in pdf.columns and c in eff.columns]
+    sub = pdf.drop(columns=drop).merge(eff.drop(columns=["experiment_id", "outcome"], errors="ignore"),
+                                       on="unit_id")
+    sub = sub.sort_values("unit_id", kind="stable").reset_index(drop=True)
+    cluster = cluster_ids(cfg, sub)
+    mods, values, kinds = modifier_frame(sub, mods_pdf, covariates, cfg)
+    X, names, tkinds = tree_design(values, kinds, mods)
+    if X.shape[1] == 0:
+        X, names, tkinds = np.zeros((len(sub), 0)), [], []
+    est = estimation_mask(sub)
+    if est.sum() < 10:
+        raise ValueError(f"{exp}/{outcome}: only {int(est.sum())} estimation units in the effects table")
+    assignments, tree, budget_fit, fold_rules = learn_policies(cfg, sub, X, names, tkinds)
+    scores = sub[["dr_score0", "dr_score1"]].to_numpy()[est]
+    held = {name: a[1][est] for name, a in assignments.items()}
+    value = compare_policies(scores, held, cost=p.cost, cluster=None if cluster is None else cluster[est],
+                             alpha=p.alpha)
+    value = value.assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost,
+                         estimated_on=estimated_on(cfg.honesty))
+    return {"rules": rule_rows(cfg, exp, outcome, sub, tree, X, budget_fit, cluster), "value": value,
+            "assignments": assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, budget_fit),
+            "sub": sub, "mods": mods, "values": values, "kinds": kinds, "tree": tree, "budget_fit": budget_fit,
+            "X": X, "cluster": cluster, "learned": assignments, "fold_rules": fold_rules}
+
+
+def policy_in_memory(cfg, units: pd.DataFrame, neurons: pd.DataFrame, modifiers: pd.DataFrame,
+                     effects: pd.DataFrame) -> Dict[str, Dict[str, Dict[str, object]]]:
+    """The policy stage without Spark: :func:`outcome_policies` per experiment and outcome on the in-memory join
+    (``effects.job.experiment_frame``) and the ``effects`` rows of ``policy.learner``."""
+    from ..effects.job import experiment_frame
+
+    covariates = covariate_columns(cfg, units.columns)
+    eff_every = effects[effects["learner"] == cfg.policy.learner]
+    out: Dict[str, Dict[str, Dict[str, object]]] = {}
+    for exp in sorted(eff_every["experiment_id"].unique()):
+        pdf = experiment_frame(cfg, units, neurons, exp)
+        mods_all = modifiers[modifiers["experiment_id"] == exp]
+        out[exp] = {}
+        for outcome in sorted(eff_every.loc[eff_every.experiment_id == exp, "outcome"].unique()):
+            eff = eff_every[(eff_every.experiment_id == exp) & (eff_every.outcome == outcome)]
+            out[exp][outcome] = outcome_policies(cfg, exp, outcome, pdf, eff, mods_all[mods_all["outcome"] == outcome],
+                                                 covariates)
+    return out
 
 
 def run(spark, cfg) -> dict:
@@ -143,8 +260,6 @@ def run(spark, cfg) -> dict:
     covariates = covariate_columns(cfg, units.columns)
     summary: Dict[str, object] = {"experiments": []}
     unit_type = units.schema["unit_id"].dataType.simpleString()
-    assign_schema = (f"experiment_id string, unit_id {unit_type}, outcome string, policy string, recommended boolean, "
-                     "treat int, heldout_treat int, cate double, rule string, leaf_id int")
     with stage_run(cfg, "policy", inputs=versions):
         from ..represent.job import represent_model_uri
 
@@ -162,26 +277,17 @@ def run(spark, cfg) -> dict:
             rules_all, values_all, assign_all, metrics, model_uris = [], [], [], {}, {}
             for outcome in sorted(eff_every.loc[eff_every.experiment_id == exp, "outcome"].unique()):
                 eff = eff_every[(eff_every.experiment_id == exp) & (eff_every.outcome == outcome)]
-                sub = pdf.drop(columns=["fold"]).merge(eff.drop(columns=["experiment_id", "outcome"]), on="unit_id")
-                sub = sub.sort_values("unit_id", kind="stable").reset_index(drop=True)
-                cluster = cluster_ids(cfg, sub)
-                mods_pdf = mods_all[mods_all["outcome"] == outcome]
-                mods, values, kinds = modifier_frame(sub, mods_pdf, covariates, cfg)
-                X, names, tkinds = tree_design(values, kinds, mods)
-                if X.shape[1] == 0:
-                    X, names, tkinds = np.zeros((len(sub), 0)), [], []
-                assignments, tree, cutoff = learn_policies(cfg, sub, X, names, tkinds)
-                scores = sub[["dr_score0", "dr_score1"]].to_numpy()
-                held = {name: a[1] for name, a in assignments.items()}
-                value = compare_policies(scores, held, cost=p.cost, cluster=cluster, alpha=p.alpha)
-                value = value.assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost)
+                res = outcome_policies(cfg, exp, outcome, pdf, eff, mods_all[mods_all["outcome"] == outcome],
+                                       covariates)
+                value = res["value"]
                 values_all.append(value)
-                rules_all.append(rule_rows(cfg, exp, outcome, sub, tree, X, cutoff, cluster))
-                assign_all.append(assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, cutoff))
+                rules_all.append(res["rules"])
+                assign_all.append(res["assignments"])
                 if p.register_model:
                     from .pyfunc import log_stage_policy_model
 
-                    uri = log_stage_policy_model(cfg, exp, outcome, sub, mods, values, kinds, tree, cutoff, cluster,
+                    uri = log_stage_policy_model(cfg, exp, outcome, res["sub"], res["mods"], res["values"],
+                                                 res["kinds"], res["tree"], res["budget_fit"], res["cluster"],
                                                  representation_uri=represent_uri)
                     if uri:
                         model_uris[outcome] = uri
@@ -195,7 +301,7 @@ def run(spark, cfg) -> dict:
             assigns = pd.concat(assign_all, ignore_index=True)
             _write(spark, cfg, "policy_rules", _spark_frame(spark, rules, RULES_SCHEMA), exp)
             _write(spark, cfg, "policy_value", _spark_frame(spark, values, VALUE_SCHEMA), exp)
-            _write(spark, cfg, "assignments", _spark_frame(spark, assigns, assign_schema), exp)
+            _write(spark, cfg, "assignments", _spark_frame(spark, assigns, assignments_schema(unit_type)), exp)
             log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / f"rules_{exp}.txt").write_text("\n".join(rules["outcome"] + ": " + rules["rule"]) + "\n")
@@ -203,6 +309,7 @@ def run(spark, cfg) -> dict:
                 mlflow.log_artifacts(tmp, artifact_path="policy")
             clock.lap("write")
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)),
+                                           "estimated_on": estimated_on(cfg.honesty),
                                            "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps,
                                            "policy_model_uris": model_uris})
     return summary

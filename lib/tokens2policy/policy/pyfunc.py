@@ -17,8 +17,11 @@ final-stage coefficients and covariance, and the rule). Everything is loaded onc
 Two deliberate freezes make scoring a new batch equal to the training-time encoding of the same units: categorical
 levels (and their reference level) and the fill value of missing numeric covariates are those of the training
 units, not of the batch at hand (the effects stage derives them from the data it sees). The budget rule is served
-as its CATE cutoff (treat when τ̂ ≥ the lowest treated τ̂ of the training units): on the training units it equals
-the top-q assignment except for units tied with the cutoff.
+as the pair the policy job learned (``policy.rules``): its CATE cutoff and the tie share that fills the budget —
+treat when τ̂ > cutoff, and a unit tied at the cutoff when its tie draw (a seeded hash of its ``unit_id``, an input
+column of budget models) is below the tie share — so the served model treats exactly the units the job's
+``assignments`` treat, and the budget holds when CATEs tie (they do: an indicator-encoded linear CATE takes at most
+2^k values).
 
 The CATE CI is that of the linear final stage (the best linear projection of τ on Z; Semenova & Chernozhukov
 2021): τ̂(z) ± c·√([1, z] V [1, z]'), with V the HC1/CR1S covariance and c the critical value stored at fit time.
@@ -37,13 +40,14 @@ import pandas as pd
 
 from ..effects.design import Modifier, neuron_matrix
 from ..effects.gates import split_groups
+from .rules import budget_assign, budget_fired
 from .tree import Leaf, PolicyTree, Split
 
 REGISTERED_MODEL = "tokens2policy-policy"  # log_policy_model's default; the stage names one per experiment/outcome
 OUTPUT_COLUMNS = ["recommended", "cate", "ci_low", "ci_high", "rule", "leaf_id", "embed_status"]
 OUTPUT_DDL = ("recommended int, cate double, ci_low double, ci_high double, rule string, leaf_id int, "
               "embed_status string")
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: budget rules carry the tie share and the tie seed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,9 +114,12 @@ def threshold_rule(cost: float = 0.0) -> dict:
     return {"kind": "threshold", "cost": float(cost)}
 
 
-def budget_rule(cutoff: float, budget: float) -> dict:
-    """Treat when τ̂ ≥ ``cutoff`` (the lowest τ̂ the top-``budget`` rule treated on the training units)."""
-    return {"kind": "budget", "cutoff": float(cutoff), "budget": float(budget)}
+def budget_rule(cutoff: float, tie_share: float, budget: float, seed: int = 0) -> dict:
+    """Treat when τ̂ > ``cutoff``, and units tied at it when their tie draw (``policy.rules.tie_draws`` of the
+    unit_id with ``seed``) is below ``tie_share`` — the (cutoff, tie share) ``policy.rules.budget_cutoff`` learned
+    on the training units for the top-``budget`` rule."""
+    return {"kind": "budget", "cutoff": float(cutoff), "tie_share": float(tie_share), "budget": float(budget),
+            "seed": int(seed)}
 
 
 def tree_rule(tree: PolicyTree) -> dict:
@@ -152,6 +159,8 @@ class PolicySpec:
             raise ValueError(f"cate_encoding must be 'indicator' or 'value', got {self.cate_encoding!r}")
         if self.rule.get("kind") not in ("tree", "threshold", "budget"):
             raise ValueError(f"rule kind must be 'tree', 'threshold' or 'budget', got {self.rule.get('kind')!r}")
+        if self.rule["kind"] == "budget" and not {"cutoff", "tie_share", "budget", "seed"} <= set(self.rule):
+            raise ValueError("a budget rule needs cutoff, tie_share, budget and seed (policy.pyfunc.budget_rule)")
         n_cols = len(self.linear_design(self._empty())[1])
         if len(self.coef) != 1 + n_cols:
             raise ValueError(f"coef has {len(self.coef)} entries; the modifiers give 1 + {n_cols} design columns")
@@ -319,6 +328,7 @@ class PolicyScorer:
             indices, values, status = [[]] * n, [[]] * n, ["not_needed"] * n
         vals = spec.modifier_values(indices, values, frame.reset_index(drop=True))
         Z, _ = spec.linear_design(vals)
+        Z = Z if Z.shape[0] == n else np.zeros((n, 0))  # no modifier selected: an intercept-only CATE
         L = np.column_stack([np.ones(n), Z])
         cate = L @ np.asarray(spec.coef)
         if spec.cov is not None:
@@ -330,6 +340,7 @@ class PolicyScorer:
         leaf = np.full(n, -1, dtype=int)
         if rule["kind"] == "tree":
             X, _ = spec.tree_design(vals)
+            X = X if X.shape[0] == n else np.zeros((n, 0))
             leaf = self.tree.apply(X) if n else leaf
             treat = self.leaf_actions[leaf]
             fired = np.array(self.leaf_rules, dtype=object)[leaf] if n else np.zeros(0, dtype=object)
@@ -338,9 +349,12 @@ class PolicyScorer:
             treat = (cate > c).astype(int)
             fired = np.where(treat == 1, f"cate > {c:.4g}", f"cate <= {c:.4g}")
         else:
-            c, q = rule["cutoff"], rule["budget"]
-            treat = (cate >= c).astype(int)
-            fired = np.where(treat == 1, f"cate >= {c:.4g} (top {q:.0%})", f"cate below top {q:.0%}")
+            c, p, q = rule["cutoff"], rule["tie_share"], rule["budget"]
+            if "unit_id" not in frame.columns:
+                raise ValueError("the budget rule decides ties at its CATE cutoff by a seeded hash of the unit id: "
+                                 "the model input needs a unit_id column")
+            treat = budget_assign(cate, c, p, frame["unit_id"].astype(str).to_numpy(), rule["seed"])
+            fired = budget_fired(cate, treat, c, p, q)
         return pd.DataFrame({"recommended": np.asarray(treat, dtype=np.int32), "cate": cate, "ci_low": lo,
                              "ci_high": hi, "rule": np.asarray(fired, dtype=object), "leaf_id": leaf.astype(np.int32),
                              "embed_status": status})
@@ -396,6 +410,8 @@ def model_signature(spec: PolicySpec, covariate_types: Optional[Mapping[str, str
 
     types = dict(covariate_types or {})
     inputs = [ColSpec("string", spec.text_col)]
+    if spec.rule["kind"] == "budget":  # ties at the cutoff are decided per unit id (policy.rules.tie_draws)
+        inputs.append(ColSpec("string", "unit_id"))
     for m in spec.modifiers:
         if m.source == "covariate":
             inputs.append(ColSpec(types.get(m.column, m.dtype or "double"), m.column))
@@ -425,9 +441,12 @@ def pip_requirements(package: Optional[str] = None) -> List[str]:
 
 def input_example(spec: PolicySpec, covariate_types: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
     """One valid input row that carries no unit's data: a placeholder text, numeric covariates at their training
-    fill value, categorical ones at their reference level."""
+    fill value, categorical ones at their reference level, and a placeholder ``unit_id`` when the rule is the
+    budget rule (its ties are decided per unit id, so the signature requires one)."""
     types = dict(covariate_types or {})
     row: Dict[str, Any] = {spec.text_col: "An example text."}
+    if spec.rule["kind"] == "budget":
+        row["unit_id"] = "example-unit"
     for m in spec.modifiers:
         if m.source != "covariate":
             continue
@@ -496,7 +515,7 @@ def spark_scorer(spark, model_uri: str):
 
 def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods: Sequence[Modifier],
                            values: Mapping[str, np.ndarray], kinds: Mapping[str, str], tree: PolicyTree,
-                           cutoff: float, cluster=None, representation_dir: Optional[str] = None,
+                           budget_fit, cluster=None, representation_dir: Optional[str] = None,
                            representation_uri: Optional[str] = None) -> Optional[str]:
     """The policy stage's hook: freeze one (experiment, outcome)'s deployable rule (``policy.recommended``) and log
     and register it in the active run; returns the model URI, or None when ``policy.learner`` has no linear final
@@ -504,11 +523,13 @@ def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods:
     (with a warning).
 
     ``sub``: the policy job's per-outcome frame (units joined with their ``effects`` rows: treatment, the outcome,
-    fold, mu0, mu1, propensity, cate). The linear final stage is refitted from the stored cross-fitted nuisances —
-    the same OLS as the effects stage, checked against the stored CATE. ``representation_dir``: the saved SAE;
-    else ``representation_uri``: the represent model that wrote the ``neurons`` version the policy stage read
-    (``represent.job.represent_model_uri``), never a floating "latest". Registered as
-    ``tracking.policy_model_name`` for (exp, outcome), with the ``tracking.model_alias`` alias.
+    fold, mu0, mu1, propensity, cate, sample). The linear final stage is refitted from the stored cross-fitted
+    nuisances of the estimation units (``sample``, as the effects stage fits it) — the same OLS, checked against
+    the stored CATE of every unit. ``budget_fit``: the budget rule's (cutoff, tie share) from
+    ``policy.job.learn_policies``. ``representation_dir``: the saved SAE; else ``representation_uri``: the
+    represent model that wrote the ``neurons`` version the policy stage read (``represent.job.represent_model_uri``),
+    never a floating "latest". Registered as ``tracking.policy_model_name`` for (exp, outcome), with the
+    ``tracking.model_alias`` alias.
     """
     import mlflow
 
@@ -533,21 +554,30 @@ def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods:
                           f"{representation_uri} that wrote the neurons ({type(exc).__name__}: {exc})")
             return None
         representation_dir = os.path.join(local, "artifacts", "representation")
+    from ..honesty import estimated_on
+    from .job import estimation_mask
+
     Z, _ = _encode_training(values, kinds, cfg.effects.modifier_encoding, len(sub))
     cls = DRLearner if p.learner.startswith("dr") else RLearner
-    nuisances = {"mu0": sub["mu0"].to_numpy(), "mu1": sub["mu1"].to_numpy(), "e": sub["propensity"].to_numpy()}
+    est = estimation_mask(sub)
+    nuisances = {"mu0": sub["mu0"].to_numpy()[est], "mu1": sub["mu1"].to_numpy()[est],
+                 "e": sub["propensity"].to_numpy()[est]}
     learner = cls(final="linear", alpha=cfg.effects.alpha, seed=cfg.seed).fit(
-        Z, sub["treatment"].astype(int).to_numpy(), sub[outcome].astype(float).to_numpy(),
-        sub["fold"].astype(int).to_numpy(), Z=Z, cluster=cluster, nuisances=nuisances)
+        Z[est], sub["treatment"].astype(int).to_numpy()[est], sub[outcome].astype(float).to_numpy()[est],
+        sub["fold"].astype(int).to_numpy()[est], Z=Z[est], cluster=None if cluster is None else cluster[est],
+        nuisances=nuisances)
     if not np.allclose(learner.effect(Z), sub["cate"].to_numpy(), rtol=0, atol=1e-8):
         raise ValueError(f"{exp}/{outcome}: the refitted linear final stage does not reproduce the effects table's "
                          f"'{p.learner}' CATE (were effects and policy run with the same modifiers and config?)")
-    rule = {"tree": tree, "threshold": threshold_rule(p.cost), "budget": budget_rule(cutoff, p.budget)}[p.recommended]
+    rule = {"tree": tree, "threshold": threshold_rule(p.cost),
+            "budget": budget_rule(budget_fit[0], budget_fit[1], p.budget, cfg.seed)}[p.recommended]
     embed_spec = resolve_model(cfg.embed, tracking_uri=tracking_uri(cfg), registry_uri=cfg.tracking.registry_uri)
     spec = PolicySpec.from_fitted(embed_spec, mods, values, kinds, rule, cate_model=learner,
                                   cate_encoding=cfg.effects.modifier_encoding, frame=sub,
                                   metadata={"experiment_id": exp, "outcome": outcome, "learner": p.learner,
-                                            "policy": p.recommended, "n_units": int(len(sub))})
+                                            "policy": p.recommended, "n_units": int(len(sub)),
+                                            "n_estimation": int(est.sum()),
+                                            "estimated_on": estimated_on(cfg.honesty)})
     name = "policy_" + "".join(ch if ch.isalnum() else "_" for ch in f"{exp}_{outcome}")
     requirement, artifacts = package_requirement(cfg)
     return log_policy_model(spec, representation_dir, embed_spec.source, name=name,

@@ -7,7 +7,9 @@ With cross-fitted AIPW scores Γᵢ(a) (see :func:`tokens2policy.effects.learner
 
 asymptotically normal with variance estimated by the sample variance of the summands (Robins, Rotnitzky & Zhao
 1994; Athey & Wager 2021, who also show that with π learned on other folds — cross-fitted policy learning — this
-held-out value is unbiased for the learned policies). Differences V̂(π) − V̂(π') use the paired summands, so their
+value is unbiased for the learned policies). The policy stage supplies exactly that: each unit's π is learned
+without its fold (nested cross-fitting in the effects stage keeps the fold's outcomes out of the nuisances too),
+on estimation units that did not select the modifiers. Differences V̂(π) − V̂(π') use the paired summands, so their
 CIs account for the shared noise. Cluster ids switch every SE to CR1S (intercept-only regression).
 
 Baselines: treat-all, treat-none and *random at the same budget* (each unit treated with probability equal to π's

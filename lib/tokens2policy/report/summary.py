@@ -31,6 +31,19 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def sample_note(records: Sequence[Dict[str, Any]]) -> str:
+    """Which units a table's estimates come from (its ``estimated_on`` and ``n`` columns; docs/effects.md §0)."""
+    on = {r.get("estimated_on") for r in records if isinstance(r.get("estimated_on"), str)}
+    ns = [r.get("n") for r in records if _finite(r.get("n"))]
+    n = f"{int(max(ns)):,} " if ns else ""
+    if on == {"estimation"}:
+        return f"estimated on {n}estimation units, none of which selected the modifiers"
+    if on == {"all"}:
+        return (f"estimated on all {n}units, the same that selected the modifiers: NOT selection-aware "
+                "(honesty.mode=none)")
+    return ""
+
+
 def facts_for_run(spark, config: Config, results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The facts of this run's report (its ``facts.json``), else facts computed now from the lakehouse."""
     for r in results:
@@ -67,6 +80,9 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                 lines.append(pre + "direct effect modifiers: (table 'modifiers' missing — identify has not run)")
             else:
                 lines.append(pre + f"direct effect modifiers selected by NEXIS: {len(cards)}")
+                note = sample_note([g for c in cards for g in (c.get("gates") or [])])
+                if note:
+                    lines.append(pre + f"  (GATEs {note})")
                 for i, c in enumerate(cards, 1):
                     stat = " ".join(s for s in (f"t={fmt(c['t'], 2)}" if _finite(c.get("t")) else "",
                                                 f"p={fmt(c['p_value'])}" if _finite(c.get("p_value")) else "") if s)
@@ -81,7 +97,8 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
             if values is None:
                 lines.append(pre + "policy value: (table 'policy_value' missing — policy has not run)")
             else:
-                lines.append(pre + "policy value (doubly robust, 95% CI):")
+                note = sample_note(values)
+                lines.append(pre + "policy value (doubly robust, 95% CI" + (f"; {note}" if note else "") + "):")
                 for v in values:
                     comp = v.get("comparison")
                     comp = comp[6:] if isinstance(comp, str) and comp.startswith("minus ") else comp

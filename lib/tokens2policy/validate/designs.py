@@ -182,3 +182,116 @@ def true_blp(d: EntangledDesign, loadings: np.ndarray, sds: np.ndarray) -> np.nd
     cov_xx = A @ A.T + np.diag(np.asarray(sds, float) ** 2)
     slopes = np.linalg.solve(cov_xx, d.heterogeneity * A @ np.asarray(d.w, float))
     return np.r_[d.base, slopes]
+
+
+# ---------------------------------------------------------------------------------------------- calibration designs
+CALIBRATION = ("dense", "sparse", "rare", "covariates", "clusters", "nonlinear")
+
+
+@dataclass(frozen=True)
+class CalibrationDesign:
+    """Null designs for the family-wise error of every test option (issue 13: findings 2-4). No candidate
+    modifies the effect except, in ``nonlinear``, the first column; any other selection is a family-wise error.
+
+    * ``dense``: m standard Gaussian columns; y = 0.5 t + 0.3 Σ_{j<5} z_j + N(0, 1).
+    * ``sparse``: SAE-like codes — m neurons, each active in U{20..40} of n units with Exp(1) activations (finding 3;
+      min_active = 20 as the identify stage); y = 0.5 t + 0.5 Σ_{j<5} z_j + N(0, 1).
+    * ``rare``: as ``sparse`` with U{3..20} active units and min_active = 0 (the leverage / df guards at work).
+    * ``covariates``: 5 Gaussian covariates W and m Gaussian neurons, n = 300 by default (finding 2); y = 0.5 t +
+      0.3 ΣW + N(0, 1).
+    * ``clusters``: G clusters; each neuron active in U{20..40} units drawn from 3-8 clusters (topics cluster by
+      source), Exp(1); y = 0.5 t + u_g + t v_g + N(0, 1), u_g ~ N(0, 1), v_g ~ N(0, 0.5²): effect heterogeneity at
+      the cluster level, not through Z — only a cluster-robust test is valid here.
+    * ``nonlinear`` (finding 4): z_s ~ N(0, 1), z_j = 1{z_s > 1} + N(0, 0.5²), m - 2 further N(0, 1) columns;
+      τ = 2·1{z_s > 1}, y = 0.5 z_s + t τ + N(0, 1). H0(j | {s}) holds: any selection other than z_s is an error.
+    """
+
+    kind: str = "sparse"
+    n: int = 2000
+    m: int = 128
+    n_covariates: int = 5
+    n_clusters: int = 50
+
+    def __post_init__(self):
+        if self.kind not in CALIBRATION:
+            raise ValueError(f"calibration design must be one of {CALIBRATION}, got {self.kind!r}")
+        if self.n < 50 or self.m < 3:
+            raise ValueError(f"need n >= 50 and m >= 3, got n={self.n}, m={self.m}")
+
+    @property
+    def min_active(self) -> int:
+        return 0 if self.kind == "rare" else 20
+
+    def key(self) -> str:
+        return "calibration|" + "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(asdict(self), family="calibration")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "CalibrationDesign":
+        return cls(**{k: v for k, v in d.items() if k != "family"})
+
+
+@dataclass
+class CalibrationDraw:
+    y: np.ndarray
+    t: np.ndarray
+    z: Any                      # dense array or scipy.sparse CSR
+    w: Any                      # covariates or None
+    cluster: Any                # cluster ids or None
+    truth: np.ndarray           # the true modifiers (nonlinear: [0]; otherwise empty)
+    design: CalibrationDesign
+
+
+def _sparse_codes(rng, n, m, lo, hi, pools=None):
+    import scipy.sparse as sp
+
+    rows, cols, vals = [], [], []
+    for j in range(m):
+        k = int(rng.integers(lo, hi + 1))
+        pool = np.arange(n) if pools is None else pools[j]
+        r = rng.choice(pool, size=min(k, len(pool)), replace=False)
+        rows.append(r)
+        cols.append(np.full(len(r), j))
+        vals.append(rng.exponential(1.0, len(r)))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, m))
+
+
+def simulate_calibration(d: CalibrationDesign, seed) -> CalibrationDraw:
+    """One draw of a calibration design (``seed``: an int or a SeedSequence)."""
+    rng = np.random.default_rng(seed)
+    n, m = d.n, d.m
+    t = np.zeros(n)
+    t[rng.permutation(n)[: n // 2]] = 1.0
+    w = cluster = None
+    truth = np.zeros(0, dtype=int)
+    noise = rng.standard_normal(n)
+    if d.kind == "dense":
+        z = rng.standard_normal((n, m))
+        y = 0.5 * t + 0.3 * z[:, :5].sum(1) + noise
+    elif d.kind in ("sparse", "rare"):
+        lo, hi = (20, 40) if d.kind == "sparse" else (3, 20)
+        z = _sparse_codes(rng, n, m, lo, hi)
+        y = 0.5 * t + 0.5 * np.asarray(z[:, :5].sum(1)).ravel() + noise
+    elif d.kind == "covariates":
+        w = rng.standard_normal((n, d.n_covariates))
+        z = rng.standard_normal((n, m))
+        y = 0.5 * t + 0.3 * w.sum(1) + noise
+    elif d.kind == "clusters":
+        cluster = rng.integers(0, d.n_clusters, n)
+        members = [np.nonzero(cluster == g)[0] for g in range(d.n_clusters)]
+        pools = []
+        for _ in range(m):
+            gs = rng.choice(d.n_clusters, size=int(rng.integers(3, 9)), replace=False)
+            pools.append(np.concatenate([members[g] for g in gs]))
+        z = _sparse_codes(rng, n, m, 20, 40, pools)
+        u, v = rng.standard_normal(d.n_clusters), 0.5 * rng.standard_normal(d.n_clusters)
+        y = 0.5 * t + u[cluster] + t * v[cluster] + noise
+    else:  # nonlinear
+        zs = rng.standard_normal(n)
+        step = (zs > 1.0).astype(float)
+        z = np.column_stack([zs, step + 0.5 * rng.standard_normal(n), rng.standard_normal((n, m - 2))])
+        y = 0.5 * zs + t * 2.0 * step + noise
+        truth = np.array([0])
+    return CalibrationDraw(y=y, t=t, z=z, w=w, cluster=cluster, truth=truth, design=d)

@@ -74,6 +74,8 @@ def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
                 out[f"iou_aligned_maxn.{design}.{outcome}.{r['method']}"] = float(r["iou_aligned"])
     for _, r in sel[sel["design"] == "null"].iterrows():
         out[f"fwer.{r['outcome']}.{r['method']}"] = float(r["any_selected"])
+    for _, r in sel[sel["design"].astype(str).str.startswith("cal-")].iterrows():
+        out[f"fwer.{r['design']}.{r['method']}"] = float(r["any_false"])
     for _, r in cov.iterrows():
         key = f"coverage.{r['design']}.{r['outcome']}.n{int(r['n'])}.e{r['effect']:g}.{r['estimand']}"
         out[key.replace(" ", "_").replace(">", "gt").replace("<=", "le")] = float(r["coverage"])
@@ -137,9 +139,14 @@ def run(spark, cfg) -> dict:
                 figures.update(driver_figures(drv, out_dir))
         for path in figures.values():
             mlflow.log_artifact(str(path), "validation")
+        from .pipeline_path import run_in_study  # select -> effects -> policy as the stages run them
+
+        with spark_progress(spark, "validate: the pipeline's own path", note="select -> effects -> policy"):
+            path_metrics = run_in_study(spark, cfg, run_id, out_dir)
     return {
         "run_id": run_id, "study": vcfg.size, "tasks": len(tasks), "rows": int(len(rows)),
         "out_dir": str(out_dir), "figures": sorted(figures),
         "headline": {k: round(v, 4) for k, v in _headline_metrics(sel, cov).items()
-                     if k.startswith(("fwer.", "iou_maxn")) and ("nexis_hc1" in k or "marginal" in k)},
+                     if k.startswith(("fwer.", "iou_maxn")) and ("nexis_gcm" in k or "nexis_hc2" in k or "marginal" in k)},
+        "pipeline_path": {k: round(v, 4) for k, v in path_metrics.items() if ".split.nexis." in k},
     }

@@ -9,7 +9,7 @@ import pandas as pd
 
 from tokens2policy.report.plots import pyplot, save_figure
 
-SHOWN_METHODS = ("nexis_linear", "nexis_hc1", "nexis_hc1_norho", "nexis_hc1_nobw", "nexis_gcm",
+SHOWN_METHODS = ("nexis_linear", "nexis_hc2", "nexis_hc2_norho", "nexis_hc2_nobw", "nexis_gcm",
                  "marginal_raw", "marginal_bonferroni", "marginal_bh")
 
 
@@ -147,6 +147,37 @@ def null_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
     return Path(path)
 
 
+def calibration_fwer(summary: pd.DataFrame, path, alpha: float = 0.05):
+    """The calibration designs: family-wise error rate (a selection outside the truth) of every test option per
+    design, Wilson 95 % CIs, the α line and the α + 2 Monte-Carlo s.e. tolerance."""
+    plt = pyplot()
+    cal = summary[summary["design"].astype(str).str.startswith("cal-")]
+    if cal.empty or "any_false" not in cal:
+        return None
+    designs = sorted(cal["design"].unique())
+    methods = sorted(cal["method"].unique())
+    fig, ax = plt.subplots(figsize=(1.2 + 1.4 * len(designs), 4.2))
+    width = 0.8 / len(methods)
+    for i, meth in enumerate(methods):
+        g = cal[cal["method"] == meth].set_index("design").reindex(designs)
+        x = np.arange(len(designs)) + (i - (len(methods) - 1) / 2) * width
+        err = np.vstack([g["any_false"] - g["any_false_lo"], g["any_false_hi"] - g["any_false"]]).clip(0)
+        ax.bar(x, g["any_false"], width, yerr=np.nan_to_num(err), capsize=2, label=meth)
+    reps = int(cal["reps"].max())
+    ax.axhline(alpha, color="k", ls=":", lw=1, label=f"α = {alpha:g}")
+    ax.axhline(alpha + 2 * np.sqrt(alpha * (1 - alpha) / reps), color="k", ls="--", lw=0.8,
+               label=f"α + 2 MC s.e. ({reps} reps)")
+    ax.set_xticks(np.arange(len(designs)))
+    ax.set_xticklabels([d[4:] for d in designs], fontsize=8)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("FWER (Wilson 95% CI)")
+    ax.set_title("Calibration designs: family-wise error of every test option", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+    return Path(path)
+
+
 def coverage(cov: pd.DataFrame, path, level: float = 0.95):
     """Empirical coverage of the nominal 95 % CIs per estimand (Wilson 95 % CIs), one row of points per design."""
     plt = pyplot()
@@ -183,5 +214,6 @@ def all_figures(selection: pd.DataFrame, cov: pd.DataFrame, out_dir, alpha: floa
         "null_fwer": null_fwer(selection, out / "validation_null_fwer.png", alpha),
         "coverage": coverage(cov, out / "validation_coverage.png"),
         "text_iou_vs_n": text_iou_vs_n(selection, out / "validation_text_iou_vs_n.png"),
+        "calibration_fwer": calibration_fwer(selection, out / "validation_calibration_fwer.png", alpha),
     }
     return {k: Path(v) for k, v in made.items() if v is not None}
