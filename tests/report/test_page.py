@@ -52,6 +52,11 @@ def test_slots_render_the_columns_other_stages_add(tmp_path):
     page, text = _build(tmp_path / "b", t)
     assert "GATEs: estimated on held-out units (n = 200)" in text
     assert "policy values: estimated on fold ≠ selection" in text
+    t["calibration"] = t["calibration"].assign(estimated_on="estimation")
+    t["policy_value"] = t["policy_value"].drop(columns="sample").assign(estimated_on="all")
+    _, text = _build(tmp_path / "c", t)
+    assert "calibration: estimated on the estimation units, none of which selected the modifiers" in text
+    assert "policy values: estimated on all units, the same that selected the modifiers: NOT selection-aware" in text
     # the effects stage's own line, a warning naming the strongest unselected feature with its label
     assert ("WARNING: heterogeneity coverage: the selected modifiers explain 25% (95% CI 10–40%) of the "
             "heterogeneity detectable on held-out folds") in text

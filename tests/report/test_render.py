@@ -2,7 +2,7 @@
 
 The picture is kept as a test artifact at ``test-artifacts/report-top.png`` (repository root, git-ignored; CI keeps
 that folder) and the stage logs the same file to MLflow (``report/screenshot.png``). Skipped, with one line, where
-Chromium is not installed (``.ci/run`` installs it best-effort; Debian: ``apt-get install -y chromium``).
+Chromium is not installed (``make setup`` installs it from Debian when run as root; else ``apt-get install -y chromium``).
 """
 from __future__ import annotations
 

@@ -783,12 +783,16 @@ def coverage_summary(data: ReportData, outcome: Optional[str]) -> Optional[Dict[
 
 
 ESTIMATED_ON_COLUMNS = ("estimated_on", "sample")
+ROLE_WORDS = {  # the honesty roles the stages write (tokens2policy.honesty), as the page says them
+    "estimation": "the estimation units, none of which selected the modifiers",
+    "all": "all units, the same that selected the modifiers: NOT selection-aware (honesty.mode=none)",
+}
 
 
 def estimated_on_notes(data: ReportData, outcome: Optional[str]) -> List[str]:
-    """SLOT (selection-aware estimation, issue 13): which units the GATEs, policy values and calibration were
-    estimated on, read verbatim from an ``estimated_on`` / ``sample`` column of those tables; empty until the
-    stages write one."""
+    """Which units the GATEs, policy values and calibration were estimated on (selection-aware estimation,
+    docs/effects.md §0), from the ``estimated_on`` / ``sample`` column of those tables: the stages' role names
+    (``estimation``, ``all``) in words, any other value verbatim; nothing for a table without such a column."""
     notes = []
     for name, what in (("gates", "GATEs"), ("policy_value", "policy values"), ("calibration", "calibration")):
         df = _for_outcome(data.get(name), outcome)
@@ -797,7 +801,7 @@ def estimated_on_notes(data: ReportData, outcome: Optional[str]) -> List[str]:
             continue
         values = [str(v) for v in df[col].dropna().unique() if str(v).strip()]
         if values:
-            notes.append(f"{what}: estimated on {', '.join(values)}")
+            notes.append(f"{what}: estimated on {', '.join(ROLE_WORDS.get(v, v) for v in values)}")
     return notes
 
 
