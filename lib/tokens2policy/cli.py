@@ -11,9 +11,10 @@
                                                 the registered policy on new units → the ``scores`` table
 
 User errors (bad config, a missing or empty input table, a GPU required but absent, a stage not built yet, an
-unknown table) print one line and exit with status 2. ``--progress`` (or ``T2P_PROGRESS``) sets how long stages
-show their progress; ``--log-level`` (or ``T2P_LOG_LEVEL``) how much they say (``tokens2policy.logs``). The
-commands call the Python API (``tokens2policy.api``), which a notebook can call the same way.
+unknown table, another pipeline holding the lakehouse's run lock) print one line and exit with status 2.
+``--progress`` (or ``T2P_PROGRESS``) sets how long stages show their progress; ``--log-level`` (or
+``T2P_LOG_LEVEL``) how much they say (``tokens2policy.logs``). The commands call the Python API
+(``tokens2policy.api``), which a notebook can call the same way.
 """
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _fail(str(exc))
 
     from tokens2policy import api
+    from tokens2policy.lakehouse.lock import LeaseLostError, LockHeldError
     from tokens2policy.progress import progress_mode
 
     if args.progress:
@@ -199,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_force(args.force)
         spark = api.session(config)
         results = api.run_with(spark, config, args.stage, force=args.force)  # logs the Spark UI URL first
-    except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError) as exc:
+    except (ConfigError, MissingTableError, StageNotBuilt, EmptyInputError, LockHeldError, LeaseLostError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; the stage is recorded as failed and a rerun resumes there")

@@ -448,6 +448,16 @@ class ValidateConfig(Section):
         return v
 
 
+class RunnerConfig(Section):
+    """The stage runner's run lock (docs/tables.md, ``run_lock``): one writing pipeline per lakehouse at a time."""
+
+    lock_wait_seconds: float = Field(0.0, ge=0)  # a second pipeline waits this long for the lock (0: exits at once)
+    lease_seconds: float = Field(120.0, ge=3)  # a holder that stops renewing loses the lock after this long
+    # take the lock over from a live-looking holder (one on another host whose lease has not expired yet) when the
+    # operator knows it is gone: --set runner.break_lock=true
+    break_lock: bool = False
+
+
 class Config(Section):
     data_dir: str = "data"
     seed: int = 0
@@ -466,6 +476,7 @@ class Config(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @property

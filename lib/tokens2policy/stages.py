@@ -1,8 +1,17 @@
-"""The pipeline's stages, what each reads and writes, and the rule that skips an up-to-date stage.
+"""The pipeline's stages: what each reads and writes, the rule that skips an up-to-date stage, and the runner.
 
-A stage is up to date when its last successful run (recorded in the ``stage_runs`` Delta table) saw the same Delta
-versions of its input tables and the same config sections, and its outputs still exist. ``--force STAGE`` reruns
-it anyway. Each stage's code is ``tokens2policy.<stage>.job.run(spark, config) -> dict``.
+A stage *declares* its input tables and the config sections (or single keys, ``"ingest.smd_warn"``) it reads;
+its output tables are the registry's tables it owns (:mod:`tokens2policy.lakehouse.schemas`). The runner does the
+plumbing: it pins the input versions once, hands the job a :class:`tokens2policy.context.StageContext` (the
+declared config view, the inputs read as of the pinned versions, checked writes, a clock, the MLflow run), and
+records the run in ``stage_runs`` with its input *and output* versions. Each stage's code is
+``tokens2policy.<stage>.job.main(ctx) -> dict`` (``job.run(spark, config)`` calls it the same way, directly).
+
+A stage is up to date when its last successful run saw the same config sections and input versions and each of
+its outputs is still at the version that run recorded — so a stage killed between two of its commits (or whose
+output someone else rewrote) reruns in full, and the stages after it see new input versions. ``--force STAGE``
+reruns it anyway. One pipeline writes a lakehouse at a time (:mod:`tokens2policy.lakehouse.lock`): the runner
+takes the run lock before the first stage that must run, so a run with nothing to do commits nothing.
 
 Before a stage starts, :func:`check_inputs` turns the usual first-run mistakes into one line that says what to do:
 an input table that no stage has written yet (naming the stage that writes it), an empty ``units`` table, a
@@ -18,41 +27,62 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from tokens2policy.config import Config
+from tokens2policy.lakehouse.schemas import tables_of
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: Tuple[str, ...]
-    outputs: Tuple[str, ...]
-    sections: Tuple[str, ...]  # config sections whose change makes the stage stale
+    inputs: Tuple[str, ...]  # tables it reads (pinned and recorded)
+    outputs: Tuple[str, ...]  # tables it writes
+    sections: Tuple[str, ...]  # config sections (or "section.key") it reads: a change makes the stage stale
     requires: Optional[Tuple[str, ...]] = None  # inputs that must exist before it runs (None: all of them)
+    tracked: Union[bool, str] = True  # an MLflow run per execution (a "section.key" naming a boolean setting)
 
     @property
     def required_inputs(self) -> Tuple[str, ...]:
         return self.inputs if self.requires is None else self.requires
 
 
+# the source keys the unit column contract reads (tokens2policy.context.UnitColumns)
+UNIT_COLUMNS = ("source.outcome_cols", "source.covariate_cols")
+MODEL_STORE = ("tracking.tracking_uri", "tracking.registry_uri")  # where a registered model is resolved
+# how a stage registers the model it logs (tokens2policy.tracking: model_name, register_alias, package_requirement)
+MODEL_REGISTRATION = ("tracking.model_alias", "tracking.package_wheel")
+# what the report renders (it renders whatever exists and lists the missing tables on the page)
+# (demo_drivers/demo_truth/neurons: the demo's truth comparison, optional)
+REPORT_TABLES = ("units", "quarantine", "modifiers", "selection_trace", "marginal_screen", "neuron_labels", "gates",
+                 "calibration", "policy_rules", "policy_value", "assignments", "demo_drivers", "demo_truth",
+                 "neurons")
+
 STAGES: Tuple[Stage, ...] = (
-    Stage("ingest", (), ("units", "quarantine"), ("source", "demo", "ingest")),
-    Stage("embed", ("units",), ("embeddings", "token_states"), ("embed",)),
-    Stage("represent", ("embeddings", "token_states"), ("neurons", "neuron_stats", "neuron_labels"), ("represent",)),
-    Stage("identify", ("units", "neurons"), ("modifiers", "selection_trace", "marginal_screen"),
-          ("identify", "honesty")),
-    Stage("effects", ("units", "neurons", "modifiers"), ("gates", "effects", "calibration"),
-          ("effects", "honesty")),
-    Stage("policy", ("units", "neurons", "modifiers", "effects"), ("policy_rules", "policy_value", "assignments"),
-          ("policy", "effects", "honesty")),
-    # the report renders whatever exists and lists the missing tables on the page
-    Stage("report", ("units", "modifiers", "gates", "policy_value"), (), ("report",), requires=()),
+    Stage("ingest", (), tables_of("ingest"), ("source", "demo", "ingest")),
+    Stage("embed", ("units",), tables_of("embed"), ("embed", *MODEL_STORE)),
+    Stage("represent", ("units", "embeddings", "token_states"), tables_of("represent"),
+          ("represent", *MODEL_STORE, *MODEL_REGISTRATION, "tracking.represent_model_name"),
+          requires=("embeddings", "token_states")),
+    Stage("identify", ("units", "neurons", "neuron_labels"), tables_of("identify"), ("identify", "honesty", *UNIT_COLUMNS),
+          requires=("units", "neurons")),
+    # effects: neuron_labels name the neurons of the coverage line; identify.min_active its residual screen
+    Stage("effects", ("units", "neurons", "modifiers", "neuron_labels"), tables_of("effects"),
+          ("effects", "honesty", "identify.min_active", *UNIT_COLUMNS), requires=("units", "neurons", "modifiers")),
+    Stage("policy", ("units", "neurons", "modifiers", "effects"), tables_of("policy"),
+          ("policy", "effects", "honesty", "embed", *UNIT_COLUMNS, *MODEL_STORE, *MODEL_REGISTRATION,
+           "tracking.policy_model_name")),
+    Stage("report", REPORT_TABLES, (), ("report", "ingest.smd_warn", *UNIT_COLUMNS, "source.cluster_col",
+                                        "policy.recommended", "policy.learner"),
+          requires=(), tracked="report.log_to_mlflow"),
 )
 STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in STAGES)
 # Jobs outside the pipeline: run by name, never by `run all`.
-EXTRA_STAGES: Tuple[Stage, ...] = (Stage("validate", (), ("validation_runs",), ("validate",)),)
+# validate: its pipeline-path design runs the identify/effects/policy cores (with their own settings per design)
+EXTRA_STAGES: Tuple[Stage, ...] = (Stage("validate", (), tables_of("validate"),
+                                         ("validate", "embed", "represent", "identify", "effects", "policy",
+                                          "honesty")),)
 RUNS_TABLE = "stage_runs"
 
 
@@ -75,14 +105,24 @@ def get_stage(name: str) -> Stage:
     raise ValueError(f"unknown stage '{name}'; choose one of: {', '.join(STAGE_NAMES)} or all")
 
 
-def stage_function(name: str) -> Callable:
+def _job_module(name: str):
     try:
-        module = importlib.import_module(f"tokens2policy.{name}.job")
+        return importlib.import_module(f"tokens2policy.{name}.job")
     except ModuleNotFoundError as exc:
         if exc.name == f"tokens2policy.{name}.job":
             raise StageNotBuilt(f"stage '{name}' is not built yet") from None
         raise
-    return module.run
+
+
+def stage_function(name: str) -> Callable:
+    """The stage's job: ``tokens2policy.<name>.job.main(ctx) -> dict``."""
+    return _job_module(name).main
+
+
+def stage_preflight(name: str) -> Optional[Callable]:
+    """The stage's optional ``tokens2policy.<name>.job.preflight(spark, config)``: one-line checks of its settings (a GPU
+    that is not there, a backend that is not installed) run before any work and before its MLflow run opens."""
+    return getattr(_job_module(name), "preflight", None)
 
 
 def producer_of(table: str, stages: Sequence[Stage] = STAGES + EXTRA_STAGES) -> Optional[str]:
@@ -126,7 +166,7 @@ def check_inputs(spark, config: Config, stage: Stage, versions: Dict[str, object
     if table and wanted is not None and versions.get(table, True) is not None:
         from pyspark.sql import functions as F
 
-        df = read_table(spark, config, table)
+        df = read_table(spark, config, table, version=versions.get(table))
         if df.where(F.col("experiment_id").cast("string") == str(wanted)).limit(1).count() == 0:
             have = sorted(str(r[0]) for r in df.select("experiment_id").distinct().limit(21).collect())
             listed = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "") if have else "none"
@@ -175,8 +215,12 @@ def require_gpu(spark, setting: str, instead: str) -> Dict[str, int]:
 
 
 def config_fingerprint(config: Config, stage: Stage) -> str:
+    """Hash of the declared sections (and section keys) plus ``seed``."""
     cfg = config.to_dict()
-    payload = {s: cfg.get(s) for s in stage.sections}
+    payload = {}
+    for item in stage.sections:
+        section, _, key = item.partition(".")
+        payload[item] = (cfg.get(section) or {}).get(key) if key else cfg.get(section)
     payload["seed"] = cfg.get("seed")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -230,13 +274,21 @@ def _content_checksum(df) -> str:
     return hashlib.sha256(json.dumps([int(row[0]), row[1], row[2]], default=str).encode()).hexdigest()[:16]
 
 
-def _input_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
+def pinned_versions(spark, config: Config, stage: Stage) -> Dict[str, object]:
+    """The Delta version of each input table (None: missing) — computed once per stage run and handed to the job,
+    which reads exactly these versions. Ingest's ``source`` is a fingerprint of the logs."""
     from tokens2policy.lakehouse import table_version
 
     versions: Dict[str, object] = {t: table_version(spark, config, t) for t in stage.inputs}
     if stage.name == "ingest":
         versions["source"] = source_fingerprint(spark, config)
     return versions
+
+
+def output_versions(spark, config: Config, stage: Stage) -> Dict[str, Optional[int]]:
+    from tokens2policy.lakehouse import table_version
+
+    return {t: table_version(spark, config, t) for t in stage.outputs}
 
 
 def last_successes(spark, config: Config) -> Dict[str, dict]:
@@ -264,69 +316,91 @@ def _show_version(value) -> str:
     return "missing" if value is None else str(value)
 
 
-def stale_reason(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> Optional[str]:
+def stale_reason(spark, config: Config, stage: Stage, last: Optional[dict] = None,
+                 versions: Optional[Dict[str, object]] = None) -> Optional[str]:
     """Why ``stage`` must run, in words, or None when it is up to date.
 
     Up to date: ``last`` (the stage's latest success, read from ``stage_runs`` when not given) saw today's config
-    sections and input versions, and its outputs exist. The runner's skip rule (:func:`is_up_to_date`) and
-    ``t2p status`` both read this one function, so the reason shown is the rule applied.
+    sections and input versions (``versions``, pinned now), and every output is still at the version that success
+    recorded. The runner's skip rule (:func:`is_up_to_date`) and ``t2p status`` both read this one function, so the
+    reason shown is the rule applied.
     """
-    from tokens2policy.lakehouse import table_exists
-
     if last is None:
         last = last_successes(spark, config).get(stage.name)
     if last is None:
         return "never ran successfully"
     if last["config_hash"] != config_fingerprint(config, stage):
         return f"config changed (sections {', '.join(stage.sections)} or seed)"
+    if versions is None:
+        versions = pinned_versions(spark, config, stage)
     recorded = json.loads(last["input_versions"])
-    current = _input_versions(spark, config, stage)
+    current = dict(versions)
     changed = [f"{k} {_show_version(recorded.get(k))} → {_show_version(current.get(k))}"
                for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
     if changed:
         return "inputs changed: " + ", ".join(changed)
-    missing = [t for t in stage.outputs if not table_exists(spark, config, t)]
-    if missing:
-        return "outputs missing: " + ", ".join(missing)
+    stored = last.get("output_versions")
+    if stored is None:  # recorded before output versions were (or by a failed run): not provably current
+        return "no output versions recorded by its last success"
+    stored, now = json.loads(stored), output_versions(spark, config, stage)
+    moved = [f"{k} {_show_version(stored.get(k))} → {_show_version(now.get(k))}"
+             for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    if moved:
+        return "outputs changed since its last success: " + ", ".join(moved)
     return None
 
 
-def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None) -> bool:
-    """True when ``last`` (the stage's latest success) saw today's config and input versions and outputs exist."""
-    return stale_reason(spark, config, stage, last) is None
+def is_up_to_date(spark, config: Config, stage: Stage, last: Optional[dict] = None,
+                  versions: Optional[Dict[str, object]] = None) -> bool:
+    """True when ``last`` (the stage's latest success) saw today's config and input versions (``versions``, pinned
+    now) and every output is still at the version it recorded."""
+    return stale_reason(spark, config, stage, last, versions) is None
 
 
-def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float,
-            error: str = "") -> float:
+def _record(spark, config: Config, stage: Stage, status: str, inputs, summary, started: float, error: str = "",
+            outputs=None, run_id: Optional[str] = None) -> float:
     """Append the outcome to ``stage_runs``; return the seconds recorded (the stage's wall time)."""
-    from pyspark.sql.types import StringType, StructField, StructType, TimestampType, DoubleType
+    from tokens2policy.lakehouse import table_exists, write_table
+    from tokens2policy.lakehouse.schemas import table_spec
 
-    from tokens2policy.lakehouse import write_table
-
-    schema = StructType(
-        [
-            StructField("stage", StringType(), False),
-            StructField("status", StringType(), False),
-            StructField("config_hash", StringType(), False),
-            StructField("input_versions", StringType(), False),
-            StructField("summary", StringType(), True),
-            StructField("error", StringType(), True),
-            StructField("seconds", DoubleType(), False),
-            StructField("finished_at", TimestampType(), False),
-        ]
-    )
     row = (
         stage.name,
         status,
         config_fingerprint(config, stage),
-        json.dumps(inputs, sort_keys=True),
+        json.dumps(inputs, sort_keys=True, default=str),
+        None if outputs is None else json.dumps(outputs, sort_keys=True),
         json.dumps(summary or {}, default=str)[:20000],
         error[:2000],
         float(time.time() - started),
         _dt.datetime.now(),
+        run_id,
     )
-    write_table(spark.createDataFrame([row], schema), config, RUNS_TABLE, mode="append")
-    return row[6]
+    df = spark.createDataFrame([row], table_spec(RUNS_TABLE).schema())
+    loc = _runs_location(config)
+    if loc not in _CURRENT_RUNS_TABLES and table_exists(spark, config, RUNS_TABLE) \
+            and "output_versions" not in read_runs_columns(spark, config):
+        # a stage_runs table from before output versions were recorded: add the new columns
+        writer = df.write.format("delta").mode("append").option("mergeSchema", "true")
+        writer.saveAsTable(loc) if config.lakehouse.mode == "catalog" else writer.save(loc)
+    else:
+        write_table(df, config, RUNS_TABLE, mode="append")
+    _CURRENT_RUNS_TABLES.add(loc)
+    return row[7]
+
+
+_CURRENT_RUNS_TABLES: set = set()  # stage_runs locations known to have every column (checked once per process)
+
+
+def _runs_location(config: Config) -> str:
+    from tokens2policy.lakehouse import table_location
+
+    return table_location(config, RUNS_TABLE)
+
+
+def read_runs_columns(spark, config: Config) -> List[str]:
+    from tokens2policy.lakehouse import read_table
+
+    return read_table(spark, config, RUNS_TABLE).columns
 
 
 def run_stages(
@@ -342,10 +416,14 @@ def run_stages(
     """Run stages in pipeline order; skip those up to date; record every outcome in ``stage_runs``.
 
     A failing stage is recorded and re-raised, leaving every earlier output intact; the next run resumes there
-    because the stages before it are up to date. Progress lines go to ``echo`` (default: this module's logger at
-    INFO; ``t2p --log-level`` sets what is shown).
+    because the stages before it are up to date. The run lock is taken before the first stage that must run and
+    released at the end (:class:`tokens2policy.lakehouse.lock.RunLock`; a held lock: one-line
+    :class:`~tokens2policy.lakehouse.lock.LockHeldError`). Progress lines go to ``echo`` (default: this module's
+    logger at INFO; ``t2p --log-level`` sets what is shown).
     """
-    from tokens2policy.lakehouse import MissingTableError
+    from tokens2policy.context import run_stage_job
+    from tokens2policy.lakehouse import MissingTableError, table_version
+    from tokens2policy.lakehouse.lock import RunLock
 
     echo = echo or log.info
     results = []
@@ -356,43 +434,65 @@ def run_stages(
         echo(f"[t2p] Spark {spark.version} master={sc.master} UI: {sc.uiWebUrl or 'disabled (spark.ui.enabled=false)'}")
     except Exception:  # a Spark Connect session (Databricks serverless) has no SparkContext to ask
         echo(f"[t2p] Spark {spark.version} (Spark Connect: see the Spark UI of the cluster)")
-    history = last_successes(spark, config)
+    lock = RunLock(spark, config, command="t2p run " + " ".join(s.name for s in selected), echo=echo)
+    holder = lock.live_holder()
+    if holder is not None:  # another pipeline writes: wait (or stop) before judging what is up to date
+        lock.acquire()
+    history, runs_version = last_successes(spark, config), table_version(spark, config, RUNS_TABLE)
     checked: dict = {}
     # ETA from the last successful run of each stage still to come (unknown for a stage that never ran)
     expected = {s.name: history[s.name]["seconds"] for s in selected if s.name in history}
-    for position, stage in enumerate(selected, start=1):
-        fn = (resolve or stage_function)(stage.name)
-        last = history.get(stage.name)
-        forced = force_all or stage.name in force
-        reason = (f"forced (--force {'all' if force_all else stage.name})" if forced
-                  else stale_reason(spark, config, stage, last) if skip_up_to_date else "skip rule off")
-        if reason is None:
-            echo(f"[t2p] {stage.name}: up to date (inputs and config unchanged) — skipped; --force {stage.name} reruns")
-            results.append({"stage": stage.name, "skipped": True})
-            continue
-        echo(f"[t2p] {stage.name}: must run: {reason}")
-        inputs = _input_versions(spark, config, stage)
-        check_inputs(spark, config, stage, inputs, checked, stages)
-        rest = selected[position - 1:]
-        known = [expected[s.name] for s in rest if s.name in expected]
-        eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
-               + ("" if len(known) == len(rest) else f"; {len(rest) - len(known)} never ran") + ")") if known else ""
-        echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
-        started = time.time()
-        try:
-            summary = fn(spark, config) or {}
-        except BaseException as exc:
-            _record(spark, config, stage, "failed", inputs, None, started, f"{type(exc).__name__}: {exc}")
-            table = isinstance(exc, MissingTableError) and re.match(r"table '([^']+)' does not exist", str(exc))
-            if table:  # say which stage writes it
-                raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist yet: "
-                                        f"{missing_table_hint(table.group(1), stages)}") from exc
-            raise
-        seconds = _record(spark, config, stage, "success", inputs, summary, started)
-        echo(f"[t2p] {stage.name}: done in {seconds:.1f}s")
-        # the runner's wall time is the stage's "seconds"; a stage's own phase timings stay as "phase_seconds"
-        result = {**summary, "stage": stage.name, "skipped": False, "seconds": seconds}
-        if "seconds" in summary:
-            result["phase_seconds"] = summary["seconds"]
-        results.append(result)
+    try:
+        for position, stage in enumerate(selected, start=1):
+            fn = (resolve or stage_function)(stage.name)
+            forced = force_all or stage.name in force
+            versions = pinned_versions(spark, config, stage)
+            reason = (f"forced (--force {'all' if force_all else stage.name})" if forced
+                      else stale_reason(spark, config, stage, history.get(stage.name), versions)
+                      if skip_up_to_date else "skip rule off")
+            if reason is None:
+                echo(f"[t2p] {stage.name}: up to date (inputs, config and outputs unchanged) — skipped; "
+                     f"--force {stage.name} reruns")
+                results.append({"stage": stage.name, "skipped": True})
+                continue
+            echo(f"[t2p] {stage.name}: must run: {reason}")
+            if not lock.held:  # the first stage that writes: take the lock; look again if someone ran meanwhile
+                lock.acquire()
+                if table_version(spark, config, RUNS_TABLE) != runs_version:
+                    history = last_successes(spark, config)
+                    versions = pinned_versions(spark, config, stage)
+                    if skip_up_to_date and not forced and is_up_to_date(spark, config, stage,
+                                                                        history.get(stage.name), versions):
+                        echo(f"[t2p] {stage.name}: up to date (another pipeline ran it) — skipped")
+                        results.append({"stage": stage.name, "skipped": True})
+                        continue
+            lock.check()
+            check_inputs(spark, config, stage, versions, checked, stages)
+            rest = selected[position - 1:]
+            known = [expected[s.name] for s in rest if s.name in expected]
+            eta = (f" (ETA for the remaining {len(rest)} stage(s) ≈ {sum(known):.0f}s from their last runs"
+                   + ("" if len(known) == len(rest) else f"; {len(rest) - len(known)} never ran") + ")") \
+                if known else ""
+            echo(f"[t2p] stage {position}/{len(selected)} {stage.name}: running{eta}")
+            started = time.time()
+            try:
+                result = run_stage_job(spark, config, stage, fn, versions=versions, echo=echo,
+                                       preflight=None if resolve else stage_preflight(stage.name))
+                lock.check()
+            except BaseException as exc:
+                _record(spark, config, stage, "failed", versions, None, started, f"{type(exc).__name__}: {exc}")
+                table = isinstance(exc, MissingTableError) and re.match(r"table '([^']+)' does not exist", str(exc))
+                if table:  # say which stage writes it
+                    raise MissingTableError(f"{stage.name} needs table '{table.group(1)}', which does not exist "
+                                            f"yet: {missing_table_hint(table.group(1), stages)}") from exc
+                raise
+            seconds = _record(spark, config, stage, "success", versions, result.summary, started,
+                              outputs=result.output_versions, run_id=result.run_id)
+            echo(f"[t2p] {stage.name}: done in {seconds:.1f}s")
+            # the runner's wall time is the stage's "seconds"; a stage's own phase timings stay as "phase_seconds"
+            summary = result.summary
+            results.append({**summary, "stage": stage.name, "skipped": False, "seconds": seconds,
+                            **({"phase_seconds": summary["seconds"]} if "seconds" in summary else {})})
+    finally:
+        lock.release()
     return results

@@ -128,15 +128,6 @@ def test_top_neurons_counts_activity_and_breaks_ties_by_index():
     assert effects_job.top_neurons([[], None], 3) == []
 
 
-def test_write_replaces_only_the_experiment_being_written(spark, cfg):
-    schema = "experiment_id string, v int"
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("a", 1), ("a", 2)], schema), "a")
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("b", 3)], schema), "b")
-    effects_job._write(spark, cfg, "gates", spark.createDataFrame([("a", 9)], schema), "a")
-    got = sorted((r.experiment_id, r.v) for r in read_table(spark, cfg, "gates").collect())
-    assert got == [("a", 9), ("b", 3)]
-
-
 def test_two_folds_fall_back_to_plain_cross_fitting(make_cfg):
     """Nesting needs a third fold to train on: with two stored folds the stage cross-fits plainly (and says so by
     leaving the nested scores empty) instead of failing."""

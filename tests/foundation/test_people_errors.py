@@ -43,10 +43,11 @@ def test_missing_input_table_names_the_stage_to_run_first(spark, cfg, capsys):
 def test_missing_table_read_inside_a_stage_names_its_writer(spark, make_cfg):
     cfg = make_cfg()
 
-    def reads_gates(spark_, cfg_):
-        read_table(spark_, cfg_, "gates")
+    def reads_gates(ctx):
+        read_table(ctx.spark, ctx.config, "gates")
 
-    lonely = Stage("lonely", (), ("t_lonely",), ("report",))
+    # gates is an input it may run without (requires=()), so the read inside the job is what finds it missing
+    lonely = Stage("lonely", ("gates",), ("t_lonely",), ("report",), requires=(), tracked=False)
     from tokens2policy.lakehouse import MissingTableError
 
     with pytest.raises(MissingTableError) as info:

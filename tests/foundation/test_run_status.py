@@ -9,13 +9,15 @@ B = Stage("b", ("t_a",), ("t_b",), ("identify",))
 
 
 def _resolver(calls):
-    def stage_a(spark_, cfg):
+    def stage_a(ctx):  # a stage job: main(ctx) (tokens2policy.context)
+        spark_, cfg = ctx.spark, ctx.config
         calls.append("a")
         write_table(spark_.range(cfg.ingest.n_folds).withColumnRenamed("id", "x"), cfg, "t_a")
         # a stage may report its own phase timings under "seconds" (represent, effects and policy do)
         return {"rows": cfg.ingest.n_folds, "seconds": {"train": 0.5, "write": 0.25}}
 
-    def stage_b(spark_, cfg):
+    def stage_b(ctx):
+        spark_, cfg = ctx.spark, ctx.config
         calls.append("b")
         write_table(read_table(spark_, cfg, "t_a"), cfg, "t_b")
         return {}
@@ -52,13 +54,16 @@ def test_stale_reason_is_the_skip_rule(spark, make_cfg):
     _run(spark, cfg, calls, lines)
     assert "[t2p] a: must run: never ran successfully" in lines
     assert stale_reason(spark, cfg, A) is None and stale_reason(spark, cfg, B) is None
-    # a new version of b's input: b is stale and says which version it saw and which exists now
+    # a new version of b's input written outside the runner: b is stale and says which version it saw and which
+    # exists now; a is stale too (its output is no longer the one its last success recorded) and rewrites it
     write_table(spark.range(2).withColumnRenamed("id", "x"), cfg, "t_a")
     assert stale_reason(spark, cfg, B) == "inputs changed: t_a 0 → 1"
+    assert stale_reason(spark, cfg, A) == "outputs changed since its last success: t_a 0 → 1"
     lines.clear()
     _run(spark, cfg, calls, lines)
-    assert calls == ["a", "b", "b"]  # a skipped (up to date), b rerun for the reason shown
-    assert "[t2p] b: must run: inputs changed: t_a 0 → 1" in lines
+    assert calls == ["a", "b", "a", "b"]  # both rerun, each for the reason shown
+    assert "[t2p] a: must run: outputs changed since its last success: t_a 0 → 1" in lines
+    assert "[t2p] b: must run: inputs changed: t_a 0 → 2" in lines
     # a config change in a's sections
     cfg4 = make_cfg("ingest.n_folds=4")
     assert stale_reason(spark, cfg4, A) == "config changed (sections ingest or seed)"
@@ -67,7 +72,7 @@ def test_stale_reason_is_the_skip_rule(spark, make_cfg):
     import shutil
 
     shutil.rmtree(table_location(cfg, "t_b"))
-    assert stale_reason(spark, cfg, B) == "outputs missing: t_b"
+    assert stale_reason(spark, cfg, B) == "outputs changed since its last success: t_b 1 → missing"
     lines.clear()
     _run(spark, cfg, calls, lines, force=["a"])
     assert "[t2p] a: must run: forced (--force a)" in lines

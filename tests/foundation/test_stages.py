@@ -1,26 +1,29 @@
-"""The stage runner on two small real stages: skip when up to date, rerun on change or --force, resume after failure."""
+"""The stage runner on two small real stages: skip when up to date, rerun on change or --force, resume after failure,
+rerun when an output is no longer at the version the last success recorded."""
+import json
+import sys
+from pathlib import Path
+
 import pytest
 from pyspark.sql import functions as F
 
 from tokens2policy.lakehouse import read_table, table_version, write_table
-from tokens2policy.stages import Stage, run_stages
+from tokens2policy.stages import run_stages
 
-A = Stage("a", (), ("t_a",), ("ingest",))
-B = Stage("b", ("t_a",), ("t_b",), ("identify",))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contract"))
+from toy_pipeline import A, B, JOBS  # noqa: E402
 
 
-def _resolver(spark, calls, fail_b=False):
-    def stage_a(spark_, cfg):
+def _resolver(calls, fail_b=False):
+    def stage_a(ctx):
         calls.append("a")
-        write_table(spark_.range(cfg.ingest.n_folds).withColumnRenamed("id", "x"), cfg, "t_a")
-        return {"rows": cfg.ingest.n_folds}
+        return JOBS["a"](ctx)
 
-    def stage_b(spark_, cfg):
+    def stage_b(ctx):
         calls.append("b")
         if fail_b:
             raise RuntimeError("injected failure")
-        write_table(read_table(spark_, cfg, "t_a").withColumn("y", F.col("x") * 2), cfg, "t_b")
-        return {}
+        return JOBS["b"](ctx)
 
     return {"a": stage_a, "b": stage_b}.__getitem__
 
@@ -28,8 +31,7 @@ def _resolver(spark, calls, fail_b=False):
 def _run(spark, cfg, calls, **kw):
     fail_b = kw.pop("fail_b", False)
     echo = kw.pop("echo", lambda m: None)
-    return run_stages(spark, cfg, ["a", "b"], stages=(A, B), resolve=_resolver(spark, calls, fail_b),
-                      echo=echo, **kw)
+    return run_stages(spark, cfg, ["a", "b"], stages=(A, B), resolve=_resolver(calls, fail_b), echo=echo, **kw)
 
 
 def test_skip_rerun_force_and_resume(spark, make_cfg):
@@ -63,6 +65,27 @@ def test_failure_keeps_earlier_outputs_and_rerun_resumes(spark, make_cfg):
     assert calls == ["a", "b", "b"], "a is up to date and skipped; b resumes"
     assert table_version(spark, cfg, "t_a") == version_a
     assert read_table(spark, cfg, "t_b").count() == cfg.ingest.n_folds
+
+
+def test_records_output_versions_and_reruns_a_stage_whose_output_moved(spark, make_cfg):
+    """A stage half-rewritten (here: one of b's two outputs overwritten behind the runner's back, as a `--force b`
+    killed between its two commits leaves it) is not up to date, although its inputs and config are unchanged.
+    Before output versions were recorded, the runner skipped it."""
+    cfg = make_cfg()
+    calls = []
+    _run(spark, cfg, calls)
+    last = {r.stage: r for r in read_table(spark, cfg, "stage_runs").where("status = 'success'").collect()}
+    assert json.loads(last["b"].output_versions) == {"t_b": table_version(spark, cfg, "t_b"),
+                                                    "t_b2": table_version(spark, cfg, "t_b2")}
+    assert json.loads(last["b"].input_versions) == {"t_a": table_version(spark, cfg, "t_a")}
+    # a new t_b with the old t_b2: what a --force b killed after its first commit leaves behind
+    write_table(read_table(spark, cfg, "t_b").withColumn("y", F.lit(-1).cast("long")), cfg, "t_b")
+    _run(spark, cfg, calls)
+    assert calls == ["a", "b", "b"], "a skipped, b reruns"
+    assert sorted(r.y for r in read_table(spark, cfg, "t_b").collect()) == \
+        [x * cfg.identify.max_rounds for x in range(cfg.ingest.n_folds)]
+    _run(spark, cfg, calls)
+    assert calls == ["a", "b", "b"]
 
 
 def test_progress_names_position_and_eta_from_last_runs(spark, make_cfg):

@@ -48,7 +48,7 @@ def test_policy_job_recovers_rule_and_values_cover_oracle(spark, make_cfg):
 
     rules = read_table(spark, cfg, "policy_rules").toPandas()
     tree_rules = rules[rules.policy == "tree"]
-    treat_conditions = tree_rules[tree_rules.action == 1].conditions.tolist()
+    treat_conditions = tree_rules[tree_rules.treat == 1].conditions.tolist()
     # the planted rule (treat iff neuron 3 is active): every treat leaf requires neuron_3 active, an inactive
     # neuron_3 always means control (learned on the ~2,000 estimation units: on ~1,000 (n = 2000) a spurious age split took the root)
     assert treat_conditions and all("neuron_3 [topic 3]" in c and "neuron_3 [topic 3] inactive" not in c

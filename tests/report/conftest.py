@@ -54,7 +54,7 @@ def synthetic_tables():
         "phase": ["forward", "forward", "forward", "forward", "backward"], "round": [1, 1, 1, 1, 2],
         "step": ["forward", "forward", "forward", "forward", "backward"],
         "action": ["skip", "add", "add", "stop_gate1", "keep"], "feature": ["3", "12", "7", "40", "7"],
-        "t": [np.nan, 6.1, -3.9, 2.1, -3.8], "p": [np.nan, 1.5e-9, 2.0e-4, 0.03, 2.2e-4],
+        "t": [np.nan, 6.1, -3.9, 2.1, -3.8], "p_value": [np.nan, 1.5e-9, 2.0e-4, 0.03, 2.2e-4],
         "threshold": [np.nan, 0.001, 0.001, 0.001, 0.05],
         "detail": ['{"reason": "rare"}', '{"n_candidates": 11, "runner_up": 40}', '{}',
                    '{"best_feature": 40, "gate": "gate1"}', '{"added_in": ["joint", 1]}'],

@@ -63,6 +63,6 @@ def test_scores_equal_the_policy_stages_assignments_and_rules(spark, tmp_path):
     new = scores.loc[held]
     assert set(new["rule"]) <= set(rules["rule"]) | set(ref["rule"])
     if p.recommended == "tree":
-        action = dict(zip(rules["leaf_id"], rules["action"]))
+        action = dict(zip(rules["leaf_id"], rules["treat"]))
         np.testing.assert_array_equal(new["treat"].to_numpy(), new["leaf_id"].map(action).to_numpy())
     assert ((new["ci_low"] <= new["cate"]) & (new["cate"] <= new["ci_high"])).all()

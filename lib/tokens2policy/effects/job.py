@@ -16,7 +16,6 @@ frames: :func:`effects_in_memory` runs the whole stage without Spark on the same
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -34,45 +33,6 @@ from .design import (
 )
 from .gates import encode_modifiers, gates_table, infer_split_kind
 from .learners import DRLearner, NuisanceParams, RLearner, aipw_scores, fit_fold_nuisances, nuisance_tasks
-
-GATES_SCHEMA = ("experiment_id string, outcome string, feature string, label string, source string, "
-                "split string, `group` string, n long, n_treated long, estimate double, se double, ci_low double, "
-                "ci_high double, p_value double, se_type string, estimated_on string")
-EFFECTS_COLUMNS = ["experiment_id", "unit_id", "outcome", "learner", "cate", "ci_low", "ci_high", "cate_oof", "fold",
-                   "mu0", "mu1", "propensity", "dr_score0", "dr_score1", "sample", "dr_score0_nested",
-                   "dr_score1_nested"]
-CALIBRATION_SCHEMA = ("experiment_id string, outcome string, learner string, metric string, `group` string, "
-                      "q double, estimate double, se double, ci_low double, ci_high double, p_value double, "
-                      "null_hypothesis string, n long, estimated_on string")
-NUISANCE_SCHEMA = "outcome string, without int, mu0 double, mu1 double, e double"
-
-
-def effects_schema(unit_type: str = "string") -> str:
-    """DDL of the ``effects`` table (``unit_type``: the units table's unit_id type)."""
-    return (f"experiment_id string, unit_id {unit_type}, outcome string, learner string, cate double, "
-            "ci_low double, ci_high double, cate_oof double, fold int, mu0 double, mu1 double, "
-            "propensity double, dr_score0 double, dr_score1 double, sample string, "
-            "dr_score0_nested array<double>, dr_score1_nested array<double>")
-
-
-def log_metrics(metrics: Dict[str, float]) -> None:
-    """Log finite metrics with keys MLflow accepts (experiment ids may hold other characters)."""
-    import re
-
-    import mlflow
-
-    mlflow.log_metrics({re.sub(r"[^\w\-. /]", "_", k): float(v) for k, v in metrics.items() if np.isfinite(v)})
-
-
-class _Clock:
-    def __init__(self):
-        self.t, self.laps = time.perf_counter(), {}
-
-    def lap(self, name):
-        now = time.perf_counter()
-        self.laps[name] = round(now - self.t, 3)
-        self.t = now
-
 
 def nuisance_params(cfg) -> NuisanceParams:
     e = cfg.effects
@@ -141,7 +101,7 @@ def cross_fit_spark(spark, joined, spec: FeatureSpec, outcomes, params, seed, fo
     outcomes = list(outcomes)
     tasks = nuisance_tasks(folds, nested and len(folds) >= 3)  # nesting needs a third fold to train on
     unit_type = joined.schema["unit_id"].dataType.simpleString()
-    schema = f"unit_id {unit_type}, {NUISANCE_SCHEMA}"
+    schema = f"unit_id {unit_type}, outcome string, without int, mu0 double, mu1 double, e double"
 
     def task(pdf: pd.DataFrame, i: int) -> pd.DataFrame:
         return fit_task(pdf, tasks[i], spec, outcomes, params, seed)
@@ -444,21 +404,6 @@ def effects_in_memory(cfg, units: pd.DataFrame, neurons: pd.DataFrame, modifiers
     return out
 
 
-def _spark_frame(spark, pdf: pd.DataFrame, schema: str):
-    cols = [c.strip().split(" ")[0].strip("`") for c in schema.split(",")]
-    pdf = pdf[cols].astype(object).where(pdf[cols].notna(), None)
-    return spark.createDataFrame(pdf.values.tolist(), schema)
-
-
-def _write(spark, cfg, name: str, df, exp: str):
-    from tokens2policy.lakehouse import experiment_filter, table_exists, write_table
-
-    if table_exists(spark, cfg, name):
-        write_table(df, cfg, name, mode="overwrite", replace_where=experiment_filter(exp))
-    else:
-        write_table(df, cfg, name, mode="overwrite")
-
-
 def _plot_curves(curves: List[pd.DataFrame], path):
     import matplotlib
 
@@ -481,29 +426,33 @@ def _plot_curves(curves: List[pd.DataFrame], path):
 
 
 def run(spark, cfg) -> dict:
+    """Run the effects stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "effects", main)
+
+
+def main(ctx) -> dict:
+    """GATEs, CATE learners and calibration per experiment; each experiment's rows replaced in each table."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
-
-    from tokens2policy.lakehouse import experiment_filter, read_table, table_version
     from tokens2policy.progress import spark_progress
-    from tokens2policy.tracking import stage_run
 
-    units = read_table(spark, cfg, "units")
-    neurons = read_table(spark, cfg, "neurons")
-    modifiers = read_table(spark, cfg, "modifiers")
-    versions = {n: table_version(spark, cfg, n) for n in ("units", "neurons", "modifiers")}
-    outcomes = outcome_columns(cfg, units.columns)
-    covariates = covariate_columns(cfg, units.columns)
+    spark, cfg = ctx.spark, ctx.config
+    units = ctx.read("units")
+    neurons = ctx.read("neurons")
+    modifiers = ctx.read("modifiers")
+    outcomes = list(ctx.units.outcomes)
+    covariates = list(ctx.units.covariates)
     params = nuisance_params(cfg)
     summary: Dict[str, object] = {"experiments": [], "outcomes": outcomes}
-    with stage_run(cfg, "effects", inputs=versions):
+    with ctx.clock.timed("total"):
         exps = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
         mods_every = modifiers.toPandas()
         labels = neuron_label_map(spark, cfg)
         for exp in exps:
-            clock = _Clock()
+            clock = ctx.new_clock(str(exp))
             joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
             clock.lap("load")
             mods_all = mods_every[mods_every["experiment_id"] == exp]
@@ -511,34 +460,30 @@ def run(spark, cfg) -> dict:
             clock.lap("features")
             folds = sorted(int(k) for k in pdf["fold"].unique())
             cols = ["unit_id", "treatment", "fold", "sample"] + outcomes + covariates + ["indices", "values"]
-            start = time.perf_counter()
+            clock.reset()
             n_fits = len(nuisance_tasks(folds))
             with spark_progress(spark, f"effects {exp}: nuisance cross-fit",
                                 note=f"{len(folds)} folds, {n_fits} nested fits"):
                 nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
-            wall = time.perf_counter() - start
-            clock.lap("nuisances")
+            wall = clock.lap("nuisances")
             n_tasks = int(nu_pdf["partition_id"].nunique())
-            log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
-                         f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
+            ctx.log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
+                             f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
             res = experiment_effects(cfg, exp, pdf, mods_all, nu_pdf, spec, covariates, outcomes, labels=labels)
             for outcome, line in res["coverage"].items():
                 summary.setdefault("coverage", {}).setdefault(exp, {})[outcome] = line
                 print(f"[effects] {exp} {outcome}: {line}", flush=True)
-            log_metrics({f"{exp}.{k}": v for k, v in res["metrics"].items()})
+            ctx.log_metrics({f"{exp}.{k}": v for k, v in res["metrics"].items()})
             clock.lap("analysis")
             gates, eff, cal, curves_all = res["gates"], res["effects"], res["calibration"], res["curves"]
-            unit_type = units.schema["unit_id"].dataType.simpleString()
-            _write(spark, cfg, "gates", _spark_frame(spark, gates, GATES_SCHEMA), exp)
-            _write(spark, cfg, "effects", _spark_frame(spark, eff, effects_schema(unit_type)), exp)
-            _write(spark, cfg, "calibration", _spark_frame(spark, cal, CALIBRATION_SCHEMA), exp)
+            for name, frame in (("gates", gates), ("effects", eff), ("calibration", cal)):
+                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
             with tempfile.TemporaryDirectory() as tmp:
                 gates.to_csv(Path(tmp) / f"gates_{exp}.csv", index=False)
                 cal[cal.q.isna()].to_csv(Path(tmp) / f"calibration_{exp}.csv", index=False)
                 _plot_curves(curves_all, Path(tmp) / f"toc_qini_{exp}.png")
-                mlflow.log_artifacts(tmp, artifact_path="effects")
+                ctx.log_artifacts(tmp, artifact_path="effects")
             clock.lap("write")
-            log_metrics({f"{exp}.seconds_{k}": v for k, v in clock.laps.items()})
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)), "folds": len(folds),
                                            "n_estimation": int(_estimation_rows(pdf).sum()),
                                            "estimated_on": estimated_on(cfg.honesty), "nuisance_tasks": n_tasks,

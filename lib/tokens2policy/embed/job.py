@@ -19,21 +19,20 @@ The token-state sample is a deterministic Bernoulli(``embed.token_sample_rate``)
 from __future__ import annotations
 
 import math
-import time
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Union
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from tokens2policy.config import Config
+from tokens2policy.context import Clock
 from tokens2policy.embed.models import ModelSpec, resolve_model
 from tokens2policy.embed.udf import make_embed_udf
-from tokens2policy.lakehouse import (delta_table, read_table, sql_string_literal, table_exists, table_version,
-                                     write_table)
+from tokens2policy.lakehouse import delta_table, read_table, sql_string_literal, table_exists, write_table
+from tokens2policy.lakehouse.schemas import table_spec
 from tokens2policy.progress import spark_progress
-from tokens2policy.tracking import stage_run, tracking_uri
+from tokens2policy.tracking import tracking_uri
 
 KEYS = ["experiment_id", "unit_id"]
 ROWS_PER_PARTITION = 20_000
@@ -47,37 +46,8 @@ def sample_mask(seed: int, rate: float):
     return F.pmod(h, F.lit(_SAMPLE_SCALE)) < F.lit(threshold)
 
 
-def _empty(spark: SparkSession, schema: T.StructType) -> DataFrame:
+def _empty(spark: SparkSession, schema) -> DataFrame:
     return spark.createDataFrame([], schema)
-
-
-def _embeddings_schema(key_types: Dict[str, T.DataType]) -> T.StructType:
-    return T.StructType(
-        [
-            T.StructField("experiment_id", key_types["experiment_id"], True),
-            T.StructField("unit_id", key_types["unit_id"], True),
-            T.StructField("model", T.StringType(), True),
-            T.StructField("model_hash", T.StringType(), True),
-            T.StructField("content_hash", T.StringType(), True),
-            T.StructField("vector", T.ArrayType(T.FloatType(), False), True),
-            T.StructField("dim", T.IntegerType(), True),
-            T.StructField("status", T.StringType(), True),
-            T.StructField("n_tokens", T.IntegerType(), True),
-        ]
-    )
-
-
-def _token_states_schema(key_types: Dict[str, T.DataType]) -> T.StructType:
-    return T.StructType(
-        [
-            T.StructField("experiment_id", key_types["experiment_id"], True),
-            T.StructField("unit_id", key_types["unit_id"], True),
-            T.StructField("model_hash", T.StringType(), True),
-            T.StructField("position", T.IntegerType(), True),
-            T.StructField("token", T.StringType(), True),
-            T.StructField("vector", T.ArrayType(T.FloatType(), False), True),
-        ]
-    )
 
 
 def _rows_written(spark, cfg, name: str) -> int:
@@ -101,23 +71,26 @@ def _upsert(spark, cfg, name: str, rows: DataFrame, h: str) -> None:
         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()
 
 
-def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFrame) -> dict:
+def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFrame,
+                clock: Optional[Clock] = None) -> dict:
     """Embed the units of ``units`` that are missing for ``spec.model_hash``; append to both tables.
 
     Returns counts: ``n_units_embedded`` (rows added to or replaced in ``embeddings``: units without a vector of
     their current text for this model version, whether their text was run through the model or shared an earlier
     identical text's vector), ``n_units_changed`` (units whose text changed since their vector was stored),
     ``n_texts_embedded`` (distinct texts run through the model), ``n_token_rows`` (rows appended to
-    ``token_states``), ``status`` (per-status counts of the texts embedded in this run) and timings.
+    ``token_states``), ``status`` (per-status counts of the texts embedded in this run) and timings (also kept in
+    ``clock``: ``plan``, ``embed``, ``write``).
     """
     e = cfg.embed
     missing_cols = [c for c in (*KEYS, "text") if c not in units.columns]
     if missing_cols:
         raise ValueError(f"units table lacks column(s) {missing_cols}; the embed stage needs experiment_id, unit_id, text")
-    key_types = {f.name: f.dataType for f in units.schema.fields if f.name in KEYS}
-    emb_schema, tok_schema = _embeddings_schema(key_types), _token_states_schema(key_types)
+    key_types = {f.name: f.dataType.simpleString() for f in units.schema.fields if f.name in KEYS}
+    emb_schema = table_spec("embeddings").schema(key_types=key_types)
+    tok_schema = table_spec("token_states").schema(key_types=key_types)
     h = spec.model_hash
-    t_start = time.perf_counter()
+    clock = (clock or Clock()).reset()
 
     # read, deduplicated and hashed once: the plan below and both writes reuse it (no second scan of units)
     units = (
@@ -157,7 +130,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         .agg(F.first("text").alias("text"), F.max("want_states").alias("want_states"))
     ).persist(StorageLevel.MEMORY_AND_DISK)
     n_work = work.count()
-    plan_seconds = time.perf_counter() - t_start
+    plan_seconds = clock.lap("plan")
 
     parallelism = spark.sparkContext.defaultParallelism
     n_parts = e.partitions or max(1, min(max(parallelism, math.ceil(n_work / ROWS_PER_PARTITION)), max(n_work, 1)))
@@ -169,7 +142,6 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         .select("content_hash", "r.*")
     ).persist(StorageLevel.MEMORY_AND_DISK)
 
-    started = time.perf_counter()
     # one pass over the model; both writes below read the persisted result
     with spark_progress(spark, "embed: model pass", note=f"{n_work:,} texts"):
         counts = computed.groupBy("status").agg(
@@ -177,11 +149,10 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         ).collect() if n_work else []
     status_counts = {r["status"]: int(r["count"]) for r in counts}
     n_with_states = sum(int(r["with_states"] or 0) for r in counts)
-    embed_seconds = time.perf_counter() - started
+    embed_seconds = clock.lap("embed")
     n_computed = sum(status_counts.values())
     work.unpersist()
 
-    t_write = time.perf_counter()
     # 1) token states of the sampled units still missing them (one commit)
     n_token_rows = 0
     if n_with_states:
@@ -228,6 +199,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         write_table(_empty(spark, emb_schema), cfg, "embeddings", mode="append", partition_by=["experiment_id"])
     computed.unpersist()
     units.unpersist()
+    write_seconds = clock.lap("write")
 
     return {
         "model": spec.name,
@@ -241,31 +213,40 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         "partitions": n_parts,
         "plan_seconds": round(plan_seconds, 3),  # what is missing, dedup (before the model)
         "embed_seconds": round(embed_seconds, 3),  # the model pass
-        "write_seconds": round(time.perf_counter() - t_write, 3),  # both Delta commits
+        "write_seconds": round(write_seconds, 3),  # both Delta commits
         "texts_per_second": round(n_computed / embed_seconds, 1) if embed_seconds > 0 and n_computed else None,
     }
 
 
 def run(spark: SparkSession, cfg: Config, loader: Union[str, Callable, None] = None) -> dict:
-    """Embed every unit missing from ``embeddings`` for the configured model version; an MLflow run.
+    """Run the embed stage directly (tests, notebooks, benchmarks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "embed", lambda ctx: main(ctx, loader=loader), preflight=preflight)
+
+
+def preflight(spark, cfg) -> None:
+    """One line before any work when ``embed.device=cuda`` and no GPU is there."""
+    if cfg.embed.device == "cuda":
+        from tokens2policy.stages import require_gpu
+
+        require_gpu(spark, "embed.device=cuda",
+                    "--set embed.device=auto (the GPU when there is one, else the CPU)")
+
+
+def main(ctx, loader: Union[str, Callable, None] = None) -> dict:
+    """Embed every unit missing from ``embeddings`` for the configured model version.
 
     ``loader`` overrides ``embed.loader`` with an import path or a callable ``ModelSpec -> EmbeddingModel``
     (a plug-in model without a config change; tests use it to inject failures).
     """
-    import mlflow
-
-    if cfg.embed.device == "cuda":  # one line before any work when no GPU is there
-        from tokens2policy.stages import require_gpu
-
-        require_gpu(spark, "embed.device=cuda", "--set embed.device=auto (the GPU when there is one, else the CPU)")
-    units_version = table_version(spark, cfg, "units")
-    units = read_table(spark, cfg, "units", version=units_version)
-    with stage_run(cfg, "embed", inputs={"units": units_version}):
-        spec = resolve_model(cfg.embed, spark, tracking_uri=tracking_uri(cfg),
-                             registry_uri=cfg.tracking.registry_uri, loader=loader)
-        mlflow.log_params({"resolved.model_hash": spec.model_hash, "resolved.weights_hash": spec.weights_hash,
-                           "resolved.model_name": spec.name, "resolved.cpu_threads": str(spec.cpu_threads)})
-        summary = embed_units(spark, cfg, spec, units)
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
-        mlflow.log_metrics({f"status.{k}": float(v) for k, v in summary["status"].items()})
+    spark, cfg = ctx.spark, ctx.config
+    units = ctx.read("units")
+    spec = resolve_model(cfg.embed, spark, tracking_uri=tracking_uri(cfg),
+                         registry_uri=cfg.tracking.registry_uri, loader=loader)
+    ctx.log_params({"resolved.model_hash": spec.model_hash, "resolved.weights_hash": spec.weights_hash,
+                    "resolved.model_name": spec.name, "resolved.cpu_threads": str(spec.cpu_threads)})
+    summary = embed_units(spark, cfg, spec, units, clock=ctx.clock)
+    ctx.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+    ctx.log_metrics({f"status.{k}": v for k, v in summary["status"].items()})
     return summary

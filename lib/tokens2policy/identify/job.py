@@ -31,15 +31,6 @@ from .engine import Tester, marginal_from_tester, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
 from .stats import Block, combine
 
-MODIFIERS_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, source string, label string, "
-                    "p_value double, t double, direction string, round_added int, phase string, test string, "
-                    "adjust string, alpha double")
-TRACE_SCHEMA = ("experiment_id string, outcome string, seq int, phase string, round int, step string, action string, "
-                "kind string, feature string, t double, p double, threshold double, gate2_ref double, "
-                "n_tested int, n_eligible int, detail string")
-MARGINAL_SCHEMA = ("experiment_id string, outcome string, feature string, kind string, t double, p_value double, "
-                   "p_bonferroni double, q_bh double, reject_raw boolean, reject_bonferroni boolean, "
-                   "reject_bh boolean")
 
 
 def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
@@ -202,13 +193,6 @@ class SparkTester(Tester):
         return self.src.reduce(lambda b: lgbm_gcm_block_sums(b, S, m_models, g_models, e, zs, K))
 
 
-def _numeric_covariates(units, names):
-    from pyspark.sql.types import NumericType
-
-    types = {f.name: f.dataType for f in units.schema.fields}
-    return [c for c in names if c in types and isinstance(types[c], NumericType)]
-
-
 def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     """Run NEXIS + the marginal screen on a prepared DataFrame (columns y, treatment, [fold], [cluster],
     covariates, indices, values; GCM with LightGBM also unit_id, the key that orders each fold's training rows).
@@ -266,30 +250,32 @@ def _validate_spark_options(ic, has_fold, has_cluster):
 
 
 def run(spark, cfg) -> dict:
-    import mlflow
+    """Run the identify stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "identify", main)
+
+
+def main(ctx) -> dict:
+    """NEXIS and the marginal screen per experiment and outcome; one commit per output table."""
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import experiments_predicate, read_table, table_exists, table_version, write_table
     from tokens2policy.progress import spark_progress
-    from tokens2policy.tracking import stage_run
 
+    spark, cfg = ctx.spark, ctx.config
     ic = cfg.identify
-    units = read_table(spark, cfg, "units")
-    neurons = read_table(spark, cfg, "neurons")
-    versions = {name: table_version(spark, cfg, name) for name in ("units", "neurons")}
+    units = ctx.read("units")
+    neurons = ctx.read("neurons")
     has_fold, has_cluster = "fold" in units.columns, "cluster" in units.columns
     _validate_spark_options(ic, has_fold, has_cluster)
-    outcomes = [c for c in cfg.source.outcome_cols if c in units.columns] or \
-        [c for c in units.columns if c == "outcome"]
-    if not outcomes:
-        raise ValueError(f"none of the outcome columns {cfg.source.outcome_cols} is in units")
-    covariates = _numeric_covariates(units, cfg.source.covariate_cols) if ic.use_covariates else []
+    outcomes = list(ctx.units.outcomes)
+    covariates = list(ctx.units.numeric_covariates) if ic.use_covariates else []
     max_idx = neurons.select(F.max(F.array_max("indices"))).first()[0]
     m = 0 if max_idx is None else int(max_idx) + 1
     experiments = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
     mod_rows, trace_rows, marg_rows, summary = [], [], [], {"experiments": {}, "m": m, "covariates": covariates}
 
-    with stage_run(cfg, "identify", inputs=versions):
+    with ctx.clock.timed("total"):
         for exp in experiments:
             u = units.where((F.col("experiment_id") == exp) & selection_filter(cfg.honesty))  # honesty: selection units
             nz = neurons.where(F.col("experiment_id") == exp).select("unit_id", "indices", "values")
@@ -321,22 +307,15 @@ def run(spark, cfg) -> dict:
                 trace_rows += trace_table_rows(exp, outcome, res, covariates)
                 marg_rows += marginal_rows(exp, outcome, mg, covariates)
                 key = f"{exp}.{outcome}"
-                mlflow.log_metric(f"n_selected.{_metric(key)}", len(res.selected) + len(res.selected_w))
-                mlflow.log_metric(f"n_marginal_bonferroni.{_metric(key)}", int(mg.reject_bonferroni.sum()))
+                ctx.log_metrics({f"n_selected.{_metric(key)}": len(res.selected) + len(res.selected_w),
+                                 f"n_marginal_bonferroni.{_metric(key)}": int(mg.reject_bonferroni.sum())})
                 summary["experiments"][exp][outcome] = {
                     "selected": res.selected.tolist(), "selected_w": [covariates[i] for i in res.selected_w],
                     "pvalues": res.pvalues.tolist(), "converged": res.converged}
-        mlflow.log_dict(summary, "identify/summary.json")
+        ctx.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
-        pred = experiments_predicate(experiments)
-        for name, rows, schema in (("modifiers", mod_rows, MODIFIERS_SCHEMA),
-                                   ("selection_trace", trace_rows, TRACE_SCHEMA),
-                                   ("marginal_screen", marg_rows, MARGINAL_SCHEMA)):
-            out = spark.createDataFrame(rows, schema)
-            if table_exists(spark, cfg, name):
-                write_table(out, cfg, name, mode="overwrite", replace_where=pred)
-            else:
-                write_table(out, cfg, name, mode="overwrite")
+        for name, rows in (("modifiers", mod_rows), ("selection_trace", trace_rows), ("marginal_screen", marg_rows)):
+            ctx.write_experiments(name, ctx.frame(name, rows), experiments)
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
             "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows)}

@@ -124,24 +124,37 @@ def _metric_name(text: str) -> str:
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
-    """Run the ingest stage; return counts (see module docstring). Raises ConfigError / IngestInvariantError."""
-    import mlflow
+    """Run the ingest stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
 
-    from tokens2policy.lakehouse import read_table, table_version
-    from tokens2policy.tracking import stage_run
+    return run_job(spark, cfg, "ingest", main, preflight=preflight)
 
+
+def preflight(spark: SparkSession, cfg: Config) -> None:
+    """Map the source's columns before anything starts (no MLflow run, no table): an unmappable schema is the
+    same one-line ConfigError :func:`main` would raise, with nothing written."""
+    raw, where = read_source(spark, cfg)
+    map_columns(raw.schema, cfg, where)
+
+
+def main(ctx) -> dict:
+    """The ingest stage; return counts (see module docstring). Raises ConfigError / IngestInvariantError.
+
+    Its outputs are also what it compares the logs with: ``units`` is read as of the version it had when the
+    stage started (the stage context pins it)."""
+    spark, cfg = ctx.spark, ctx.config
     raw, where = read_source(spark, cfg)
     cmap = map_columns(raw.schema, cfg, where)
-    stored_version = table_version(spark, cfg, UNITS)
+    stored_version = ctx.version(UNITS)
     _check_stored_schema(spark, cfg, cmap, stored_version)
     ing = cfg.ingest
     compare_cols = [c for c in cmap.units_columns if c not in (*KEYS, "fold")]  # what makes a stored row "changed"
 
-    with stage_run(cfg, "ingest", inputs={UNITS: stored_version}):
+    with ctx.clock.timed("classify_merge_check"):
         rows = classify_rows(raw, cmap)
         if stored_version is not None:
             # Pinned to the version read at the start, so a recomputation after the MERGE sees the same snapshot.
-            stored = read_table(spark, cfg, UNITS, version=stored_version)
+            stored = ctx.read(UNITS, version=stored_version)
             side = stored.select(*KEYS, F.col("fold").alias("__fold"),
                                  *[F.col(f"`{c}`").alias(f"__s{i}") for i, c in enumerate(compare_cols)])
             rows = rows.join(side, list(KEYS), "left")
@@ -177,7 +190,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         finally:
             rows.unpersist()
 
-        stats = balance_stats(read_table(spark, cfg, UNITS).where(F.col("experiment_id").isin(
+        stats = balance_stats(ctx.read(UNITS).where(F.col("experiment_id").isin(
             [e for e in summary["experiments"] if e != "<missing>"])), cmap.covariate_cols)
         balance, warnings = randomization_check(stats, ing, _expected_share(cfg))
         for w in warnings:
@@ -198,9 +211,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
             metrics[f"balance.{name}.treated_share"] = rep["treated_share"]
             metrics.update({f"balance.{name}.smd.{_metric_name(c)}": v for c, v in rep["smd"].items()})
         metrics["randomization_warnings"] = len(warnings)
-        mlflow.log_metrics(metrics)  # one batched call
-        mlflow.set_tag("t2p.ingest.warnings", " | ".join(warnings)[:4000] if warnings else "none")
-        mlflow.log_dict({k: v for k, v in summary.items()}, "ingest_summary.json")
+        ctx.log_metrics(metrics)  # one batched call
+        ctx.set_tag("t2p.ingest.warnings", " | ".join(warnings)[:4000] if warnings else "none")
+        ctx.log_dict({k: v for k, v in summary.items()}, "ingest_summary.json")
     return summary
 
 

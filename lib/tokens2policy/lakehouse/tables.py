@@ -26,6 +26,14 @@ class MissingTableError(RuntimeError):
     """A stage asked for a table that no earlier stage has written."""
 
 
+def _stage_context(config):
+    """The StageContext behind a stage's config view (None for a plain Config): inside a stage, table access goes
+    through it, so a read gets the pinned version and every table used is a declared one (tokens2policy.context)."""
+    from tokens2policy.context import context_of
+
+    return context_of(config)
+
+
 def table_location(config: Config, name: str) -> str:
     """The Delta path (path mode) or the fully qualified name (catalog mode) of a stage table."""
     lh = config.lakehouse
@@ -40,6 +48,9 @@ def _is_catalog(config: Config) -> bool:
 
 
 def table_exists(spark: SparkSession, config: Config, name: str) -> bool:
+    ctx = _stage_context(config)
+    if ctx is not None:
+        return ctx.exists(name)
     loc = table_location(config, name)
     if _is_catalog(config):
         return spark.catalog.tableExists(loc)
@@ -48,12 +59,18 @@ def table_exists(spark: SparkSession, config: Config, name: str) -> bool:
 
 
 def delta_table(spark: SparkSession, config: Config, name: str) -> DeltaTable:
+    ctx = _stage_context(config)
+    if ctx is not None:
+        return ctx.delta_table(name)
     loc = table_location(config, name)
     return DeltaTable.forName(spark, loc) if _is_catalog(config) else DeltaTable.forPath(spark, loc)
 
 
 def read_table(spark: SparkSession, config: Config, name: str, version: Optional[int] = None) -> DataFrame:
     """Read a stage table, optionally as of a Delta version (time travel)."""
+    ctx = _stage_context(config)
+    if ctx is not None:
+        return ctx.read(name, version=version)
     if not table_exists(spark, config, name):
         raise MissingTableError(
             f"table '{name}' does not exist at {table_location(config, name)}: run the stage that writes it first"
@@ -82,6 +99,11 @@ def write_table(
     experiment's rows in a shared lakehouse. ``user_metadata`` is stored in the commit (``DESCRIBE HISTORY``'s
     ``userMetadata``; :func:`commit_metadata` reads it back), e.g. the model version that produced the rows.
     """
+    ctx = _stage_context(config)
+    if ctx is not None:
+        ctx.write(name, df, mode=mode, partition_by=partition_by, replace_where=replace_where,
+                  overwrite_schema=overwrite_schema, user_metadata=user_metadata)
+        return
     writer = df.write.format("delta").mode(mode)
     if user_metadata is not None:
         writer = writer.option("userMetadata", user_metadata)
@@ -129,6 +151,10 @@ def merge_table(
     row. A changed row for an existing key replaces the stored one when ``update_when_changed`` (latest wins),
     otherwise the stored row is kept (first wins).
     """
+    ctx = _stage_context(config)
+    if ctx is not None:
+        return ctx.merge(name, df, keys, update_when_changed=update_when_changed, partition_by=partition_by,
+                         compare_columns=compare_columns)
     keys = list(keys)
     if not table_exists(spark, config, name):
         write_table(df, config, name, mode="overwrite", partition_by=partition_by)
@@ -154,7 +180,11 @@ def merge_table(
 
 
 def table_version(spark: SparkSession, config: Config, name: str) -> Optional[int]:
-    """The table's latest Delta version, or None when it does not exist."""
+    """The table's latest Delta version, or None when it does not exist (inside a stage: an input's pinned
+    version)."""
+    ctx = _stage_context(config)
+    if ctx is not None:
+        return ctx.version(name)
     if not table_exists(spark, config, name):
         return None
     return int(delta_table(spark, config, name).history(1).select("version").first()[0])

@@ -19,7 +19,6 @@ Values are compared (paired) with treat-all, treat-none and random at the same b
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List
 
 import numpy as np
@@ -28,27 +27,11 @@ import pandas as pd
 from tokens2policy.honesty import estimated_on, estimates
 
 from ..effects.gates import encode_modifiers
-from ..effects.job import (
-    _Clock, _spark_frame, _write, cluster_ids, covariate_columns, load_experiment, log_metrics, modifier_frame,
-)
+from ..effects.job import cluster_ids, covariate_columns, load_experiment, modifier_frame
 from ..effects.ols import mean_with_se
 from .rules import budget_assign, budget_cutoff, budget_fired, budget_rule_text, threshold_policy
 from .tree import PolicyTree
 from .value import compare_policies
-
-RULES_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, leaf_id int, rule string, "
-                "conditions string, action int, action_name string, n long, leaf_effect double, leaf_effect_se double, "
-                "cost double, estimated_on string")
-VALUE_SCHEMA = ("experiment_id string, outcome string, learner string, policy string, comparison string, "
-                "treated_share double, estimate double, se double, ci_low double, ci_high double, p_value double, "
-                "n long, cost double, estimated_on string")
-
-
-def assignments_schema(unit_type: str = "string") -> str:
-    """DDL of the ``assignments`` table (``unit_type``: the units table's unit_id type)."""
-    return (f"experiment_id string, unit_id {unit_type}, outcome string, policy string, recommended boolean, "
-            "treat int, heldout_treat int, cate double, rule string, leaf_id int, sample string")
-
 
 def tree_design(values: Dict[str, np.ndarray], kinds: Dict[str, str], mods) -> tuple:
     """Tree features: raw activations for neurons (split at 0 = inactive/active), raw numeric covariates, one
@@ -144,16 +127,16 @@ def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster) 
         if inside.sum() >= 2:
             est_, se, *_ = mean_with_se(phi[inside], cluster=None if cluster is None else cluster[inside])
         rows.append(dict(policy="tree", leaf_id=leaf["leaf_id"], rule=leaf["rule"], conditions=leaf["conditions"],
-                         action=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est_,
+                         treat=leaf["action"], action_name=leaf["action_name"], n=leaf["n"], leaf_effect=est_,
                          leaf_effect_se=se))
     cutoff, tie_share = budget_fit
     rows.append(dict(policy="threshold", leaf_id=0, rule=f"IF cate > {p.cost:.4g} THEN treat ELSE control",
-                     conditions=f"cate > {p.cost:.4g}", action=1, action_name="treat",
+                     conditions=f"cate > {p.cost:.4g}", treat=1, action_name="treat",
                      n=int((sub["cate"][est] > p.cost).sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
     treated = budget_assign(sub["cate"].to_numpy()[est], cutoff, tie_share, sub["unit_id"].to_numpy()[est], cfg.seed)
     rows.append(dict(policy="budget", leaf_id=0, rule=budget_rule_text(cutoff, tie_share, p.budget),
                      conditions=f"cate > {cutoff:.4g}, ties at {cutoff:.4g} with probability {tie_share:.4g}",
-                     action=1, action_name="treat", n=int(treated.sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
+                     treat=1, action_name="treat", n=int(treated.sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
     return pd.DataFrame(rows).assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost,
                                      estimated_on=estimated_on(cfg.honesty))
 
@@ -243,35 +226,37 @@ def policy_in_memory(cfg, units: pd.DataFrame, neurons: pd.DataFrame, modifiers:
 
 
 def run(spark, cfg) -> dict:
+    """Run the policy stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "policy", main)
+
+
+def main(ctx) -> dict:
+    """Rules, held-out values and assignments per experiment; each experiment's rows replaced in each table."""
     import tempfile
     from pathlib import Path
 
-    import mlflow
-
-    from tokens2policy.lakehouse import experiment_filter, read_table, table_version
-    from tokens2policy.tracking import stage_run
-
+    spark, cfg = ctx.spark, ctx.config
     p = cfg.policy
-    units = read_table(spark, cfg, "units")
-    neurons = read_table(spark, cfg, "neurons")
-    modifiers = read_table(spark, cfg, "modifiers")
-    effects = read_table(spark, cfg, "effects")
-    versions = {n: table_version(spark, cfg, n) for n in ("units", "neurons", "modifiers", "effects")}
-    covariates = covariate_columns(cfg, units.columns)
+    units = ctx.read("units")
+    neurons = ctx.read("neurons")
+    modifiers = ctx.read("modifiers")
+    effects = ctx.read("effects")
+    covariates = list(ctx.units.covariates)
     summary: Dict[str, object] = {"experiments": []}
-    unit_type = units.schema["unit_id"].dataType.simpleString()
-    with stage_run(cfg, "policy", inputs=versions):
+    with ctx.clock.timed("total"):
         from ..represent.job import represent_model_uri
 
         # the represent model version that wrote the neurons read here (pinned, never "latest")
-        represent_uri = represent_model_uri(spark, cfg, versions["neurons"]) if p.register_model else None
+        represent_uri = represent_model_uri(spark, cfg, ctx.version("neurons")) if p.register_model else None
         mods_every = modifiers.toPandas()
         eff_every = effects.filter(effects.learner == p.learner).toPandas()
         if eff_every.empty:
             raise ValueError(f"the effects table has no rows for learner '{p.learner}' (policy.learner); "
                              f"run the effects stage first or pick another learner")
         for exp in sorted(eff_every["experiment_id"].unique()):
-            clock = _Clock()
+            clock = ctx.new_clock(str(exp))
             _, pdf = load_experiment(spark, cfg, units, neurons, exp)
             mods_all = mods_every[mods_every["experiment_id"] == exp]
             rules_all, values_all, assign_all, metrics, model_uris = [], [], [], {}, {}
@@ -299,14 +284,13 @@ def run(spark, cfg) -> dict:
             rules = pd.concat(rules_all, ignore_index=True)
             values = pd.concat(values_all, ignore_index=True)
             assigns = pd.concat(assign_all, ignore_index=True)
-            _write(spark, cfg, "policy_rules", _spark_frame(spark, rules, RULES_SCHEMA), exp)
-            _write(spark, cfg, "policy_value", _spark_frame(spark, values, VALUE_SCHEMA), exp)
-            _write(spark, cfg, "assignments", _spark_frame(spark, assigns, assignments_schema(unit_type)), exp)
-            log_metrics(metrics)
+            for name, frame in (("policy_rules", rules), ("policy_value", values), ("assignments", assigns)):
+                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
+            ctx.log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / f"rules_{exp}.txt").write_text("\n".join(rules["outcome"] + ": " + rules["rule"]) + "\n")
                 values.to_csv(Path(tmp) / f"policy_value_{exp}.csv", index=False)
-                mlflow.log_artifacts(tmp, artifact_path="policy")
+                ctx.log_artifacts(tmp, artifact_path="policy")
             clock.lap("write")
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)),
                                            "estimated_on": estimated_on(cfg.honesty),

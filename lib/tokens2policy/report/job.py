@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from tokens2policy.config import Config
 from tokens2policy.lakehouse import storage
-from tokens2policy.report.load import input_versions, load_lakehouse
+from tokens2policy.report.load import load_lakehouse
 from tokens2policy.report.page import build_page
 from tokens2policy.report.screenshot import try_screenshot
 
@@ -132,26 +132,25 @@ def _json_default(x):
 
 
 def run(spark, config: Config) -> Dict[str, Any]:
-    """Report stage entry point: build the page inside an MLflow run and log the folder as artifacts."""
-    if not config.report.log_to_mlflow:
-        res = build_report(spark, config)
+    """Run the report stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, config, "report", main)
+
+
+def main(ctx) -> Dict[str, Any]:
+    """Build the page from the input tables as of their pinned versions; log the folder to the MLflow run (unless
+    ``report.log_to_mlflow`` is off)."""
+    versions = {t: ctx.versions.get(t) for t in ctx.stage.inputs}
+    res = build_report(ctx.spark, ctx.config, run_id=ctx.run_id, versions=versions)
+    try:
+        if ctx.run is not None:
+            ctx.log_artifacts(res["local_dir"], artifact_path="report")
+            ctx.log_metrics({"report_missing_items": len(res["missing"]), "report_figures": len(res["figures"])})
+            ctx.set_tag("t2p.report_path", res["report_path"])
+            res["mlflow_run_id"] = ctx.run_id
+    finally:
         discard_staging(res)
-        return _summary(res)
-    import mlflow
-
-    from tokens2policy.tracking import stage_run
-
-    inputs = input_versions(spark, config)
-    with stage_run(config, "report", inputs=inputs) as active:
-        res = build_report(spark, config, run_id=active.info.run_id, versions=inputs)
-        try:
-            mlflow.log_artifacts(res["local_dir"], artifact_path="report")
-        finally:
-            discard_staging(res)
-        mlflow.log_metric("report_missing_items", len(res["missing"]))
-        mlflow.log_metric("report_figures", len(res["figures"]))
-        mlflow.set_tag("t2p.report_path", res["report_path"])
-        res["mlflow_run_id"] = active.info.run_id
     return _summary(res)
 
 

@@ -17,15 +17,13 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from tokens2policy.config import Config
+from tokens2policy.stages import REPORT_TABLES as _REPORT_INPUTS
 
-REPORT_TABLES = (
-    "units", "quarantine", "modifiers", "selection_trace", "marginal_screen", "neuron_labels", "gates",
-    "calibration", "calibration_curves", "policy_rules", "policy_value", "assignments",
-    "demo_drivers", "demo_truth", "neurons",
-)
+# what the report reads: the report stage's declared inputs (tokens2policy.stages), read as of their pinned versions
+REPORT_TABLES = _REPORT_INPUTS
 # tables that are only optional extras (their absence is not reported as a gap): the demo's truth exists for the
 # demo only, and neurons is read only to compare the selection with it
-OPTIONAL_TABLES = ("calibration_curves", "demo_drivers", "demo_truth", "neurons")
+OPTIONAL_TABLES = ("demo_drivers", "demo_truth", "neurons")
 # tables summarised in Spark, never collected (one row per unit)
 UNIT_TABLES = ("units", "demo_truth", "neurons")
 # columns the report reads, by table (anything else is shown as-is where a table is printed)

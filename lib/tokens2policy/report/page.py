@@ -257,7 +257,7 @@ def neuron_lookup(labels: Optional[pd.DataFrame]) -> Dict[str, Dict[str, Any]]:
     """neuron id (as a string key) → its row in ``neuron_labels``."""
     if labels is None or labels.empty:
         return {}
-    col = pick(labels, "neuron", "feature", "index")
+    col = pick(labels, "neuron")
     if col is None:
         return {}
     return {feature_key(r[col]): r.to_dict() for _, r in labels.iterrows()}
@@ -286,11 +286,11 @@ def modifier_label(row: Dict[str, Any], neuron: Optional[Dict[str, Any]]) -> str
 
 
 def pvalue_col(df: Optional[pd.DataFrame]) -> Optional[str]:
-    return pick(df, "p_value", "p", "pvalue", "pval")
+    return pick(df, "p_value")
 
 
 def tstat_col(df: Optional[pd.DataFrame]) -> Optional[str]:
-    return pick(df, "t", "t_stat", "tstat", "statistic")
+    return pick(df, "t")
 
 
 def contrast_sides(group: Any) -> Optional[List[str]]:
@@ -357,7 +357,7 @@ def experiment_summary(page: Page, data: ReportData, facts: Dict[str, Any]) -> D
             ctx["missing"].append("no numeric covariate columns in 'units'")
     q = data.get("quarantine")
     if q is not None:
-        rc = pick(q, "reason_code", "reason")
+        rc = pick(q, "reason")
         facts["quarantined"] = len(q)
         ctx["quarantine"] = {"n": len(q), "by_reason": table(q.groupby(rc).size().rename("rows").reset_index())
                              if rc and len(q) else None}
@@ -424,7 +424,7 @@ def _facts_card(card: Dict[str, Any]) -> Dict[str, Any]:
     return {k: card[k] for k in keep}
 
 
-TRACE_COLUMNS = ("phase", "round", "step", "action", "feature", "label", "kind", "t", "p", "p_value", "threshold",
+TRACE_COLUMNS = ("phase", "round", "step", "action", "feature", "label", "kind", "t", "p_value", "threshold",
                  "n_candidates", "n_tested", "n_eligible", "gate2_ref", "reason", "detail")
 TRACE_HIDDEN = ("experiment_id", "outcome", "collinear", "seq", "index")
 ACTION_WORDS = {"add": "added", "drop": "dropped", "keep": "kept", "selected": "selected (final)",
@@ -509,12 +509,9 @@ CURVE_METRICS = ("toc", "qini", "toc_curve", "qini_curve")
 
 
 def _curves(data: ReportData, outcome: Optional[str]) -> Optional[pd.DataFrame]:
-    """TOC/Qini curve points (columns q, toc, qini, *_se, and ``learner`` when there are several): from a
-    ``calibration_curves`` table, or from the curve rows of ``calibration`` (metric toc[_curve]/qini[_curve] with a
-    numeric ``q``, or a numeric ``group`` when there is no ``q`` column)."""
-    cc = _for_outcome(data.get("calibration_curves"), outcome)
-    if cc is not None and "q" in cc.columns:
-        return cc
+    """TOC/Qini curve points (columns q, toc, qini, *_se, and ``learner`` when there are several): the curve rows
+    of ``calibration`` (metric toc[_curve]/qini[_curve] with a numeric ``q``, or a numeric ``group`` when there is
+    no ``q`` column)."""
     cal = _for_outcome(data.get("calibration"), outcome)
     if cal is None or "metric" not in cal.columns or "estimate" not in cal.columns:
         return None
@@ -543,8 +540,7 @@ def calibration(page: Page, data: ReportData, outcome: Optional[str], tag: str) 
     cal = _for_outcome(data.get("calibration"), outcome)
     curves = _curves(data, outcome)
     if curves is None:
-        ctx["missing"].append("TOC/Qini curve points (table 'calibration_curves', or calibration rows with metric "
-                              "toc/qini per q)")
+        ctx["missing"].append("TOC/Qini curve points (calibration rows with metric toc/qini per q)")
     else:
         group = "learner" if "learner" in curves.columns and curves["learner"].nunique() > 1 else None
         path = plots.curves_plot(curves, page.out / f"toc_qini_{tag}.png",
@@ -628,9 +624,9 @@ def marginal_comparison(data: ReportData, outcome: Optional[str], alpha: float) 
         return None
 
     res: Dict[str, Any] = {"n_features": int(len(ms)), "n_selected": len(selected), "alpha": alpha}
-    for name, p_cols, flag_cols in (("raw", ("p_value", "p", "pvalue"), ("reject_raw",)),
-                                    ("bonferroni", ("p_bonferroni", "p_bonf"), ("reject_bonferroni",)),
-                                    ("bh", ("q_bh", "q_value", "p_bh"), ("reject_bh",))):
+    for name, p_cols, flag_cols in (("raw", ("p_value",), ("reject_raw",)),
+                                    ("bonferroni", ("p_bonferroni",), ("reject_bonferroni",)),
+                                    ("bh", ("q_bh",), ("reject_bh",))):
         f = flagged(p_cols, flag_cols)
         if f is None:
             res[name] = None

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import zipfile
 from typing import Optional
 
@@ -34,6 +33,7 @@ from .labels import label_neurons
 from .sae import SAEParams, SparseAutoencoder, csr_to_rows, latents_for_corpus, reconstruction_metrics, rows_to_csr
 
 OK_STATUS = ("ok", "truncated", "chunked")
+TRAINING_ORDER = ("experiment_id", "unit_id", "position")  # the local trainer's input order (deterministic reruns)
 REGISTERED_MODEL = "tokens2policy-represent"
 
 # ------------------------------------------------------------------------------------------------
@@ -246,10 +246,11 @@ def _training_view(spark, cfg: Config, emb, model_hash: str):
 
     rc = cfg.represent
     parts = []
-    if rc.train_on in ("documents", "both"):
-        parts.append(emb.select("vector"))
+    if rc.train_on in ("documents", "both"):  # a document vector sorts before its unit's token vectors
+        parts.append(emb.select(*TRAINING_ORDER[:2], F.lit(-1).alias("position"), "vector"))
     if rc.train_on in ("tokens", "both"):
-        parts.append(_token_states(spark, cfg, model_hash, f"represent.train_on={rc.train_on}").select("vector"))
+        parts.append(_token_states(spark, cfg, model_hash, f"represent.train_on={rc.train_on}")
+                     .select(*TRAINING_ORDER, "vector"))
     view = parts[0]
     for p in parts[1:]:
         view = view.unionByName(p)
@@ -278,8 +279,9 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     rc = cfg.represent
     n_latents = rc.n_latents if n_latents is None else n_latents
     if rc.kind != "sae" or rc.backend == "local":
-        # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy
-        pdf = train_df.toPandas()
+        # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy, in a
+        # fixed order (Spark's partition order is not one), so a rerun trains on the same sequence
+        pdf = train_df.orderBy(*TRAINING_ORDER).select("vector").toPandas()
         if pdf.empty:
             raise ValueError("no training vectors for represent.train_on=" + rc.train_on)
         source = np.stack(pdf["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
@@ -287,7 +289,8 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     else:
         # workers read their own parquet shards of a staged snapshot (no deletion vectors, no column mapping)
         n_files = max(2, int(rc.num_processes) * 2)
-        write_table(train_df.repartition(n_files), cfg, "represent_training", mode="overwrite", overwrite_schema=True)
+        write_table(train_df.select("vector").repartition(n_files), cfg, "represent_training", mode="overwrite",
+                    overwrite_schema=True)
         source = delta_source(spark, read_table(spark, cfg, "represent_training"), column="vector")
     if rc.kind != "sae":  # the baselines are for ablations on data that fits one machine
         params = {"n_components": rc.pca_components, "seed": cfg.seed} if rc.kind == "pca" else {}
@@ -341,16 +344,15 @@ def _labels(spark, cfg: Config, rep, neurons, model_hash: str, n_units: int):
 
 
 def run(spark, cfg: Config) -> dict:
-    """Train (or fit a baseline), encode every unit, compute neuron statistics and labels; one MLflow run."""
-    import mlflow
-    import pandas as pd
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
+    """Run the represent stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
 
-    from tokens2policy.lakehouse import read_table, table_version, write_table
-    from tokens2policy.progress import spark_progress
+    return run_job(spark, cfg, "represent", main, preflight=preflight)
+
+
+def preflight(spark, cfg) -> None:
+    """Settings that cannot work fail in one line before any work (and before the MLflow run opens)."""
     from tokens2policy.stages import require_gpu
-    from tokens2policy.tracking import stage_run
 
     rc = cfg.represent
     if rc.encode == "tokens_maxpool" and rc.kind != "sae":
@@ -362,24 +364,28 @@ def run(spark, cfg: Config) -> dict:
             raise ConfigError(why)
     if rc.kind == "sae" and rc.use_gpu and rc.backend != "local":
         require_gpu(spark, f"represent.use_gpu=true (backend {rc.backend})", "--set represent.use_gpu=false")
-    versions = {"embeddings": table_version(spark, cfg, "embeddings"),
-                "token_states": table_version(spark, cfg, "token_states")}
-    emb = read_table(spark, cfg, "embeddings", version=versions["embeddings"]).where(
+
+
+def main(ctx) -> dict:
+    """Train (or fit a baseline), encode every unit, compute neuron statistics and labels."""
+    from pyspark.sql import functions as F
+
+    from tokens2policy.progress import spark_progress
+
+    spark, cfg = ctx.spark, ctx.config
+    rc = cfg.represent
+    emb = ctx.read("embeddings").where(
         F.col("status").isin(*OK_STATUS) & F.col("vector").isNotNull())
     if rc.experiment_id:
         emb = emb.where(F.col("experiment_id") == rc.experiment_id)
-    timings, t0 = {}, time.perf_counter()
+    clock = ctx.clock.reset()
+    clock.echo = ctx.echo  # each step's time as it ends
 
-    def mark(step):
-        nonlocal t0
-        timings[step] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        print(f"[represent] {step}: {timings[step]} s", flush=True)
-
-    with stage_run(cfg, "represent", inputs=versions):
+    with clock.timed("total"):
         model_hash = _pick_model_hash(emb, rc.model_hash)
         emb = emb.where(F.col("model_hash") == model_hash)
-        mlflow.log_param("resolved.model_hash", model_hash)
+        ctx.log_params({"resolved.model_hash": model_hash, "resolved.seed": cfg.seed,
+                        "resolved.training_order": ", ".join(TRAINING_ORDER)})
         try:
             note = f"SAE, {rc.epochs} epochs, backend {rc.backend}" if rc.kind == "sae" else rc.kind
             with spark_progress(spark, "represent: train", note=note) as bar:
@@ -394,7 +400,7 @@ def run(spark, cfg: Config) -> dict:
         except BackendUnavailableError as err:
             raise ConfigError(str(err)) from None
         n_latents = int(rep.n_latents_)
-        mark("train")
+        clock.lap("train")
 
         codes = encode_frame(spark, emb, rep).persist()
         with spark_progress(spark, "represent: encode"):
@@ -413,14 +419,13 @@ def run(spark, cfg: Config) -> dict:
             neurons = neurons.withColumn("pooled_tokens", F.lit(0))
         # the model first, so that the neurons' commit records the exact version that produced them
         info, model_uri = _log_model(cfg, rep, dim, register=rc.register_model)
-        write_table(neurons, cfg, "neurons", mode="overwrite", partition_by=["experiment_id"], overwrite_schema=True,
-                    user_metadata=json.dumps({"represent_model_uri": model_uri,
-                                              "mlflow_run_id": mlflow.active_run().info.run_id}))
+        ctx.write("neurons", neurons, mode="overwrite", overwrite_schema=True,
+                  user_metadata=json.dumps({"represent_model_uri": model_uri, "mlflow_run_id": ctx.run_id}))
         # the written codes, not a recomputation (token pooling is an expensive plan)
-        neurons = read_table(spark, cfg, "neurons")
+        neurons = ctx.read("neurons")
         written = neurons.agg(F.sum(F.size("indices")).alias("nnz"),
                               F.sum((F.col("pooled_tokens") > 0).cast("long")).alias("pooled")).collect()[0]
-        mark("encode")
+        clock.lap("encode")
 
         exploded = neurons.select(F.explode(F.arrays_zip("indices", "values")).alias("c")).select(
             F.col("c.indices").alias("neuron"), F.col("c.values").alias("value"))
@@ -433,7 +438,7 @@ def run(spark, cfg: Config) -> dict:
                          F.when(F.col("n_active") > 0, F.col("sum_value") / F.col("n_active"))
                          .otherwise(F.lit(0.0)).alias("mean_activation_when_active"))
                  .orderBy("neuron"))
-        write_table(stats, cfg, "neuron_stats", mode="overwrite", overwrite_schema=True)
+        ctx.write("neuron_stats", stats, mode="overwrite", overwrite_schema=True)
         n_dead = stats.where(F.col("n_active") == 0).count()
 
         metrics = {
@@ -446,25 +451,16 @@ def run(spark, cfg: Config) -> dict:
             "units_token_pooled": float(written["pooled"] or 0),
             "units_document_code": float(n_units - int(written["pooled"] or 0)),
         }
-        mlflow.log_metrics(metrics)
-        mlflow.log_params({"resolved.kind": rep.kind, "resolved.n_latents": n_latents,
+        ctx.log_metrics(metrics)
+        ctx.log_params({"resolved.kind": rep.kind, "resolved.n_latents": n_latents,
                            "resolved.backend": getattr(rep, "training_info_", {}).get("backend", "n/a")})
         if rc.kind == "sae" and getattr(rep, "history_", None):
             for h in rep.history_:
-                mlflow.log_metric("train_mse_normalized_space", h["train_mse_normalized_space"], step=h["epoch"])
-        mark("stats")
-        mark("log_model")
+                ctx.log_metrics({"train_mse_normalized_space": h["train_mse_normalized_space"]}, step=h["epoch"])
+        clock.lap("stats")
 
         labels = _labels(spark, cfg, rep, neurons, model_hash, n_units)
-        doc_t = T.ArrayType(T.StructType([T.StructField("unit_id", T.StringType()),
-                                          T.StructField("activation", T.DoubleType()),
-                                          T.StructField("snippet", T.StringType())]))
-        schema = T.StructType([
-            T.StructField("neuron", T.IntegerType()), T.StructField("label", T.StringType()),
-            T.StructField("top_terms", T.ArrayType(T.StringType())),
-            T.StructField("top_term_z", T.ArrayType(T.DoubleType())),
-            T.StructField("top_docs", doc_t), T.StructField("bottom_docs", doc_t),
-            T.StructField("top_tokens", T.ArrayType(T.StringType())), T.StructField("n_active_sample", T.IntegerType())])
+        schema = ctx.schema("neuron_labels")
 
         def docs(ds):
             return [{"unit_id": str(d["unit_id"]), "activation": float(d["activation"]), "snippet": d["snippet"]}
@@ -474,14 +470,13 @@ def run(spark, cfg: Config) -> dict:
                        "top_term_z": [float(z) for _, z in l["top_terms"]], "top_docs": docs(l["top_docs"]),
                        "bottom_docs": docs(l["bottom_docs"]), "top_tokens": [t for t, _ in l["top_tokens"]],
                        "n_active_sample": int(l["n_active"])} for l in labels]
-        write_table(spark.createDataFrame(label_rows, schema) if label_rows else spark.createDataFrame([], schema),
-                    cfg, "neuron_labels", mode="overwrite", overwrite_schema=True)
-        mlflow.log_dict({"labels": label_rows}, "neuron_labels.json")
+        ctx.write("neuron_labels", spark.createDataFrame(label_rows, schema), mode="overwrite",
+                  overwrite_schema=True)
+        ctx.log_dict({"labels": label_rows}, "neuron_labels.json")
         codes.unpersist()
-        mark("labels")
-        mlflow.log_dict(timings, "timings.json")
+        clock.lap("labels")
     summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
-               "model_uri": model_uri, "seconds": timings,
+               "model_uri": model_uri, "seconds": dict(clock.laps),
                "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
                "encode": rc.encode, "units_document_code": int(metrics["units_document_code"]),
                **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}

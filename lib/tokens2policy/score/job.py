@@ -24,11 +24,15 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from tokens2policy.config import Config, ConfigError
-from tokens2policy.score.tables import (
-    QUARANTINE_KEYS, QUARANTINE_SCHEMA, SCORE_QUARANTINE, SCORES, SCORES_COMPARE, SCORES_KEYS, SCORES_SCHEMA,
-)
+from tokens2policy.lakehouse.schemas import table_spec
 
 log = logging.getLogger(__name__)
+
+# the two output tables; their columns, keys and partitioning live in the table registry (lakehouse/schemas.py)
+SCORES = "scores"
+SCORE_QUARANTINE = "score_quarantine"
+# a stored score is replaced only when its input row or its model changed (a rerun commits nothing)
+SCORES_COMPARE = ("input_fingerprint", "model_uri")
 
 FILE_KINDS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 
@@ -77,7 +81,7 @@ def quarantine_frame(rows: DataFrame, where: str) -> DataFrame:
     occ = F.row_number().over(Window.partitionBy("row_hash").orderBy("reason", "message"))
     return rejected.select(*[(occ.cast("int") if f.name == "occurrence" else
                               F.lit(where) if f.name == "source" else F.col(f.name)).cast(f.dataType).alias(f.name)
-                             for f in QUARANTINE_SCHEMA.fields])
+                             for f in table_spec(SCORE_QUARANTINE).schema().fields])
 
 
 def _not_stored(spark: SparkSession, cfg: Config, name: str, df: DataFrame, columns: List[str]) -> DataFrame:
@@ -122,7 +126,7 @@ def score_frame(spark: SparkSession, accepted: DataFrame, experiment_id: str, ou
     return scored.select(*[(values[f.name] if f.name in values else
                             F.col(f"p.{f.name}") if f.name in ("cate", "ci_low", "ci_high", "rule", "leaf_id",
                                                                  "embed_status") else F.col(f.name))
-                           .cast(f.dataType).alias(f.name) for f in SCORES_SCHEMA.fields])
+                           .cast(f.dataType).alias(f.name) for f in table_spec(SCORES).schema().fields])
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
@@ -155,9 +159,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
                                           f"quarantined {sum(reasons.values())}")
             if reasons:
                 quarantine = _not_stored(spark, cfg, SCORE_QUARANTINE, quarantine_frame(rows, where),
-                                         [f.name for f in QUARANTINE_SCHEMA.fields])
+                                         [f.name for f in table_spec(SCORE_QUARANTINE).schema().fields])
                 if quarantine.limit(1).count():
-                    merge_table(spark, cfg, SCORE_QUARANTINE, quarantine, keys=list(QUARANTINE_KEYS))
+                    merge_table(spark, cfg, SCORE_QUARANTINE, quarantine, keys=list(table_spec(SCORE_QUARANTINE).keys))
             merged = {"inserted": 0, "updated": 0, "unchanged_or_kept": 0}
             if experiments:
                 frames = [score_frame(spark, accepted, e, o, models[(e, o)], where) for e in experiments
@@ -168,11 +172,12 @@ def run(spark: SparkSession, cfg: Config) -> dict:
                     if n_scored != n_accepted * len(outcomes):
                         raise ScoreInvariantError(f"scored {n_scored} rows for {n_accepted} accepted units x "
                                                   f"{len(outcomes)} outcome(s)")
-                    pending = _not_stored(spark, cfg, SCORES, scores, [*SCORES_KEYS, *SCORES_COMPARE])
+                    pending = _not_stored(spark, cfg, SCORES, scores, [*table_spec(SCORES).keys, *SCORES_COMPARE])
                     n_pending = pending.count()
                     if n_pending:
-                        merged = merge_table(spark, cfg, SCORES, pending, keys=list(SCORES_KEYS),
-                                             partition_by=["experiment_id"], compare_columns=list(SCORES_COMPARE))
+                        merged = merge_table(spark, cfg, SCORES, pending, keys=list(table_spec(SCORES).keys),
+                                             partition_by=list(table_spec(SCORES).partition_by),
+                                             compare_columns=list(SCORES_COMPARE))
                     merged["unchanged_or_kept"] = n_scored - n_pending + merged["unchanged_or_kept"]
                 finally:
                     scores.unpersist()

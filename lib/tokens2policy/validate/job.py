@@ -24,12 +24,11 @@ TABLE = "validation_runs"
 
 
 def spark_schema():
-    from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, StructField, StructType
+    """The ``validation_runs`` schema, from the table registry (its columns: ``run_id``, ``study`` and
+    :data:`~tokens2policy.validate.study.RESULT_COLUMNS`)."""
+    from tokens2policy.lakehouse.schemas import table_spec
 
-    kinds = {"int64": LongType(), "float64": DoubleType(), "object": StringType(), "bool": BooleanType()}
-    fields = [StructField("run_id", StringType(), False), StructField("study", StringType(), False)]
-    fields += [StructField(c, kinds[t], True) for c, t in RESULT_COLUMNS.items()]
-    return StructType(fields)
+    return table_spec(TABLE).schema()
 
 
 def _task_runner(tasks: List[Dict], run_id: str, study: str):
@@ -83,16 +82,21 @@ def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
 
 
 def run(spark, cfg) -> dict:
+    """Run the validate stage directly (tests, notebooks): :func:`main` under a stage context."""
+    from tokens2policy.context import run_job
+
+    return run_job(spark, cfg, "validate", main)
+
+
+def main(ctx) -> dict:
     """Run the study on the cluster; append rows to ``validation_runs``; log summaries/figures to MLflow."""
-    import mlflow
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import read_table, write_table
     from tokens2policy.progress import spark_progress
-    from tokens2policy.tracking import stage_run
 
     from . import plots
 
+    spark, cfg = ctx.spark, ctx.config
     vcfg = cfg.validate_
     out_dir = Path(vcfg.out_dir) if vcfg.out_dir else cfg.data_path / "validation"
     text_rep = None
@@ -108,37 +112,37 @@ def run(spark, cfg) -> dict:
         driver_reps = {(c, v): str(build_driver_representation(cfg, c, v, cfg.data_path / "validation", cfg.seed))
                        for c in vcfg.drivers_corpora for v in vcfg.drivers_variants}
     tasks = build_tasks(vcfg, cfg.seed, text_representation=text_rep, driver_representations=driver_reps)
-    with stage_run(cfg, "validate") as mlrun:
-        run_id = mlrun.info.run_id
-        mlflow.log_param("validate.n_tasks", len(tasks))
+    with ctx.clock.timed("study"):
+        run_id = ctx.run_id
+        ctx.log_params({"validate.n_tasks": len(tasks)})
         if text_rep:
             from .text import representation_summary
 
-            mlflow.log_dict(dict(representation_summary(text_rep), path=text_rep),
-                            "validation/text_representation.json")
+            ctx.log_dict(dict(representation_summary(text_rep), path=text_rep),
+                         "validation/text_representation.json")
         sdf = study_frame(spark, tasks, run_id, vcfg.size, vcfg.tasks_per_partition)
         with spark_progress(spark, "validate: simulation study", note=f"{len(tasks)} repetitions"):
-            write_table(sdf, cfg, TABLE, mode="append")
-        rows = read_table(spark, cfg, TABLE).where(F.col("run_id") == run_id).toPandas()
+            ctx.write(TABLE, sdf, mode="append")
+        rows = ctx.read(TABLE).where(F.col("run_id") == run_id).toPandas()
         sel, cov = summarize_selection(rows), summarize_coverage(rows)
-        mlflow.log_metrics(_headline_metrics(sel, cov))
+        ctx.log_metrics(_headline_metrics(sel, cov))
         out_dir.mkdir(parents=True, exist_ok=True)
         sel.to_csv(out_dir / "validation_selection_summary.csv", index=False)
         cov.to_csv(out_dir / "validation_coverage_summary.csv", index=False)
-        mlflow.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
-        mlflow.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
+        ctx.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
+        ctx.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
         figures = plots.all_figures(sel, cov, out_dir, vcfg.alpha) if vcfg.figures else {}
         if vcfg.drivers:
             from .drivers import driver_figures, driver_metrics, summarize_drivers
 
             drv = summarize_drivers(rows)
             drv.to_csv(out_dir / "validation_drivers_summary.csv", index=False)
-            mlflow.log_artifact(str(out_dir / "validation_drivers_summary.csv"), "validation")
-            mlflow.log_metrics(driver_metrics(drv))
+            ctx.log_artifact(str(out_dir / "validation_drivers_summary.csv"), "validation")
+            ctx.log_metrics(driver_metrics(drv))
             if vcfg.figures:
                 figures.update(driver_figures(drv, out_dir))
         for path in figures.values():
-            mlflow.log_artifact(str(path), "validation")
+            ctx.log_artifact(str(path), "validation")
         from .pipeline_path import run_in_study  # select -> effects -> policy as the stages run them
 
         with spark_progress(spark, "validate: the pipeline's own path", note="select -> effects -> policy"):

@@ -132,9 +132,10 @@ def identify_in_memory(cfg, units: pd.DataFrame, neurons: pd.DataFrame, outcome:
     ``selection``, or all with ``honesty.mode=none``), stored folds for the GCM; the ``modifiers`` rows it writes
     (``identify.job.modifier_rows``; labels empty). Covariates are not used (the design has none)."""
     from tokens2policy.identify import nexis
-    from tokens2policy.identify.job import MODIFIERS_SCHEMA, modifier_rows
+    from tokens2policy.identify.job import modifier_rows
+    from tokens2policy.lakehouse.schemas import table_spec
 
-    cols = [c.strip().split(" ")[0] for c in MODIFIERS_SCHEMA.split(",")]
+    cols = list(table_spec("modifiers").column_names)
     rows = []
     for exp in sorted(units["experiment_id"].unique()):
         pdf, z = _selection_frame(cfg, units, neurons, exp)
@@ -150,9 +151,9 @@ def top_marginal_in_memory(cfg, units: pd.DataFrame, neurons: pd.DataFrame, outc
     """The worst-case selector: the single feature with the largest marginal interaction |t| (the identify
     stage's marginal screen, HC2), on the same units the identify stage selects on; ``modifiers`` rows."""
     from tokens2policy.identify import marginal
-    from tokens2policy.identify.job import MODIFIERS_SCHEMA
+    from tokens2policy.lakehouse.schemas import table_spec
 
-    cols = [c.strip().split(" ")[0] for c in MODIFIERS_SCHEMA.split(",")]
+    cols = list(table_spec("modifiers").column_names)
     rows = []
     for exp in sorted(units["experiment_id"].unique()):
         pdf, z = _selection_frame(cfg, units, neurons, exp)
