@@ -70,9 +70,10 @@ STAGES: Tuple[Stage, ...] = (
     # effects: neuron_labels name the neurons of the coverage line; identify.min_active its residual screen
     Stage("effects", ("units", "neurons", "modifiers", "neuron_labels"), tables_of("effects"),
           ("effects", "honesty", "identify.min_active", *UNIT_COLUMNS), requires=("units", "neurons", "modifiers")),
-    Stage("policy", ("units", "neurons", "modifiers", "effects"), tables_of("policy"),
+    # policy: cate_final_stages is read only to serve a model (policy.register_model with a *_selected learner)
+    Stage("policy", ("units", "neurons", "modifiers", "effects", "cate_final_stages"), tables_of("policy"),
           ("policy", "effects", "honesty", "embed", *UNIT_COLUMNS, *MODEL_STORE, *MODEL_REGISTRATION,
-           "tracking.policy_model_name")),
+           "tracking.policy_model_name"), requires=("units", "neurons", "modifiers", "effects")),
     Stage("report", REPORT_TABLES, (), ("report", "ingest.smd_warn", *UNIT_COLUMNS, "source.cluster_col",
                                         "policy.recommended", "policy.learner"),
           requires=(), tracked="report.log_to_mlflow"),

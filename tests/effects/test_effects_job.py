@@ -91,6 +91,15 @@ def test_effects_job_tables_truth_and_parallel_folds(spark, synth):
     want_eff = mem["effects"].sort_values(["learner", "unit_id"]).reset_index(drop=True)
     np.testing.assert_allclose(got_eff.cate_oof, want_eff.cate_oof, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(got_eff["sample"], want_eff["sample"])
+    # the fitted linear final stages, kept in cate_final_stages, are the in-memory core's (tests/effects/test_final_stage.py
+    # checks them against an independent fit)
+    finals = read_table(spark, cfg, "cate_final_stages").toPandas().sort_values("learner").reset_index(drop=True)
+    want_finals = mem["final_stages"].sort_values("learner").reset_index(drop=True)
+    assert list(finals.learner) == ["dr_selected", "r_selected"] and set(finals.se_type) == {"HC1"}
+    assert [list(t) for t in finals.terms] == [list(t) for t in want_finals.terms]
+    np.testing.assert_allclose(np.vstack(finals.coef), np.vstack(want_finals.coef), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.stack([np.vstack(c) for c in finals["cov"]]),
+                               np.stack([np.vstack(c) for c in want_finals["cov"]]), rtol=1e-9, atol=1e-14)
     want_cov = mem["calibration"].query("metric == 'coverage'").set_index("group")
     assert want_cov.loc["share_selected", "estimate"] == pytest.approx(cov.loc["share_selected", "estimate"])
 

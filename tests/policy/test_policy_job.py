@@ -3,10 +3,12 @@ import mlflow
 import numpy as np
 import pytest
 
+from tokens2policy.effects.final_stage import LinearFinalStage
 from tokens2policy.effects.learners import DRLearner, NuisanceParams
 from tokens2policy.effects.synthetic import make_synthetic_rct, write_synthetic_tables
 from tokens2policy.honesty import unit_roles
 from tokens2policy.lakehouse import read_table, write_table
+from tokens2policy.lakehouse.schemas import table_spec
 from tokens2policy.policy import job as policy_job
 
 EFFECTS_SCHEMA = ("experiment_id string, unit_id string, outcome string, learner string, cate double, ci_low double, "
@@ -41,6 +43,12 @@ def test_policy_job_recovers_rule_and_values_cover_oracle(spark, make_cfg):
               int(r.fold), 0.0, 0.0, 0.5, 0.0, 0.0, "selection")
              for r, c, a, b in zip(sel.itertuples(), m.effect(Zs), los, his)]
     write_table(spark.createDataFrame(rows, EFFECTS_SCHEMA), cfg, "effects")
+    # and its fitted final stage, as the effects stage keeps it (read by the policy stage to serve the rule)
+    final = LinearFinalStage.from_learner("synth", "outcome", "dr_selected", m, ["neuron_3", "neuron_7"],
+                                          "indicator", "estimation")
+    schema = table_spec("cate_final_stages").schema()
+    write_table(spark.createDataFrame([tuple(final.row()[f.name] for f in schema.fields)], schema), cfg,
+                "cate_final_stages")
     u = data["units"]
 
     summary = policy_job.run(spark, cfg)

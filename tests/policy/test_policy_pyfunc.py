@@ -4,7 +4,8 @@ A small fitted chain on real BBC News texts: the real all-MiniLM-L6-v2 through t
 TopK SAE, the effects stage's modifier design and a linear-final DR-learner, and the policy stage's rules (an exact
 tree, threshold, budget). The in-memory reference for the assignments is the policy job's own
 ``assignment_frame``; the pyfunc must reproduce it in memory, after an MLflow round trip (sqlite store + registry),
-and through ``mlflow.pyfunc.spark_udf`` over a Delta table.
+and through ``mlflow.pyfunc.spark_udf`` over a Delta table. The chain is :mod:`tokens2policy.policy.serving`; its
+MLflow packaging :mod:`tokens2policy.policy.pyfunc`; the policy stage's hook :mod:`tokens2policy.policy.job`.
 """
 from pathlib import Path
 
@@ -18,10 +19,10 @@ from tokens2policy.effects.gates import encode_modifiers
 from tokens2policy.effects.job import modifier_frame
 from tokens2policy.effects.learners import DRLearner, NuisanceParams
 from tokens2policy.embed.models import resolve_model
-from tokens2policy.policy.job import assignment_frame, tree_design
-from tokens2policy.policy.pyfunc import (
-    PolicyScorer, PolicySpec, budget_rule, log_stage_policy_model, spark_scorer, threshold_rule,
-)
+from tokens2policy.effects.final_stage import LinearFinalStage
+from tokens2policy.policy.job import assignment_frame, log_stage_policy_model, tree_design
+from tokens2policy.policy.pyfunc import spark_scorer
+from tokens2policy.policy.serving import PolicyScorer, PolicySpec, budget_rule, load_scorer, threshold_rule
 from tokens2policy.policy.rules import budget_assign, budget_cutoff, threshold_policy
 from tokens2policy.policy.tree import PolicyTree
 from tokens2policy.represent.sae import SparseAutoencoder, csr_to_rows
@@ -77,7 +78,7 @@ def chain():
                              "round_added": [1, 2, 3], "label": ["topic", None, None]})
     mods, vals, kinds = modifier_frame(pdf, mods_pdf, COVARIATES, cfg)
     assert kinds == {f"neuron_{neuron}": "sparse", "tenure": "continuous", "segment": "categorical"}
-    Z, _ = encode_modifiers(vals, kinds, "indicator")
+    Z, z_names = encode_modifiers(vals, kinds, "indicator")
     X = np.column_stack([active, vals["tenure"], pdf.segment == "b", pdf.segment == "c"])
     learner = DRLearner(NuisanceParams("ridge"), final="linear").fit(X, pdf.treatment, y, pdf.fold, Z=Z)
     Xt, names, tkinds = tree_design(vals, kinds, mods)
@@ -92,9 +93,11 @@ def chain():
     rules = {"tree": tree, "threshold": threshold_rule(COST), "budget": budget_rule(*budget_fit, BUDGET, cfg.seed)}
     specs = {k: PolicySpec.from_fitted(embed_spec, mods, vals, kinds, r, cate_model=learner, frame=pdf)
              for k, r in rules.items()}
+    # the final stage as the effects stage stores it (table cate_final_stages): what the policy stage serves
+    final = LinearFinalStage.from_learner("exp", "y", "dr_selected", learner, z_names, "indicator", "all")
     return dict(cfg=cfg, embed_spec=embed_spec, embedder=embedder, sae=sae, pdf=pdf, ref=ref, specs=specs,
                 learner=learner, Z=Z, neuron=neuron, active=active, sub=sub, mods=mods, vals=vals, kinds=kinds,
-                tree=tree, budget_fit=budget_fit)
+                tree=tree, budget_fit=budget_fit, final=final)
 
 
 def _expected(chain, policy):
@@ -219,7 +222,7 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
         exp = mlflow.create_experiment("policy-pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=exp):  # the policy stage's hook (policy.recommended = tree)
             uri = log_stage_policy_model(chain["cfg"], "exp", "y", chain["sub"], chain["mods"], chain["vals"],
-                                         chain["kinds"], chain["tree"], chain["budget_fit"],
+                                         chain["kinds"], chain["tree"], chain["budget_fit"], chain["final"],
                                          representation_dir=chain["sae"].save(str(tmp_path / "sae")))
         assert uri == "models:/tokens2policy-policy-exp-y/1"  # one registered model per experiment/outcome
         client = mlflow.MlflowClient()
@@ -230,7 +233,12 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
         ref = _expected(chain, "tree")
 
         loaded = mlflow.pyfunc.load_model(uri)
-        _check(loaded.predict(raw), ref)
+        served = loaded.predict(raw)
+        _check(served, ref)
+        # the CI served is the stored final stage's: the learner's own interval on the training units
+        lo, hi = chain["learner"].effect_interval(chain["Z"])
+        np.testing.assert_allclose(served["ci_low"], lo, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(served["ci_high"], hi, rtol=1e-12, atol=1e-12)
 
         # a Delta table of new units: the training units repeated, shuffled over several partitions
         reps = 4
@@ -247,3 +255,38 @@ def test_logged_model_and_spark_udf_reproduce_assignments(chain, spark, tmp_path
         _check(got, expected, exact=False)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_spec_from_stored_final_stage_equals_the_learners_and_refuses_another_design(chain):
+    """The stage builds the spec from the stored numbers (coef, cov, critical value), not from a learner: the same
+    spec as from the fitted learner; coefficients stored for other terms than the modifiers' design are refused."""
+    import dataclasses
+
+    final, spec = chain["final"], chain["specs"]["threshold"]
+    stored = PolicySpec.from_fitted(chain["embed_spec"], chain["mods"], chain["vals"], chain["kinds"],
+                                    threshold_rule(COST), coef=final.coef, cov=final.cov,
+                                    critical_value=final.critical_value, terms=final.terms, frame=chain["pdf"])
+    assert stored == spec
+    other = dataclasses.replace(final, terms=final.terms[:-1] + ["segment[level=z]"])
+    with pytest.raises(ValueError, match="final stage's coefficients are for terms") as info:
+        PolicySpec.from_fitted(chain["embed_spec"], chain["mods"], chain["vals"], chain["kinds"],
+                               threshold_rule(COST), coef=other.coef, cov=other.cov,
+                               critical_value=other.critical_value, terms=other.terms, frame=chain["pdf"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="both cov and critical_value"):
+        PolicySpec.from_fitted(chain["embed_spec"], chain["mods"], chain["vals"], chain["kinds"],
+                               threshold_rule(COST), coef=final.coef, cov=final.cov, frame=chain["pdf"])
+
+
+def test_loaded_chain_refuses_a_text_model_other_than_the_embeddings(chain, tmp_path):
+    """The chain loads the text model whose files hash to the weights hash the embeddings were computed with; the
+    same spec naming another hash (embeddings from other weights) is refused at load time."""
+    spec = chain["specs"]["threshold"]
+    sae_dir = chain["sae"].save(str(tmp_path / "sae"))
+    source = chain["embed_spec"].source
+    scorer = load_scorer(spec.save(str(tmp_path / "policy.json")), source, sae_dir)
+    raw = chain["pdf"][["unit_id", "text"] + COVARIATES]
+    _check(scorer.score(raw), _expected(chain, "threshold"))
+    wrong = PolicySpec.from_json(spec.to_json().replace(spec.embed["weights_hash"], "0" * 64))
+    with pytest.raises(ValueError, match="does not match the weights hash"):
+        load_scorer(wrong.save(str(tmp_path / "wrong.json")), source, sae_dir)

@@ -4,7 +4,7 @@ the real text model through ``mlflow.pyfunc.spark_udf``.
 The model is a policy pyfunc logged and registered the way the policy stage does (inside a run tagged
 ``t2p.stage=policy``, under the stage's registered name for the experiment/outcome), over a small fitted SAE and
 one neuron + one covariate modifier. The reference for every scored row is the in-memory
-:class:`~tokens2policy.policy.pyfunc.PolicyScorer` on the same spec (no Spark, no MLflow); the pipeline test
+:class:`~tokens2policy.policy.serving.PolicyScorer` on the same spec (no Spark, no MLflow); the pipeline test
 (test_score_pipeline.py) compares with the policy stage's own ``assignments``.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ def model(tmp_path_factory):
     from tokens2policy.config import load_config
     from tokens2policy.effects.design import Modifier
     from tokens2policy.embed.models import resolve_model
-    from tokens2policy.policy.pyfunc import PolicyScorer, PolicySpec, log_policy_model, threshold_rule
+    from tokens2policy.policy.pyfunc import log_policy_model
+    from tokens2policy.policy.serving import PolicyScorer, PolicySpec, threshold_rule
     from tokens2policy.represent.sae import SparseAutoencoder
     from tokens2policy.tracking import model_name, stage_run
 
@@ -51,8 +52,8 @@ def model(tmp_path_factory):
             Modifier("tenure_days", "covariate", "tenure_days", None, None)]
     values = {f"neuron_{neuron}": np.zeros(4), "tenure_days": np.array([1.0, 2.0, 3.0, 6.0])}
     kinds = {f"neuron_{neuron}": "sparse", "tenure_days": "continuous"}
-    spec = PolicySpec.from_fitted(embed_spec, mods, values, kinds, threshold_rule(0.3), coef=[0.1, 0.6, 0.05])
-    spec.cov, spec.critical_value = np.diag([0.01, 0.04, 0.001]).tolist(), 1.96
+    spec = PolicySpec.from_fitted(embed_spec, mods, values, kinds, threshold_rule(0.3), coef=[0.1, 0.6, 0.05],
+                                  cov=np.diag([0.01, 0.04, 0.001]), critical_value=1.96)
     with stage_run(cfg, "policy"):
         uri = log_policy_model(spec, sae, embed_spec.source, name="policy_model",
                                registered_model_name=model_name(cfg, "policy", EXP, "engagement"), alias="champion")
@@ -162,7 +163,7 @@ def test_policy_without_modifiers_scores_every_row():
     raised a shape error in PolicyScorer before — found by the pipeline test on 400 demo units)."""
     from tokens2policy.embed.models import resolve_model
     from tokens2policy.config import load_config
-    from tokens2policy.policy.pyfunc import PolicyScorer, PolicySpec, threshold_rule
+    from tokens2policy.policy.serving import PolicyScorer, PolicySpec, threshold_rule
 
     embed_spec = resolve_model(load_config(None).embed)
     spec = PolicySpec.from_fitted(embed_spec, [], {}, {}, threshold_rule(0.1), coef=[0.25])

@@ -1,6 +1,7 @@
 """Effects stage job: GATEs, cross-fitted CATE learners (nuisances one Spark task per fold), calibration.
 
-Reads ``units``, ``neurons``, ``modifiers``; writes ``gates``, ``effects``, ``calibration`` (one experiment's rows
+Reads ``units``, ``neurons``, ``modifiers``; writes ``gates``, ``effects``, ``calibration`` and
+``cate_final_stages`` (the fitted linear final stages, :mod:`tokens2policy.effects.final_stage`) (one experiment's rows
 replaced at a time). **Selection-aware** (``honesty.mode=split``, the default; :mod:`tokens2policy.honesty`): every
 number about the selected modifiers is estimated on the ``estimation`` units only — the units the identify stage
 did not select on; per-unit rows of the ``selection`` units are still written (their CATE predicted by the final
@@ -31,6 +32,7 @@ from .coverage import outcome_coverage
 from .design import (
     FeatureSpec, build_feature_spec, feature_matrix, modifier_values, resolve_modifiers,
 )
+from .final_stage import LinearFinalStage, final_stage_frame
 from .gates import encode_modifiers, gates_table, infer_split_kind
 from .learners import DRLearner, NuisanceParams, RLearner, aipw_scores, fit_fold_nuisances, nuisance_tasks
 
@@ -263,7 +265,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
     gates.insert(5, "source", [by_feature[f].source if f in by_feature else None for f in base])
     gates["estimated_on"] = on
 
-    Z, _ = encode_modifiers(values, kinds, e.modifier_encoding) if mods else (np.zeros((len(sub), 0)), [])
+    Z, z_names = encode_modifiers(values, kinds, e.modifier_encoding) if mods else (np.zeros((len(sub), 0)), [])
     X = feature_matrix(sub, spec)
     scores = aipw_scores(t, y, nuisances["mu0"], nuisances["mu1"], nuisances["e"])
     if "nested" in nuisances:
@@ -273,7 +275,7 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
         nest_lists = [[None] * len(sub)] * 2
     sample = sub["sample"].to_numpy() if "sample" in sub.columns else np.full(len(sub), "both", dtype=object)
     nu_est = subset_nuisances(nuisances, est)
-    effects, calib, curves, metrics, fitted, oof_est, phis = [], [], [], {}, {}, {}, {}
+    effects, calib, curves, metrics, fitted, oof_est, phis, finals = [], [], [], {}, {}, {}, {}, []
     for name, learner in _learners(cfg, cfg.seed).items():
         if learners is not None and name not in learners:
             continue
@@ -281,6 +283,8 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
         learner.fit(X[est], t[est], y[est], folds[est], Z=Zl[est], cluster=cl_est, nuisances=nu_est)
         cate = learner.effect(Zl)
         lo, hi = learner.effect_interval(Zl)
+        if name.endswith("_selected"):  # the fitted linear final stage, kept (table cate_final_stages)
+            finals.append(LinearFinalStage.from_learner(exp, outcome, name, learner, z_names, e.modifier_encoding, on))
         oof = np.empty(len(sub))
         oof[est] = learner.oof_cate_
         for k in np.unique(folds[~est]):  # other units: the final stage fitted without their fold
@@ -331,7 +335,8 @@ def analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, 
                                      estimated_on=on))
         metrics.update({f"{outcome}.{k}": v for k, v in cov_metrics.items()})
         metrics[f"{outcome}.coverage_line"] = line
-    out = (gates, pd.concat(effects, ignore_index=True), pd.concat(calib, ignore_index=True), curves, metrics)
+    out = (gates, pd.concat(effects, ignore_index=True), pd.concat(calib, ignore_index=True), curves, metrics,
+           final_stage_frame(finals))
     if not keep_learners:
         return out
     return out + ({"learners": fitted, "mods": mods, "values": values, "kinds": kinds, "Z": Z, "X": X,
@@ -353,12 +358,12 @@ def experiment_effects(cfg, exp: str, pdf: pd.DataFrame, mods_all: pd.DataFrame,
                        keep_learners: bool = False, learners: Optional[Sequence[str]] = None,
                        labels=None) -> Dict[str, object]:
     """The effects stage's statistical body for one experiment, on pandas: ``gates``, ``effects``, ``calibration``
-    frames, the TOC/Qini ``curves``, the MLflow ``metrics`` and the heterogeneity-coverage line per outcome
+    and ``final_stages`` (the ``cate_final_stages`` rows) frames, the TOC/Qini ``curves``, the MLflow ``metrics`` and the heterogeneity-coverage line per outcome
     (``coverage``; absent for an outcome when ``learners`` lacks dr_selected or dr_full) (and, with
     ``keep_learners``, the fitted learners and modifier designs per outcome under ``fitted``). ``pdf``:
     :func:`load_experiment`'s (or :func:`experiment_frame`'s) frame; ``nu_pdf``: the cross-fit
     (:func:`cross_fit_spark` / :func:`cross_fit_local`); ``labels``: neuron labels for the coverage line."""
-    gates_all, eff_all, cal_all, curves_all, metrics, fitted, coverage = [], [], [], [], {}, {}, {}
+    gates_all, eff_all, cal_all, curves_all, metrics, fitted, coverage, finals = [], [], [], [], {}, {}, {}, []
     for outcome in outcomes:
         mods_pdf = mods_all[mods_all["outcome"] == outcome] if "outcome" in mods_all else mods_all
         res = analyse_outcome(cfg, exp, outcome, pdf, nu_pdf, mods_pdf, spec, covariates, keep_learners, learners,
@@ -371,10 +376,12 @@ def experiment_effects(cfg, exp: str, pdf: pd.DataFrame, mods_all: pd.DataFrame,
         if line is not None:
             coverage[outcome] = line
         metrics.update(res[4])
+        finals.append(res[5])
         if keep_learners:
-            fitted[outcome] = res[5]
+            fitted[outcome] = res[6]
     return {"gates": pd.concat(gates_all, ignore_index=True), "effects": pd.concat(eff_all, ignore_index=True),
-            "calibration": pd.concat(cal_all, ignore_index=True), "curves": curves_all, "metrics": metrics,
+            "calibration": pd.concat(cal_all, ignore_index=True), "final_stages": pd.concat(finals, ignore_index=True),
+            "curves": curves_all, "metrics": metrics,
             "coverage": coverage, "fitted": fitted}
 
 
@@ -476,7 +483,8 @@ def main(ctx) -> dict:
             ctx.log_metrics({f"{exp}.{k}": v for k, v in res["metrics"].items()})
             clock.lap("analysis")
             gates, eff, cal, curves_all = res["gates"], res["effects"], res["calibration"], res["curves"]
-            for name, frame in (("gates", gates), ("effects", eff), ("calibration", cal)):
+            for name, frame in (("gates", gates), ("effects", eff), ("calibration", cal),
+                                ("cate_final_stages", res["final_stages"])):
                 ctx.write_experiments(name, ctx.frame(name, frame), [exp])
             with tempfile.TemporaryDirectory() as tmp:
                 gates.to_csv(Path(tmp) / f"gates_{exp}.csv", index=False)

@@ -389,6 +389,27 @@ _TABLES: Tuple[TableSpec, ...] = (
                                     "`honesty.mode=split`) or `all` (`honesty.mode=none`: not selection-aware)"),
     ), ("experiment_id", "outcome", "learner", "metric", "group", "q"),
         "Held-out calibration of each learner (docs/effects.md)."),
+    TableSpec("cate_final_stages", "effects", (
+        C("experiment_id", "string", "experiment"), OUTCOME,
+        C("learner", "string", "CATE learner with a linear final stage (`dr_selected`, `r_selected`)"),
+        C("terms", "array<string>", "the design terms: `(intercept)`, then the selected modifiers' columns as "
+                                    "in `effects.modifier_encoding` (`neuron_<i>`, a covariate, `<covariate>[level=x]`)"),
+        C("coef", "array<double>", "the fitted coefficients β, one per term: τ̂(z) = [1, z]β"),
+        C("cov", "array<array<double>>", "their robust covariance V (rows in the order of `terms`)"),
+        C("se_type", "string", "`HC1` / `CR1S`"),
+        C("n_clusters", "bigint", "clusters of CR1S (null for HC1)"),
+        C("critical_value", "double", "c of the CATE CI τ̂(z) ± c·√([1, z] V [1, z]') (normal; Student t with "
+                                      "n_clusters - 1 df for CR1S)"),
+        C("alpha", "double", "`effects.alpha`: the CI's level is 1 - alpha"),
+        C("encoding", "string", "`effects.modifier_encoding`: how sparse neurons enter the design (`indicator` / "
+                                "`value`)"),
+        C("n", "bigint", "units the final stage was fitted on"),
+        C("estimated_on", "string", "units the numbers come from: `estimation` (none of them selected the modifiers, "
+                                    "`honesty.mode=split`) or `all` (`honesty.mode=none`: not selection-aware)"),
+    ), ("experiment_id", "outcome", "learner"),
+        "The fitted linear final stage of each `*_selected` learner (`tokens2policy.effects.final_stage`), kept as "
+        "EconML keeps `model_final_`: the policy stage builds the served model's CATE and CI from it instead of "
+        "refitting (docs/effects.md)."),
     # ------------------------------------------------------------------ policy
     TableSpec("policy_rules", "policy", (
         C("experiment_id", "string", "experiment"), OUTCOME,

@@ -1,7 +1,10 @@
 """Policy stage job: threshold, budget and exact-tree rules on the effects stage's DR scores; cross-fitted values.
 
 Reads ``effects`` (CATE, out-of-fold CATE and the cross-fitted AIPW scores of ``policy.learner``), ``units``,
-``neurons`` and ``modifiers``; writes ``policy_rules``, ``policy_value`` and ``assignments``.
+``neurons`` and ``modifiers``; writes ``policy_rules``, ``policy_value`` and ``assignments``. With
+``policy.register_model`` it also freezes the recommended rule into the serving chain (:mod:`.serving`) and
+registers it (:mod:`.pyfunc`): the CATE is the effects stage's fitted final stage read from ``cate_final_stages``
+(never refitted here), the representation the represent model that wrote the ``neurons`` version read.
 
 **Selection-aware** (``honesty.mode=split``, :mod:`tokens2policy.honesty`): rules are learned and values estimated
 on the estimation units only — the units that did not select the modifiers the rules are built on. The deployable
@@ -19,13 +22,14 @@ Values are compared (paired) with treat-all, treat-none and random at the same b
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 
 from tokens2policy.honesty import estimated_on, estimates
 
+from ..effects.final_stage import LinearFinalStage, find_final_stage
 from ..effects.gates import encode_modifiers
 from ..effects.job import cluster_ids, covariate_columns, load_experiment, modifier_frame
 from ..effects.ols import mean_with_se
@@ -255,6 +259,7 @@ def main(ctx) -> dict:
         if eff_every.empty:
             raise ValueError(f"the effects table has no rows for learner '{p.learner}' (policy.learner); "
                              f"run the effects stage first or pick another learner")
+        finals = served_final_stages(ctx, eff_every)
         for exp in sorted(eff_every["experiment_id"].unique()):
             clock = ctx.new_clock(str(exp))
             _, pdf = load_experiment(spark, cfg, units, neurons, exp)
@@ -268,11 +273,10 @@ def main(ctx) -> dict:
                 values_all.append(value)
                 rules_all.append(res["rules"])
                 assign_all.append(res["assignments"])
-                if p.register_model:
-                    from .pyfunc import log_stage_policy_model
-
+                if finals is not None:
                     uri = log_stage_policy_model(cfg, exp, outcome, res["sub"], res["mods"], res["values"],
-                                                 res["kinds"], res["tree"], res["budget_fit"], res["cluster"],
+                                                 res["kinds"], res["tree"], res["budget_fit"],
+                                                 find_final_stage(finals, exp, outcome, p.learner),
                                                  representation_uri=represent_uri)
                     if uri:
                         model_uris[outcome] = uri
@@ -297,3 +301,86 @@ def main(ctx) -> dict:
                                            "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps,
                                            "policy_model_uris": model_uris})
     return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the served model: the recommended rule frozen into the serving chain (policy/serving.py), logged (policy/pyfunc.py)
+# --------------------------------------------------------------------------------------------------------------
+def served_final_stages(ctx, eff: pd.DataFrame):
+    """The ``cate_final_stages`` rows of ``policy.learner`` (pinned version) when the stage serves a model
+    (``policy.register_model`` and a ``*_selected`` learner: only a linear final stage can be served as
+    ``[1, Z]β``), else None. Fails in one line when a served (experiment, outcome) has no stored final stage."""
+    p = ctx.config.policy
+    if not (p.register_model and p.learner.endswith("_selected")):
+        return None
+    if ctx.exists("cate_final_stages"):
+        table = ctx.read("cate_final_stages")
+        finals = table.filter(table.learner == p.learner).toPandas()
+    else:
+        finals = pd.DataFrame(columns=["experiment_id", "outcome", "learner"])
+    for exp, outcome in eff[["experiment_id", "outcome"]].drop_duplicates().itertuples(index=False):
+        find_final_stage(finals, exp, outcome, p.learner)  # before any rule is learned: one line naming it
+    return finals
+
+
+def stage_policy_spec(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods, values, kinds, tree: PolicyTree,
+                      budget_fit, final_stage: LinearFinalStage, embed_spec):
+    """The serving chain's :class:`~tokens2policy.policy.serving.PolicySpec` of one (experiment, outcome): the
+    modifier encodings frozen on the stage's units (``sub``, ``mods/values/kinds`` of ``outcome_policies``), the
+    effects stage's stored ``final_stage`` (coefficients, covariance, critical value — its terms must be the
+    design of these modifiers) and the rule ``policy.recommended`` (``budget_fit``: the budget rule's (cutoff, tie
+    share) from :func:`learn_policies`)."""
+    from .serving import PolicySpec, budget_rule, threshold_rule
+
+    p = cfg.policy
+    rule = {"tree": tree, "threshold": threshold_rule(p.cost),
+            "budget": budget_rule(budget_fit[0], budget_fit[1], p.budget, cfg.seed)}[p.recommended]
+    return PolicySpec.from_fitted(
+        embed_spec, mods, values, kinds, rule, coef=final_stage.coef, cov=final_stage.cov,
+        critical_value=final_stage.critical_value, terms=final_stage.terms, cate_encoding=final_stage.encoding,
+        frame=sub, metadata={"experiment_id": exp, "outcome": outcome, "learner": final_stage.learner,
+                             "policy": p.recommended, "n_units": int(len(sub)), "n_estimation": final_stage.n,
+                             "estimated_on": final_stage.estimated_on, "se_type": final_stage.se_type,
+                             "alpha": final_stage.alpha})
+
+
+def log_stage_policy_model(cfg, exp: str, outcome: str, sub: pd.DataFrame, mods, values, kinds, tree: PolicyTree,
+                           budget_fit, final_stage: LinearFinalStage, representation_dir: Optional[str] = None,
+                           representation_uri: Optional[str] = None) -> Optional[str]:
+    """Freeze one (experiment, outcome)'s deployable rule (:func:`stage_policy_spec`) and log and register it in
+    the active run; returns the model URI, or None when no registered representation exists (with a warning).
+
+    ``representation_dir``: the saved SAE; else ``representation_uri``: the represent model that wrote the
+    ``neurons`` version the policy stage read (``represent.job.represent_model_uri``), never a floating "latest".
+    The text model is the one ``embed`` resolves; the served model refuses files whose hash is not the one the
+    spec records (:func:`~tokens2policy.policy.serving.load_scorer`). Registered as ``tracking.policy_model_name``
+    for (exp, outcome), with the ``tracking.model_alias`` alias."""
+    import os
+    import warnings
+
+    import mlflow
+
+    from ..embed.models import resolve_model
+    from ..tracking import model_name, package_requirement, tracking_uri
+    from .pyfunc import log_policy_model
+
+    if representation_dir is None:
+        if representation_uri is None:  # neurons written without the represent stage's model record
+            warnings.warn(f"policy model not logged for {exp}/{outcome}: the neurons table does not record the "
+                          "represent model that wrote it (run the represent stage)")
+            return None
+        try:
+            local = mlflow.artifacts.download_artifacts(representation_uri)
+        except Exception as exc:
+            warnings.warn(f"policy model not logged for {exp}/{outcome}: cannot load the representation "
+                          f"{representation_uri} that wrote the neurons ({type(exc).__name__}: {exc})")
+            return None
+        representation_dir = os.path.join(local, "artifacts", "representation")
+    embed_spec = resolve_model(cfg.embed, tracking_uri=tracking_uri(cfg), registry_uri=cfg.tracking.registry_uri)
+    spec = stage_policy_spec(cfg, exp, outcome, sub, mods, values, kinds, tree, budget_fit, final_stage, embed_spec)
+    name = "policy_" + "".join(ch if ch.isalnum() else "_" for ch in f"{exp}_{outcome}")
+    requirement, artifacts = package_requirement(cfg)
+    return log_policy_model(spec, representation_dir, embed_spec.source, name=name,
+                            registered_model_name=model_name(cfg, "policy", exp, outcome)
+                            if cfg.policy.register_model else None, package_requirement=requirement,
+                            extra_artifacts=artifacts, alias=cfg.tracking.model_alias)
