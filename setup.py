@@ -89,7 +89,8 @@ setup(
         # Spark itself: on Databricks the runtime provides pyspark and delta, so the wheel must not install them.
         # pyspark 4.2.x with delta-spark 4.4.x; 4.4.0 because Maven Central serves the matching jars of 4.4.0 only.
         "spark": ["pyspark>=4.2.0,<4.3", "delta-spark==4.4.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        # moto[server]: the S3-compatible server the S3A storage test starts on loopback (tests/storage/s3.py)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "moto[server]>=5.1,<6"],
         "gpu": ["nvidia-ml-py>=12"],
         # embed.runtime=onnx / embed.quantize=int8 (docs/embed.md); the default runtime needs neither
         "onnx": ["onnxruntime>=1.20", "onnx>=1.16"],

@@ -2,6 +2,7 @@
 
     t2p setup                                   fetch and cache the Delta jars (run once; the Makefile does it)
     t2p setup --test-jars                       also cache Hadoop's minicluster jars (the test suite's real HDFS)
+    t2p setup --s3a                             also cache Hadoop's S3A connector (spark.hadoop_connectors: [s3a])
     t2p setup --horovod                         also compile and install Horovod, the optional SAE training backend
     t2p run STAGE|all --config conf/local.yaml [--set key=value ...] [--force STAGE ...] [--progress MODE]
     t2p status [--config ...] [--set ...]       each stage: last run, seconds, versions, up to date or stale and why
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="fetch and cache the Delta Lake jars from Maven Central (once per machine)")
     setup.add_argument("--test-jars", action="store_true",
                        help="also cache Hadoop's minicluster jars, with which the test suite starts a real HDFS")
+    setup.add_argument("--s3a", action="store_true",
+                       help="also cache Hadoop's S3A connector (hadoop-aws + its AWS SDK bundle, ~700 MB) for "
+                       "s3a:// storage with spark.hadoop_connectors: [s3a]; the test suite's S3 test needs it")
     setup.add_argument("--horovod", action="store_true",
                        help="also build Horovod 0.28.1 (pytorch + gloo) from source into this Python environment "
                        "for represent.backend=horovod (a few minutes; needs g++)")
@@ -121,6 +125,13 @@ def _setup(args) -> int:
             fetch_minicluster_jars()
         except RuntimeError as exc:  # only the HDFS tests need them: they skip with this reason
             log.warning("%s; the HDFS tests will skip", exc)
+    if args.s3a:
+        from tokens2policy.lakehouse.jars import fetch_hadoop_jars
+
+        try:
+            fetch_hadoop_jars("s3a")
+        except RuntimeError as exc:
+            return _fail(str(exc))
     if args.horovod:
         from tokens2policy.represent.horovod_install import install_horovod
 

@@ -73,6 +73,9 @@ class SparkConfig(Section):
     # "packages": resolve io.delta coordinates through spark.jars.packages (clusters with Maven access);
     # "provided": the platform ships Delta (Databricks).
     delta_jars: Literal["cache", "packages", "provided"] = "cache"
+    # Hadoop file system connectors to put on the classpath, the same way as the Delta jars: "s3a" (hadoop-aws in
+    # pyspark's Hadoop version + its AWS SDK bundle; `t2p setup --s3a` caches them). Nothing with "provided".
+    hadoop_connectors: List[Literal["s3a"]] = Field(default_factory=list)
 
 
 class LakehouseConfig(Section):

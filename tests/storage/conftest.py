@@ -13,3 +13,15 @@ def hdfs(tmp_path_factory):
         pytest.skip(why)
     with MiniHdfs(tmp_path_factory.mktemp("hdfs")) as cluster:
         yield cluster.uri
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto's standalone server) on loopback with an empty bucket."""
+    from .s3 import MotoS3, unavailable_reason as s3_unavailable
+
+    why = s3_unavailable()
+    if why:
+        pytest.skip(why)
+    with MotoS3(tmp_path_factory.mktemp("s3")) as server:
+        yield server

@@ -8,12 +8,15 @@ that no job or test downloads anything mid-run.
 
 ``t2p setup --test-jars`` (part of ``make setup``) likewise caches ``org.apache.hadoop:hadoop-client-minicluster``
 in the version of the Hadoop client that pyspark ships (:func:`hadoop_version`): the test suite starts a real
-HDFS (NameNode + DataNode, ``MiniDFSCluster``) from it (tests/storage/hdfs.py).
+HDFS (NameNode + DataNode, ``MiniDFSCluster``) from it (tests/storage/hdfs.py). ``t2p setup --s3a`` caches Hadoop's
+S3A connector (``org.apache.hadoop:hadoop-aws`` of that version and its AWS SDK bundle), which
+``spark.hadoop_connectors: [s3a]`` puts on the session's classpath.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,26 +123,58 @@ def minicluster_coordinates() -> str:
     return f"org.apache.hadoop:hadoop-client-minicluster:{hadoop_version()}"
 
 
+def s3a_coordinates() -> str:
+    """Hadoop's S3A connector in the version of pyspark's Hadoop client (it pulls in its AWS SDK v2 bundle)."""
+    return f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"
+
+
+# Hadoop artifacts cached beside the Delta jars, each resolved into an Ivy folder of its own: {key: (coordinates,
+# folder, a jar name the resolution must contain)}. Connectors are put on a session's classpath by
+# spark.hadoop_connectors; the minicluster only runs the test suite's HDFS.
+def _hadoop_artifacts() -> dict:
+    return {
+        "minicluster": (minicluster_coordinates(), "hadoop-ivy", "hadoop-client-minicluster"),
+        "s3a": (s3a_coordinates(), "s3a-ivy", "hadoop-aws"),
+    }
+
+
+def hadoop_coordinates(key: str) -> str:
+    """Maven coordinates of a Hadoop artifact (``"minicluster"``, ``"s3a"``) in pyspark's Hadoop version."""
+    return _hadoop_artifacts()[key][0]
+
+
+def cached_hadoop_jars(key: str) -> List[str]:
+    """The cached jars of a Hadoop artifact (``"minicluster"``, ``"s3a"``); [] before setup fetched it."""
+    coords, folder, _ = _hadoop_artifacts()[key]
+    if not (jar_cache_dir() / (coords.replace(":", "_") + ".ok")).exists():
+        return []
+    return sorted(glob.glob(str(jar_cache_dir() / folder / "jars" / "*.jar")))
+
+
+def fetch_hadoop_jars(key: str, verbose: bool = True) -> List[str]:
+    """Resolve a Hadoop artifact (matching pyspark's Hadoop) from Maven Central into the cache (idempotent)."""
+    jars = cached_hadoop_jars(key)
+    if jars:
+        return jars
+    coords, folder, expect = _hadoop_artifacts()[key]
+    ivy = jar_cache_dir() / folder
+    if verbose:
+        print(f"fetching {coords} from Maven Central into {ivy} ...", flush=True)
+    found = _resolve(coords, ivy, expect)
+    # Ivy keeps a second copy of every jar in its download cache; the retrieved jars/ are what is used (the AWS
+    # SDK bundle alone is ~690 MB)
+    shutil.rmtree(ivy / "cache", ignore_errors=True)
+    (jar_cache_dir() / (coords.replace(":", "_") + ".ok")).write_text("\n".join(found) + "\n")
+    return cached_hadoop_jars(key)
+
+
 def cached_minicluster_jars() -> List[str]:
     """The cached classpath of Hadoop's minicluster (MiniDFSCluster) for the test suite ([] before setup)."""
-    marker = jar_cache_dir() / (minicluster_coordinates().replace(":", "_") + ".ok")
-    if not marker.exists():
-        return []
-    return sorted(glob.glob(str(jar_cache_dir() / "hadoop-ivy" / "jars" / "*.jar")))
+    return cached_hadoop_jars("minicluster")
 
 
 def fetch_minicluster_jars(verbose: bool = True) -> List[str]:
-    """Resolve hadoop-client-minicluster (matching pyspark's Hadoop) into the cache (idempotent)."""
-    jars = cached_minicluster_jars()
-    if jars:
-        return jars
-    coords = minicluster_coordinates()
-    ivy = jar_cache_dir() / "hadoop-ivy"
-    if verbose:
-        print(f"fetching {coords} (test suite HDFS) from Maven Central into {ivy} ...", flush=True)
-    found = _resolve(coords, ivy, "hadoop-client-minicluster")
-    (jar_cache_dir() / (coords.replace(":", "_") + ".ok")).write_text("\n".join(found) + "\n")
-    return cached_minicluster_jars()
+    return fetch_hadoop_jars("minicluster", verbose)
 
 
 if __name__ == "__main__":

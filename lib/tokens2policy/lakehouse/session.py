@@ -8,7 +8,7 @@ from pyspark.sql import SparkSession
 
 from tokens2policy.config import Config, ConfigError
 from tokens2policy.lakehouse import storage
-from tokens2policy.lakehouse.jars import cached_jars, delta_coordinates
+from tokens2policy.lakehouse.jars import cached_hadoop_jars, cached_jars, delta_coordinates, hadoop_coordinates
 
 _DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -80,10 +80,17 @@ def get_spark(config: Config) -> SparkSession:
             raise ConfigError(
                 "Delta jars are not cached yet: run `t2p setup` (or `make setup`) once with access to Maven Central"
             )
+        for connector in sc.hadoop_connectors:
+            found = cached_hadoop_jars(connector)
+            if not found:
+                raise ConfigError(f"spark.hadoop_connectors: {connector} jars are not cached yet: run "
+                                  f"`t2p setup --{connector}` once with access to Maven Central")
+            jars = jars + found
         given = [j for j in launched.get("spark.jars", "").split(",") if j]
         builder = builder.config("spark.jars", ",".join(given + [j for j in jars if j not in given]))
     elif sc.delta_jars == "packages":
-        builder = builder.config("spark.jars.packages", ",".join(delta_coordinates()))
+        coords = delta_coordinates() + [hadoop_coordinates(c) for c in sc.hadoop_connectors]
+        builder = builder.config("spark.jars.packages", ",".join(coords))
     for key, value in sc.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -271,10 +271,16 @@ def upload_dir(local_dir: str, location: str, spark=None) -> List[str]:
     if jfs is not None:
         path, fs, jvm = jfs
         fs.mkdirs(path)
+        conf = fs.getConf()
+        local_fs = jvm.org.apache.hadoop.fs.FileSystem.getLocal(conf)
         for f in files:
+            # FileUtil.copy streams through the target's create(), the write path of every Spark/Delta file;
+            # not copyFromLocalFile, which S3A (Hadoop 3.5) sends through the AWS SDK's async transfer client, whose
+            # PUT fails against S3-compatible servers that answer "Expect: 100-continue" with an interim
+            # 100 (moto's server: "Status Code: 100"; tests/storage/test_s3a.py)
             src = jvm.org.apache.hadoop.fs.Path(os.path.join(local_dir, f))
-            fs.copyFromLocalFile(False, True, src, jvm.org.apache.hadoop.fs.Path(
-                join(resolve(location), *f.split(os.sep))))
+            dst = jvm.org.apache.hadoop.fs.Path(join(resolve(location), *f.split(os.sep)))
+            jvm.org.apache.hadoop.fs.FileUtil.copy(local_fs, src, fs, dst, False, True, conf)
     elif is_local(location):
         import shutil
 
