@@ -373,7 +373,7 @@ def main(ctx) -> dict:
             ctx.write_experiments(name, ctx.frame(name, rows), experiments)
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
-            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows)}
+            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"]}
 
 
 def with_neuron_labels(spark, cfg, rows):
