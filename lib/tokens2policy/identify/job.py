@@ -332,7 +332,8 @@ def main(ctx) -> dict:
             collected = None
             if choice.mode == "memory":
                 ys = [(f"__y{i}", f"__has_y{i}") for i in range(len(outcomes))]
-                key = [] if "unit_id" in base else ["unit_id"]  # identify_pandas sorts by it: a fixed sum order
+                with_key = ic.test == "gcm" and ic.nuisance == "lgbm"  # base has unit_id already
+                key = [] if with_key else ["unit_id"]  # identify_pandas sorts by it: a fixed sum order
                 collected = joined.select(*base, *key, *[F.col(o).cast("double").alias(y) for o, (y, _) in zip(outcomes, ys)],
                                           *[F.col(o).isNotNull().alias(h) for o, (_, h) in zip(outcomes, ys)]
                                           ).toPandas()
