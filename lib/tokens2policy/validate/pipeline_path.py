@@ -30,8 +30,8 @@ effect·w_j (0 for other features), its ``(treatment)`` row E[τ] = base.
 
 Run it with the study (``t2p run validate``; ``validate.pipeline_path_repetitions``: default 5 at the ``ci`` size
 and 500 at ``full``, 0 skips it) or alone: ``python -m tokens2policy.validate.pipeline_path --reps 500``. The
-500-repetition run has not been made yet (docs/validation.md, "What was run, and what is still reduced"); the
-CI-size rows are checked by ``tests/validate/test_pipeline_path.py``.
+500-repetition run and what it found are in docs/validation.md ("The pipeline's own path"); the CI-size rows are
+checked by ``tests/validate/test_pipeline_path.py``.
 """
 from __future__ import annotations
 
