@@ -17,7 +17,8 @@ covariates, clusters, folds — generated in Spark tasks, not on the driver), th
     .venv/bin/python benchmarks/bench_pipeline_scale.py --n 20000
     .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc1 --driver-memory 8g
 
-Timings depend on the machine's load: record it (``load_average`` is in the output).
+Timings depend on the machine's load: record it (``load_average`` is in the output). The stages run through Spark
+at every N (``execution.mode=spark``; ``--set execution.mode=auto`` measures the size-chosen path instead).
 """
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ def main(argv=None) -> dict:
     if os.path.exists(os.path.join(root, "lakehouse")):
         raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir")
     overrides = [f"data_dir={root}", f"spark.master={args.master}", f"spark.driver_memory={args.driver_memory}",
-                 "spark.session=create", *([f"identify.test={args.test}"] if args.test else []), *args.set]
+                 "spark.session=create", *([f"identify.test={args.test}"] if args.test else []),
+                 "execution.mode=spark",  # the distributed path at every N (auto would run small N in memory)
+                 *args.set]
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
     spark = get_spark(cfg)

@@ -4,6 +4,7 @@
   .venv/bin/python benchmarks/bench_represent.py --ddp            # + 1 vs 2 process TorchDistributor (needs Spark)
   .venv/bin/python benchmarks/bench_represent.py --bbc            # + BBC/MiniLM quality and label hits
   .venv/bin/python benchmarks/bench_represent.py --horovod        # only: 1 vs 2 Horovod ranks vs 2 DDP ranks
+  .venv/bin/python benchmarks/bench_represent.py --demo-threads 0,1,2  # only: the demo's SAE training per thread count
 
 Prints one JSON line per case.
 """
@@ -39,6 +40,25 @@ def case_train(n=20000, d=384, expansion=8, k=32, epochs=2, threads=None):
     return {"case": "sae_train", "n": n, "d": d, "n_latents": sae.n_latents_, "k": k, "epochs": epochs,
             "fit_s": round(fit_s, 2), "train_rows_per_s": round(n * epochs / fit_s),
             "encode_rows_per_s": round(n / enc_s), **{k_: round(v, 4) for k_, v in m.items()}}
+
+
+def case_demo_threads(threads):
+    """The demo's SAE training shape (20,000 x 384 rows of 2,225 distinct vectors, 128 latents, k = 8, 20 epochs,
+    batch 512) on each thread count (0: represent's default, num_threads=None), with the load average."""
+    from tokens2policy.represent.sae import SAEParams, train_loop
+
+    rng = np.random.default_rng(0)
+    base = (rng.normal(size=(2225, 384)) @ rng.normal(size=(384, 384)) / 20).astype(np.float32)
+    x = base[rng.integers(0, 2225, 20000)]
+    out = []
+    for th in threads:
+        p = SAEParams(n_latents=128, k=8, epochs=20, batch_size=512, seed=0, aux_k=64, num_threads=th or None)
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        train_loop(x, p)
+        out.append({"case": "demo_sae_threads", "num_threads": th or "default (None)",
+                    "fit_s": round(time.perf_counter() - t, 2), "load_avg_1m_before": round(load, 1)})
+    return out
 
 
 def case_planted():
@@ -131,7 +151,13 @@ if __name__ == "__main__":
     ap.add_argument("--bbc", action="store_true")
     ap.add_argument("--horovod", action="store_true", help="only the 1 vs 2 process Horovod comparison")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--demo-threads", default=None,
+                    help="only: the demo's SAE training on these thread counts, e.g. 1,2 (0 = default)")
     a = ap.parse_args()
+    if a.demo_threads:
+        for row in case_demo_threads([int(t) for t in a.demo_threads.split(",")]):
+            print(json.dumps(row), flush=True)
+        sys.exit(0)
     if a.horovod:
         for row in case_horovod():
             print(json.dumps(row), flush=True)

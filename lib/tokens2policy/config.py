@@ -451,6 +451,25 @@ class ValidateConfig(Section):
         return v
 
 
+class ExecutionConfig(Section):
+    """How the stages that have both an in-memory core and a distributed one run (``tokens2policy.execution``):
+    ``auto`` collects the inputs to the driver once and runs the in-memory core when they fit the bounds below,
+    else the Spark path; ``memory`` / ``spark`` force one. Both paths give the same tables (tests/execution), so
+    this section decides *how* a stage runs, not *what* it computes: it is a stage's ``runtime`` setting, outside
+    its config hash (a change alone does not rerun a stage; tokens2policy/stages.py)."""
+
+    mode: Literal["auto", "memory", "spark"] = "auto"
+    # per stage, overriding ``mode`` (identify, effects): e.g. {identify: spark}
+    stages: Dict[Literal["identify", "effects"], Literal["auto", "memory", "spark"]] = Field(default_factory=dict)
+    # auto: in memory while (rows x columns + stored non-zeros) <= max_entries and the estimated driver frame
+    # <= max_bytes (20,000 units with 8 active neurons each: 0.5M entries, ~10 MB)
+    max_entries: int = Field(50_000_000, ge=0)
+    max_bytes: int = Field(1 << 30, ge=0)  # 1 GiB
+
+    def mode_for(self, stage: str) -> str:
+        return self.stages.get(stage, self.mode)
+
+
 class RunnerConfig(Section):
     """The stage runner's run lock (docs/tables.md, ``run_lock``): one writing pipeline per lakehouse at a time."""
 
@@ -480,6 +499,7 @@ class Config(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @property

@@ -240,7 +240,7 @@ class StageContext:
 
         self.spark, self.stage, self.echo = spark, stage, echo
         self.full_config = config
-        self.config = ConfigView(config, stage.sections, stage.name, self)
+        self.config = ConfigView(config, stage.readable, stage.name, self)
         self.versions: Dict[str, Any] = dict(versions)  # pinned input versions (ingest: also "source")
         # outputs as the stage found them (only needed to inject a fault between two of its commits)
         self.start_versions = {t: table_version(spark, config, t) for t in stage.outputs} \
@@ -529,7 +529,7 @@ def run_stage_job(spark, config: Config, stage, job: Callable[[StageContext], Op
     from tokens2policy.stages import pinned_versions
 
     if preflight is not None:
-        preflight(spark, ConfigView(config, stage.sections, stage.name))
+        preflight(spark, ConfigView(config, stage.readable, stage.name))
     if versions is None:
         versions = pinned_versions(spark, config, stage)
     ctx = StageContext(spark, config, stage, versions, echo=echo)

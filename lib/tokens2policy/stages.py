@@ -7,6 +7,10 @@ declared config view, the inputs read as of the pinned versions, checked writes,
 records the run in ``stage_runs`` with its input *and output* versions. Each stage's code is
 ``tokens2policy.<stage>.job.main(ctx) -> dict`` (``job.run(spark, config)`` calls it the same way, directly).
 
+A stage's ``runtime`` settings (the ``execution`` section: in memory or on Spark, :mod:`tokens2policy.execution`)
+are readable but not hashed: both paths write the same tables, so changing only how a stage runs does not rerun it
+(``--force STAGE`` does).
+
 A stage is up to date when its last successful run saw the same config sections and input versions and each of
 its outputs is still at the version that run recorded — so a stage killed between two of its commits (or whose
 output someone else rewrote) reruns in full, and the stages after it see new input versions. ``--force STAGE``
@@ -42,6 +46,15 @@ class Stage:
     sections: Tuple[str, ...]  # config sections (or "section.key") it reads: a change makes the stage stale
     requires: Optional[Tuple[str, ...]] = None  # inputs that must exist before it runs (None: all of them)
     tracked: Union[bool, str] = True  # an MLflow run per execution (a "section.key" naming a boolean setting)
+    # config sections (or keys) it reads that choose *how* it runs, not *what* it computes (the ``execution``
+    # section: in memory or on Spark, same tables either way, tests/execution): readable through ``ctx.config``
+    # but outside the config hash, so changing only them does not make the stage stale
+    runtime: Tuple[str, ...] = ()
+
+    @property
+    def readable(self) -> Tuple[str, ...]:
+        """Every config section (or key) the stage may read: ``sections`` (hashed) plus ``runtime`` (not)."""
+        return self.sections + self.runtime
 
     @property
     def required_inputs(self) -> Tuple[str, ...]:
@@ -59,6 +72,9 @@ REPORT_TABLES = ("units", "quarantine", "modifiers", "selection_trace", "margina
                  "calibration", "policy_rules", "policy_value", "assignments", "demo_drivers", "demo_truth",
                  "neurons")
 
+# in memory or on Spark (tokens2policy.execution): how a stage runs, not what it computes (Stage.runtime)
+EXECUTION = ("execution",)
+
 STAGES: Tuple[Stage, ...] = (
     Stage("ingest", (), tables_of("ingest"), ("source", "demo", "ingest")),
     Stage("embed", ("units",), tables_of("embed"), ("embed", *MODEL_STORE)),
@@ -66,10 +82,11 @@ STAGES: Tuple[Stage, ...] = (
           ("represent", *MODEL_STORE, *MODEL_REGISTRATION, "tracking.represent_model_name"),
           requires=("embeddings", "token_states")),
     Stage("identify", ("units", "neurons", "neuron_labels"), tables_of("identify"), ("identify", "honesty", *UNIT_COLUMNS),
-          requires=("units", "neurons")),
+          requires=("units", "neurons"), runtime=EXECUTION),
     # effects: neuron_labels name the neurons of the coverage line; identify.min_active its residual screen
     Stage("effects", ("units", "neurons", "modifiers", "neuron_labels"), tables_of("effects"),
-          ("effects", "honesty", "identify.min_active", *UNIT_COLUMNS), requires=("units", "neurons", "modifiers")),
+          ("effects", "honesty", "identify.min_active", *UNIT_COLUMNS), requires=("units", "neurons", "modifiers"),
+          runtime=EXECUTION),
     # policy: cate_final_stages is read only to serve a model (policy.register_model with a *_selected learner)
     Stage("policy", ("units", "neurons", "modifiers", "effects", "cate_final_stages"), tables_of("policy"),
           ("policy", "effects", "honesty", "embed", *UNIT_COLUMNS, *MODEL_STORE, *MODEL_REGISTRATION,

@@ -129,7 +129,7 @@ def test_config_sections_a_stage_package_reads_are_declared():
 
     fields = {name: (field.alias or name) for name, field in Config.model_fields.items()}
     for stage in STAGES + EXTRA_STAGES:
-        declared = {d.partition(".")[0] for d in stage.sections}
+        declared = {d.partition(".")[0] for d in stage.readable}
         read = set()
         for path in (ROOT / "lib" / "tokens2policy" / stage.name).glob("*.py"):
             if path.name in ("notebook.py", "summary.py"):  # report helpers run outside the stage (CLI, notebooks)

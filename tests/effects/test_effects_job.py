@@ -14,7 +14,7 @@ from tokens2policy.lakehouse import read_table
 @pytest.fixture
 def synth(spark, make_cfg):
     cfg = make_cfg("source.covariate_cols=[age, region]", "source.outcome_cols=[outcome]", "effects.n_bootstrap=50", "effects.nuisance_neurons=8",
-                   "effects.nuisance=hgb")
+                   "effects.nuisance=hgb", "execution.mode=spark")  # the per-fold Spark tasks (auto: in memory)
     data = make_synthetic_rct(n=1500, seed=1)
     write_synthetic_tables(spark, cfg, data)
     return cfg, data
@@ -107,6 +107,38 @@ def test_effects_job_tables_truth_and_parallel_folds(spark, synth):
     assert run.data.metrics["synth.nuisance_tasks"] == 15
     assert "synth.outcome.dr_selected.autoc" in run.data.metrics
     assert run.data.metrics["synth.outcome.coverage_share"] == pytest.approx(cov.loc["share_selected", "estimate"])
+
+
+@pytest.mark.slow  # two effects jobs
+def test_effects_job_writes_the_same_tables_in_memory_and_on_spark(spark, synth):
+    """The job forced to each execution on the same tables: the nuisances fitted in the driver
+    (``cross_fit_local``) or one Spark task per fit give the same gates, effects and calibration — exactly: the same
+    rows in the same unit_id order reach the same fits with the same seeds. The choice is in the summary and the run."""
+    from tokens2policy.config import apply_overrides
+
+    cfg, _ = synth
+    tables, summaries = {}, {}
+    for mode in ("spark", "memory"):
+        run_cfg = apply_overrides(cfg, [f"execution.mode={mode}", "effects.nuisance=ridge"])
+        summaries[mode] = effects_job.run(spark, run_cfg)
+        tables[mode] = {name: read_table(spark, run_cfg, name).toPandas() for name in ("gates", "effects",
+                                                                                        "calibration")}
+        run = mlflow.search_runs(filter_string="tags.`t2p.stage` = 'effects'", output_format="list",
+                                 order_by=["attributes.start_time DESC"])[0]
+        assert run.data.params["execution.effects"] == mode and run.data.tags["t2p.execution.effects"] == mode
+    assert [summaries[m]["experiments"][0]["execution"]["mode"] for m in ("spark", "memory")] == ["spark", "memory"]
+    assert summaries["spark"]["experiments"][0]["nuisance_tasks"] == 15
+    keys = {"gates": ["outcome", "feature", "group"], "effects": ["learner", "unit_id"],
+            "calibration": ["learner", "metric", "group", "q"]}
+    for name, key in keys.items():
+        a = tables["spark"][name].sort_values(key, kind="stable").reset_index(drop=True)
+        b = tables["memory"][name].sort_values(key, kind="stable").reset_index(drop=True)
+        assert len(a) == len(b) > 0
+        for col in a.columns:
+            if a[col].dtype.kind == "f":
+                np.testing.assert_array_equal(b[col].to_numpy(), a[col].to_numpy(), err_msg=f"{name}.{col}")
+            else:
+                assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), f"{name}.{col}"
 
 
 def test_fit_task_is_order_invariant_and_matches_local_loop(synth):

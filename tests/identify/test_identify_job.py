@@ -57,11 +57,14 @@ def test_spark_job_equals_in_memory(spark, make_cfg, test):
     from tokens2policy.identify import job
     from tokens2policy.lakehouse import read_table
 
-    cfg = make_cfg(f"identify.test={test}", "identify.min_active=5", "source.covariate_cols=[age]")
+    # the Spark path (at this size execution.mode=auto would run in memory, tests/identify/test_identify_execution.py)
+    cfg = make_cfg(f"identify.test={test}", "identify.min_active=5", "source.covariate_cols=[age]",
+                   "execution.mode=spark")
     units, neurons, Z, y, t, age = make_tables()
     _write(spark, cfg, units, neurons)
     summary = job.run(spark, cfg)
     assert summary["experiments"] == 1
+    assert [c["mode"] for c in summary["execution"].values()] == ["spark"], summary["execution"]
 
     fold = units["fold"].to_numpy()
     ref = nexis(y, t, Z, w=age[:, None], test=test, cluster=units["cluster"].to_numpy(), folds=fold,

@@ -241,3 +241,24 @@ def test_prefixes_that_do_not_fit_a_data_sized_dictionary_are_dropped():
     assert nested_prefixes([16, 64], 128) == (16, 64)
     assert nested_prefixes([16, 64], 64) == (16,)        # e.g. the 979-review corpus: 64 latents
     assert nested_prefixes([16, 64], None) == (16, 64)
+
+
+def test_small_sae_trains_on_one_thread_by_default_and_restores_torch_threads():
+    """num_threads=None: a small step (batch x d x n_latents <= SMALL_STEP) trains on one thread (thread
+    synchronisation costs more than it gains there: docs/benchmarks.md), and torch's setting is restored."""
+    import torch
+
+    from tokens2policy.represent.sae import SMALL_STEP, SAEParams, train_loop
+
+    before = torch.get_num_threads()
+    seen = []
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    p = SAEParams(n_latents=32, k=2, epochs=1, batch_size=64, seed=0)
+    assert 64 * 16 * 32 <= SMALL_STEP
+    train_loop(x, p, on_epoch=lambda epoch, entry: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before
+    if before > 1:  # an explicit setting wins
+        seen.clear()
+        train_loop(x, SAEParams(n_latents=32, k=2, epochs=1, batch_size=64, seed=0, num_threads=before),
+                   on_epoch=lambda epoch, entry: seen.append(torch.get_num_threads()))
+        assert seen == [before]

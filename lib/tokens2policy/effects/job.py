@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from tokens2policy.execution import choose
 from tokens2policy.fold_tasks import fold_partition_keys, run_fold_tasks  # noqa: F401 (re-exported)
 
 from tokens2policy.honesty import estimated_on, estimates, role_column, unit_roles
@@ -469,13 +470,20 @@ def main(ctx) -> dict:
             cols = ["unit_id", "treatment", "fold", "sample"] + outcomes + covariates + ["indices", "values"]
             clock.reset()
             n_fits = len(nuisance_tasks(folds))
-            with spark_progress(spark, f"effects {exp}: nuisance cross-fit",
-                                note=f"{len(folds)} folds, {n_fits} nested fits"):
-                nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
+            # the frame is on the driver already: its fits run there too (sequentially) unless it is big
+            choice = choose(cfg.execution, "effects", len(pdf), len(cols) - 2, int(pdf["indices"].map(len).sum()))
+            choice.record(ctx)
+            if choice.mode == "memory":
+                nu_pdf = cross_fit_local(pdf[cols], spec, outcomes, params, cfg.seed)
+            else:
+                with spark_progress(spark, f"effects {exp}: nuisance cross-fit",
+                                    note=f"{len(folds)} folds, {n_fits} nested fits"):
+                    nu_pdf = cross_fit_spark(spark, joined.select(*cols), spec, outcomes, params, cfg.seed, folds)
             wall = clock.lap("nuisances")
-            n_tasks = int(nu_pdf["partition_id"].nunique())
+            n_tasks = int(nu_pdf["partition_id"].nunique()) if choice.mode == "spark" else 0
             ctx.log_metrics({f"{exp}.nuisance_wall_seconds": wall, f"{exp}.nuisance_tasks": n_tasks,
-                             f"{exp}.nuisance_task_seconds_max": float(nu_pdf["fit_seconds"].max())})
+                             f"{exp}.nuisance_task_seconds_max":
+                                 float(nu_pdf["fit_seconds"].max()) if choice.mode == "spark" else wall})
             res = experiment_effects(cfg, exp, pdf, mods_all, nu_pdf, spec, covariates, outcomes, labels=labels)
             for outcome, line in res["coverage"].items():
                 summary.setdefault("coverage", {}).setdefault(exp, {})[outcome] = line
@@ -495,6 +503,7 @@ def main(ctx) -> dict:
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)), "folds": len(folds),
                                            "n_estimation": int(_estimation_rows(pdf).sum()),
                                            "estimated_on": estimated_on(cfg.honesty), "nuisance_tasks": n_tasks,
+                                           "execution": choice.as_dict(),
                                            "gate_rows": int(len(gates)),
                                            "effects_rows": int(len(eff)), "seconds": clock.laps})
     return summary

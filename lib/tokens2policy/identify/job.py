@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tokens2policy.execution import choose
 from tokens2policy.fold_tasks import run_fold_tasks
 from tokens2policy.honesty import selection_filter
 
-from .engine import Tester, marginal_from_tester, run_search
+from .engine import Source, Tester, marginal_from_tester, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
 from .stats import Block, combine
 
@@ -199,41 +200,69 @@ def identify_frame(df, spec, cfg_identify, seed=0, on_decision=None):
     Returns (NexisResult, MarginalResult). With LightGBM the result equals ``nexis(..., nuisance="lgbm")`` on the
     rows sorted by unit_id with the same fold ids."""
     ic = cfg_identify
-    G = len(spec.get("cluster_codes") or {})
-    K = len(spec.get("fold_codes") or {})
-    if ic.test == "gcm" and ic.nuisance == "lgbm" and "unit_id" not in df.columns:
-        raise ValueError("GCM with nuisance='lgbm' needs a unit_id column (it orders each fold's training rows)")
+    _check_unit_key(ic, df.columns)
     whole = None
     if ic.test == "cluster":  # every cluster in one partition: its statistics are functions of per-cluster sums
         whole = df = df.repartition("cluster").cache()
     try:
-        src = SparkSource(df, spec)
-        tester = SparkTester(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True, z_nuisance=ic.z_nuisance)
-        params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                      nuisance=ic.nuisance, z_nuisance=ic.z_nuisance, max_rounds=ic.max_rounds,
-                      min_active=ic.min_active)
-        res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
-                         max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
-        mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+        return _search(SparkSource(df, spec), SparkTester, spec, ic, seed, on_decision)
     finally:
         if whole is not None:
             whole.unpersist()
-    return res, mg
+
+
+def identify_pandas(pdf: pd.DataFrame, spec: Dict, cfg_identify, seed=0, on_decision=None):
+    """In-memory twin of :func:`identify_frame` (same columns, collected): one :class:`Block` of all rows and the
+    engine's :class:`Tester` — no Spark job. Rows are put in unit_id order when there is one (the order in which
+    the Spark path's LightGBM fold tasks train); the additive statistics equal the Spark path's up to the order
+    of floating-point sums (tests/execution: p-values to 1e-9 relative)."""
+    ic = cfg_identify
+    _check_unit_key(ic, pdf.columns)
+    if "unit_id" in pdf.columns:
+        pdf = pdf.sort_values("unit_id", kind="stable").reset_index(drop=True)
+    if not len(pdf):
+        raise ValueError("no rows to identify on")
+    return _search(Source([block_from_pandas(pdf, spec)]), Tester, spec, ic, seed, on_decision)
+
+
+def _check_unit_key(ic, columns):
+    if ic.test == "gcm" and ic.nuisance == "lgbm" and "unit_id" not in columns:
+        raise ValueError("GCM with nuisance='lgbm' needs a unit_id column (it orders each fold's training rows)")
+
+
+def _search(src, tester_class, spec, ic, seed, on_decision):
+    """NEXIS and the marginal screen over ``src`` (a Spark or in-memory Source) with ``tester_class``."""
+    G = len(spec.get("cluster_codes") or {})
+    K = len(spec.get("fold_codes") or {})
+    tester = tester_class(src, ic.test, G, K, ic.nuisance, seed, with_nnz=True, z_nuisance=ic.z_nuisance)
+    params = dict(alpha=ic.alpha, test=ic.test, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                  nuisance=ic.nuisance, z_nuisance=ic.z_nuisance, max_rounds=ic.max_rounds,
+                  min_active=ic.min_active)
+    res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
+                     max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
+    return res, marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
 
 
 def frame_spec(df, ic, m, covariates) -> Dict:
-    """The Block spec of the rows actually analysed (``df``: one experiment, one outcome, non-null outcomes only):
+    """The Block spec of the rows actually analysed (``df``: one experiment, one outcome, non-null outcomes only; a
+    Spark DataFrame or its collected pandas frame):
     cluster and fold levels are counted over these rows, as the in-memory ``nexis`` counts them over its input — a
     unit without an outcome must not add a cluster to the cluster test's G (issue 13, finding 6) or a fold to the cross-fit."""
-    from pyspark.sql import functions as F
-
     spec = {"m": m, "covariates": covariates}
+    in_memory = isinstance(df, pd.DataFrame)  # the collected frame of identify_pandas
+
+    def distinct(col, cast):
+        if in_memory:
+            return sorted({cast(v) for v in df[col].unique()})
+        from pyspark.sql import functions as F
+
+        return sorted({cast(r[0]) for r in df.select(F.col(col).cast("string" if cast is str else "int"))
+                       .distinct().collect()})
+
     if ic.test == "cluster":
-        levels = sorted(str(r[0]) for r in df.select(F.col("cluster").cast("string")).distinct().collect())
-        spec["cluster_codes"] = {v: i for i, v in enumerate(levels)}
+        spec["cluster_codes"] = {v: i for i, v in enumerate(distinct("cluster", str))}
     if ic.test == "gcm":
-        levels = sorted(int(r[0]) for r in df.select("fold").distinct().collect())
-        spec["fold_codes"] = {v: i for i, v in enumerate(levels)}
+        spec["fold_codes"] = {v: i for i, v in enumerate(distinct("fold", int))}
     return spec
 
 
@@ -270,10 +299,16 @@ def main(ctx) -> dict:
     _validate_spark_options(ic, has_fold, has_cluster)
     outcomes = list(ctx.units.outcomes)
     covariates = list(ctx.units.numeric_covariates) if ic.use_covariates else []
-    max_idx = neurons.select(F.max(F.array_max("indices"))).first()[0]
+    # one job each: per-experiment sizes (units, neurons' non-zeros) and the dictionary size m
+    unit_counts = {r[0]: int(r[1]) for r in units.groupBy("experiment_id").count().collect()}
+    nz_stats = neurons.groupBy("experiment_id").agg(F.max(F.array_max("indices")).alias("max_idx"),
+                                                    F.sum(F.size("indices")).alias("nnz")).collect()
+    max_idx = max((r["max_idx"] for r in nz_stats if r["max_idx"] is not None), default=None)
+    nnz_of = {r["experiment_id"]: int(r["nnz"] or 0) for r in nz_stats}
     m = 0 if max_idx is None else int(max_idx) + 1
-    experiments = sorted(r[0] for r in units.select("experiment_id").distinct().collect())
-    mod_rows, trace_rows, marg_rows, summary = [], [], [], {"experiments": {}, "m": m, "covariates": covariates}
+    experiments = sorted(unit_counts)
+    mod_rows, trace_rows, marg_rows = [], [], []
+    summary = {"experiments": {}, "m": m, "covariates": covariates, "execution": {}}
 
     with ctx.clock.timed("total"):
         for exp in experiments:
@@ -281,28 +316,49 @@ def main(ctx) -> dict:
             nz = neurons.where(F.col("experiment_id") == exp).select("unit_id", "indices", "values")
             joined = u.join(nz, "unit_id", "left")
             summary["experiments"][exp] = {}
-            for outcome in outcomes:
-                cols = [F.col(outcome).cast("double").alias("y"), F.col("treatment").cast("double").alias("treatment"),
-                        "indices", "values"] + [F.col(c).cast("double").alias(c) for c in covariates]
-                if ic.test == "cluster":
-                    cols.append(F.col("cluster").cast("string").alias("cluster"))
-                if ic.test == "gcm":
-                    cols.append(F.col("fold").cast("int").alias("fold"))
-                if ic.test == "gcm" and ic.nuisance == "lgbm":
-                    cols.append("unit_id")  # orders each fold's training rows (same models as in memory)
-                df = joined.where(F.col(outcome).isNotNull()).select(*cols).cache()
+            base = ([F.col("treatment").cast("double").alias("treatment"), "indices", "values"]
+                    + [F.col(c).cast("double").alias(c) for c in covariates])
+            if ic.test == "cluster":
+                base.append(F.col("cluster").cast("string").alias("cluster"))
+            if ic.test == "gcm":
+                base.append(F.col("fold").cast("int").alias("fold"))
+            if ic.test == "gcm" and ic.nuisance == "lgbm":
+                base.append("unit_id")  # orders each fold's training rows (same models as in memory)
+            # in memory: every outcome's rows collected once (null outcomes flagged, not dropped: a NaN is not a null)
+            choice = choose(cfg.execution, "identify", unit_counts[exp], len(base) - 2 + len(outcomes),
+                            nnz_of.get(exp, 0))
+            choice.record(ctx)
+            summary["execution"][exp] = choice.as_dict()
+            collected = None
+            if choice.mode == "memory":
+                ys = [(f"__y{i}", f"__has_y{i}") for i in range(len(outcomes))]
+                with_key = ic.test == "gcm" and ic.nuisance == "lgbm"  # base has unit_id already
+                key = [] if with_key else ["unit_id"]  # identify_pandas sorts by it: a fixed sum order
+                collected = joined.select(*base, *key, *[F.col(o).cast("double").alias(y) for o, (y, _) in zip(outcomes, ys)],
+                                          *[F.col(o).isNotNull().alias(h) for o, (_, h) in zip(outcomes, ys)]
+                                          ).toPandas()
+                others = [c for c in collected.columns if c not in {name for pair in ys for name in pair}]
+            for i, outcome in enumerate(outcomes):
+                if collected is not None:
+                    keep = collected[f"__has_y{i}"].to_numpy(bool)
+                    df = collected.loc[keep, others].assign(y=collected.loc[keep, f"__y{i}"]).reset_index(drop=True)
+                else:
+                    df = joined.where(F.col(outcome).isNotNull()).select(F.col(outcome).cast("double").alias("y"),
+                                                                         *base).cache()
                 try:
                     spec = frame_spec(df, ic, m, covariates)
-                    label = f"NEXIS {ic.test}, {m} neurons"
+                    label = f"NEXIS {ic.test}, {m} neurons, {choice.mode}"
                     with spark_progress(spark, f"identify {exp}/{outcome}", note=label,
                                         open_ended=True) as bar:  # one Spark job per statistic: the total grows
 
                         def show(rec, selected, bar=bar, label=label):
                             bar.set_label(f"{label}, {rec['phase']} round {rec['round']}, {len(selected)} selected")
 
-                        res, mg = identify_frame(df, spec, ic, cfg.seed, on_decision=show)
+                        run = identify_pandas if collected is not None else identify_frame
+                        res, mg = run(df, spec, ic, cfg.seed, on_decision=show)
                 finally:
-                    df.unpersist()
+                    if collected is None:
+                        df.unpersist()
                 mod_rows += modifier_rows(exp, outcome, res, covariates, ic)
                 trace_rows += trace_table_rows(exp, outcome, res, covariates)
                 marg_rows += marginal_rows(exp, outcome, mg, covariates)
@@ -318,7 +374,7 @@ def main(ctx) -> dict:
             ctx.write_experiments(name, ctx.frame(name, rows), experiments)
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
-            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows)}
+            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"]}
 
 
 def with_neuron_labels(spark, cfg, rows):

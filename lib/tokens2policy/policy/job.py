@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from tokens2policy.execution import in_memory_only
 from tokens2policy.honesty import estimated_on, estimates
 
 from ..effects.final_stage import LinearFinalStage, find_final_stage
@@ -263,6 +264,9 @@ def main(ctx) -> dict:
         for exp in sorted(eff_every["experiment_id"].unique()):
             clock = ctx.new_clock(str(exp))
             _, pdf = load_experiment(spark, cfg, units, neurons, exp)
+            choice = in_memory_only("policy", len(pdf), len(pdf.columns) - 2, int(pdf["indices"].map(len).sum()),
+                                    "exact trees and rules on the collected units and effects")
+            choice.record(ctx)
             mods_all = mods_every[mods_every["experiment_id"] == exp]
             rules_all, values_all, assign_all, metrics, model_uris = [], [], [], {}, {}
             for outcome in sorted(eff_every.loc[eff_every.experiment_id == exp, "outcome"].unique()):
@@ -299,6 +303,7 @@ def main(ctx) -> dict:
             summary["experiments"].append({"experiment_id": exp, "n_units": int(len(pdf)),
                                            "estimated_on": estimated_on(cfg.honesty),
                                            "tree_leaves": int((rules.policy == "tree").sum()), "seconds": clock.laps,
+                                           "execution": choice.as_dict(),
                                            "policy_model_uris": model_uris})
     return summary
 

@@ -60,8 +60,10 @@ class SAEParams:
     batch_size: the GLOBAL batch size (distributed workers each take ``batch_size // world``).
     lr_schedule: "cosine" (decay to 0.1*lr over training: ends near a minimum, so runs that differ
         only in batch order end at the same quality) or "constant".
-    num_threads: torch CPU threads while training (None: leave torch's setting; small SAEs train
-        fastest single-threaded on a busy machine).
+    num_threads: torch CPU threads while training. None: one thread when a step's encoder product is small
+        (batch_size x d x n_latents <= SMALL_STEP, e.g. the demo's 512 x 384 x 128), else torch's setting —
+        on such products thread synchronisation costs more than it gains (the demo's 20-epoch training on a
+        loaded 2-core machine: 65 s on one thread, 555 s on two; docs/benchmarks.md).
     matryoshka: nested dictionary prefixes (latent counts, increasing, each < n_latents); () = a plain TopK SAE.
         With prefixes m_1 < ... < m_L the loss is the mean over the levels m_1, ..., m_L, n_latents of the
         reconstruction error using only the active latents with index < m_l (Bussmann, Nabeshima, Karvonen &
@@ -272,6 +274,9 @@ def _moments(x, comm):
     return mean.float(), scale.float()
 
 
+SMALL_STEP = 1 << 27  # batch x d x n_latents at or below which training runs on one thread (num_threads=None)
+
+
 def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int = 0, on_epoch=None) -> dict:
     """Train a TopK SAE on this worker's rows; gradients and statistics are reduced through ``comm``.
 
@@ -282,11 +287,14 @@ def train_loop(x_local: np.ndarray, params: SAEParams, comm=None, log_every: int
     torch = _torch()
     comm = comm or LocalComm()
     params = params.validate()
+    if params.num_threads is None and np.ndim(x_local) == 2 and \
+            int(params.batch_size) * np.shape(x_local)[1] * params.resolve_latents(np.shape(x_local)[1]) <= SMALL_STEP:
+        params = replace(params, num_threads=1)
     if params.num_threads:
         old_threads = torch.get_num_threads()
         torch.set_num_threads(int(params.num_threads))
         try:
-            return train_loop(x_local, replace(params, num_threads=None), comm, log_every, on_epoch)
+            return train_loop(x_local, replace(params, num_threads=0), comm, log_every, on_epoch)  # 0: as set now
         finally:
             torch.set_num_threads(old_threads)
     x_local = np.ascontiguousarray(np.asarray(x_local, dtype=np.float32))
