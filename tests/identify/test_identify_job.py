@@ -58,8 +58,9 @@ def test_spark_job_equals_in_memory(spark, make_cfg, test):
     from tokens2policy.lakehouse import read_table
 
     # the Spark path (at this size execution.mode=auto would run in memory, tests/identify/test_identify_execution.py)
+    # honesty.mode=none: the reference below runs on every unit (the selection split is tested on its own)
     cfg = make_cfg(f"identify.test={test}", "identify.min_active=5", "source.covariate_cols=[age]",
-                   "execution.mode=spark")
+                   "execution.mode=spark", "honesty.mode=none")
     units, neurons, Z, y, t, age = make_tables()
     _write(spark, cfg, units, neurons)
     summary = job.run(spark, cfg)
@@ -145,7 +146,8 @@ def test_cluster_count_ignores_units_without_outcome(spark, make_cfg):
     from tokens2policy.identify import job
     from tokens2policy.lakehouse import read_table
 
-    cfg = make_cfg("identify.test=cluster", "identify.min_active=5", "source.covariate_cols=[age]")
+    cfg = make_cfg("identify.test=cluster", "identify.min_active=5", "source.covariate_cols=[age]",
+                   "honesty.mode=none")  # the reference runs on every unit with an outcome
     units, neurons, Z, y, t, age = make_tables(n=500, m=12, seed=3)
     extra_u = pd.DataFrame({"experiment_id": ["e1"], "unit_id": ["zz_no_outcome"], "treatment": [1],
                             "outcome": [None], "fold": [0], "cluster": ["c_alone"], "age": [40.0]})
