@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .processes import stop_process_group
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -85,17 +87,8 @@ class MiniHdfs:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            self.proc.stdin.close()  # the launcher shuts the cluster down cleanly
-            self.proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, OSError, ValueError):
-            pass
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
+        # closing its stdin makes the launcher shut the cluster down cleanly
+        stop_process_group(self.proc, lambda proc: proc.stdin.close(), timeout=30)
         self.proc = None
 
     def __enter__(self) -> "MiniHdfs":

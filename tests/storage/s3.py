@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional
 
+from .processes import stop_process_group
+
 ACCESS_KEY, SECRET_KEY, REGION = "t2p-test-access", "t2p-test-secret-3f9a", "us-east-1"
 
 
@@ -116,16 +118,7 @@ class MotoS3:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
+        stop_process_group(self.proc, lambda proc: os.killpg(proc.pid, signal.SIGTERM), timeout=10)
         self.proc = None
 
     def __enter__(self) -> "MotoS3":
