@@ -118,6 +118,20 @@ def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kind
     }, tree, (cutoff, tie_share), fold_rules
 
 
+def cross_fitted_values(cfg, sub: pd.DataFrame, assignments, cluster=None) -> pd.DataFrame:
+    """The ``policy_value`` rows (without the key columns): the cross-fitted assignments of the learned rules
+    (``assignments[name][1]``, from :func:`learn_policies`) valued with the AIPW scores on the estimation units,
+    with the baselines, and the cross-fitting variance over the units' folds (:func:`.value.cross_fitted_mean`):
+    the estimand of a learned rule's row is the learning procedure's expected value (Imai & Li 2023), not the
+    deployable rule's. ``cluster``: ids of every row of ``sub`` (CR1S), or None."""
+    p = cfg.policy
+    est = estimation_mask(sub)
+    scores = sub[["dr_score0", "dr_score1"]].to_numpy(dtype=float)[est]
+    held = {name: a[1][est] for name, a in assignments.items()}
+    return compare_policies(scores, held, cost=p.cost, cluster=None if cluster is None else cluster[est],
+                            alpha=p.alpha, folds=sub["fold"].astype(int).to_numpy()[est])
+
+
 def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster) -> pd.DataFrame:
     """``policy_rules`` rows: the tree's leaves (n and leaf effect on the estimation units) and the two CATE
     rules, with the number of estimation units each treats."""
@@ -198,10 +212,7 @@ def outcome_policies(cfg, exp: str, outcome: str, pdf: pd.DataFrame, eff: pd.Dat
     if est.sum() < 10:
         raise ValueError(f"{exp}/{outcome}: only {int(est.sum())} estimation units in the effects table")
     assignments, tree, budget_fit, fold_rules = learn_policies(cfg, sub, X, names, tkinds)
-    scores = sub[["dr_score0", "dr_score1"]].to_numpy()[est]
-    held = {name: a[1][est] for name, a in assignments.items()}
-    value = compare_policies(scores, held, cost=p.cost, cluster=None if cluster is None else cluster[est],
-                             alpha=p.alpha)
+    value = cross_fitted_values(cfg, sub, assignments, cluster)
     value = value.assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost,
                          estimated_on=estimated_on(cfg.honesty))
     return {"rules": rule_rows(cfg, exp, outcome, sub, tree, X, budget_fit, cluster), "value": value,

@@ -245,6 +245,22 @@ def _policy_truths(design: PathDesign, cfg, res, x_fresh: np.ndarray) -> Dict[st
     return out
 
 
+def _per_unit_values(cfg, res) -> pd.DataFrame:
+    """The ``policy_value`` rows of this run with the per-unit SE (``compare_policies`` without ``folds``: each
+    learned rule's cross-fitted assignments valued as if they were a fixed rule — the stage before it used the
+    cross-fitting variance), on the same estimation units, scores and assignments."""
+    from tokens2policy.policy.job import estimation_mask
+    from tokens2policy.policy.value import compare_policies
+
+    pol = res["policy"]
+    sub = pol["sub"]
+    est = estimation_mask(sub)
+    held = {name: a[1][est] for name, a in pol["learned"].items()}
+    cluster = pol["cluster"]
+    return compare_policies(sub[["dr_score0", "dr_score1"]].to_numpy(dtype=float)[est], held, cost=cfg.policy.cost,
+                            cluster=None if cluster is None else cluster[est], alpha=cfg.policy.alpha)
+
+
 def evaluate(design: PathDesign, cfg, res, x_fresh: np.ndarray) -> List[dict]:
     """The rows (estimand, estimate, CI, truth, covered, claim) of one run of the path."""
     alpha = cfg.effects.alpha
@@ -291,6 +307,15 @@ def evaluate(design: PathDesign, cfg, res, x_fresh: np.ndarray) -> List[dict]:
             claim=float(d.ci_low > 0))
     g = val.loc[("budget", "minus random_same_budget")]
     add("budget gain over random", "claim", g.estimate, g.ci_low, g.ci_high, g.p_value,
+        claim=float(g.ci_low > 0 or g.ci_high < 0))
+    # the same rows with the per-unit SE the policy stage used before the cross-fitting variance (for comparison)
+    old = _per_unit_values(cfg, res).set_index(["policy", "comparison"])
+    for pol in ("tree", "threshold", "budget"):
+        r = old.loc[(pol, "value")]
+        add(f"per-unit SE: value {pol}", "coverage", r.estimate, r.ci_low, r.ci_high, r.p_value,
+            truths[f"value {pol}"])
+    g = old.loc[("budget", "minus random_same_budget")]
+    add("per-unit SE: budget gain over random", "claim", g.estimate, g.ci_low, g.ci_high, g.p_value,
         claim=float(g.ci_low > 0 or g.ci_high < 0))
     for name in ("regret tree", "regret threshold"):
         add(name, "power", est=truths[name])
