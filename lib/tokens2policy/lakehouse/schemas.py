@@ -433,8 +433,11 @@ _TABLES: Tuple[TableSpec, ...] = (
         C("policy", "string", "`treat_all|treat_none|tree|threshold|budget`"),
         C("comparison", "string", "`value` or `minus treat_all|minus treat_none|minus random_same_budget`"),
         C("treated_share", "double", "share treated"),
-        C("estimate", "double", "AIPW value (or difference)"),
-        C("se", "double", "standard error"),
+        C("estimate", "double", "AIPW value (or difference); a learned rule's row (tree|threshold|budget) is "
+                                "cross-fitted (each unit assigned by the rule learned without its fold): it "
+                                "estimates the expected value of the rule-learning procedure, not of the deployed rule"),
+        C("se", "double", "standard error; learned rules: Imai & Li's (2023) cross-fitting variance, which adds the "
+                          "learned rule's variability across folds (docs/policy.md)"),
         C("ci_low", "double", "CI lower bound"),
         C("ci_high", "double", "CI upper bound"),
         C("p_value", "double", "p-value"),
@@ -443,7 +446,7 @@ _TABLES: Tuple[TableSpec, ...] = (
         C("estimated_on", "string", "units the numbers come from: `estimation` (none of them selected the modifiers, "
                                     "`honesty.mode=split`) or `all` (`honesty.mode=none`: not selection-aware)"),
     ), ("experiment_id", "outcome", "learner", "policy", "comparison"),
-        "Held-out policy values and paired comparisons (docs/policy.md)."),
+        "Cross-fitted policy values and paired comparisons on the estimation units (docs/policy.md)."),
     TableSpec("assignments", "policy", (
         EXPERIMENT, UNIT, OUTCOME,
         C("policy", "string", "the rule"),

@@ -14,13 +14,13 @@ summands / √n.
 **A cross-fitted learned rule** (``folds`` given; the policy stage's tree, threshold and budget rules): unit i is
 assigned by the rule learned WITHOUT its fold k(i), so V̂ is the average over folds of K different rules' values,
 and its estimand is the *learning procedure's* expected performance (the value of a rule the procedure learns from
-(K−1)/K of the units; Imai & Li 2023, §3.3; Athey & Wager 2021 for cross-fitted policy learning) — not the value of
+(K−1)/K of the units; Imai & Li 2023; Athey & Wager 2021 for cross-fitted policy learning) — not the value of
 the one deployable rule fitted on all units. Fold k's rule is learned from the other folds, whose own terms are in
 turn valued with rules learned from fold k, so the fold-wise terms are correlated whenever the learned rule depends
 on noise (a rule built on a feature that does not modify the effect: the sign it picks is decided by the other
 folds' noise at every n). The per-unit SE misses that correlation (measured: 11 % "significant" gains over random
 under the null at α = 5 %, docs/validation.md). The variance used instead is Imai & Li's cross-fitting variance
-(their Theorem 3, as implemented by the ``PAPEcv``/``PAVcv`` functions of their R package evalITR),
+(of their cross-validation estimator, as the ``PAPEcv``/``PAVcv`` functions of their R package evalITR compute it),
 
     Var̂ = V̂₀ + (K − 1)/K · max(W̄ − S²_F, 0),
 
@@ -28,7 +28,8 @@ with V̂₀ the per-unit (HC/CR1S) variance of the pooled mean, W̄ the average 
 mean (within-fold, HC/CR1S), and S²_F the sample variance of the K fold means. Why: with fold means a_k of common
 variance W and pairwise covariance C, Var(mean a_k) = W/K + (K − 1)/K · C and E[S²_F] = W − C, so W − S²_F
 estimates the covariance the per-unit variance leaves out; the positive part keeps Var̂ ≥ V̂₀ (evalITR's
-``min(SF2, varcv)``). Imai & Li derive it for difference-in-means estimators; here each fold mean is an AIPW mean
+``min(SF2, varcv)``). evalITR's base term is W̄/K; V̂₀ equals it for equal folds without clusters and keeps the
+correlation of clusters that span folds. Imai & Li derive it for difference-in-means estimators; here each fold mean is an AIPW mean
 with its robust within-fold variance (paired summands for differences), the same algebra. It is conservative
 when the fold terms are uncorrelated (S²_F then estimates W with K − 1 degrees of freedom, and the positive part
 keeps the upward errors): the power cost is measured in docs/validation.md.

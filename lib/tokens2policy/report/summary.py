@@ -98,7 +98,8 @@ def summary_lines(facts: Dict[str, Any], results: Sequence[Dict[str, Any]] = ())
                 lines.append(pre + "policy value: (table 'policy_value' missing — policy has not run)")
             else:
                 note = sample_note(values)
-                lines.append(pre + "policy value (doubly robust, 95% CI" + (f"; {note}" if note else "") + "):")
+                lines.append(pre + "policy value (doubly robust, 95% CI" + (f"; {note}" if note else "")
+                             + "; learned rules cross-fitted: the expected value of the rule-learning procedure):")
                 for v in values:
                     comp = v.get("comparison")
                     comp = comp[6:] if isinstance(comp, str) and comp.startswith("minus ") else comp
