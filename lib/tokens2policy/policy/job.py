@@ -16,7 +16,9 @@ stage's *nested* AIPW scores for fold k (nuisances fitted without fold k as well
 out-of-fold CATE (final stage fitted without fold k, on nested pseudo-outcomes), and the budget rule is learned on
 fold k's out-of-fold CATEs (the fold treated as a batch, ties at the cutoff by the units' tie draws). So no outcome
 of fold k enters the policy that fold k's units are valued with; the AIPW scores that value it are cross-fitted.
-Values are compared (paired) with treat-all, treat-none and random at the same budget. The rules reported and the
+Values are compared (paired) with treat-all, treat-none and random at the same budget; a learned rule's rows
+estimate the rule-learning procedure's expected value, with Imai & Li's (2023) cross-fitting variance
+(:func:`cross_fitted_values`, :func:`.value.cross_fitted_mean`). The rules reported and the
 ``treat`` column come from the same procedures fitted on all estimation units (what one would deploy);
 ``heldout_treat`` is the assignment the value used (null for selection units, which enter no value).
 """

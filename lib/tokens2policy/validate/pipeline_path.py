@@ -12,7 +12,11 @@ policy stage's :func:`~tokens2policy.policy.job.policy_in_memory` (the Spark job
   (``policy_value`` ``minus treat_all`` CI above 0) and "the budget policy beats random at the same budget"
   (``minus random_same_budget`` CI excluding 0) — each should happen in at most α of the repetitions;
 * **coverage** of the GATE CIs of the selected modifiers, of the joint interaction CIs and of the cross-fitted
-  policy-value CIs against their true values (closed form, and Monte Carlo over ``n_truth`` fresh units);
+  policy-value CIs against their true values (closed form, and Monte Carlo over ``n_truth`` fresh units; a
+  learned policy's truth is the value of the fold-k rules its estimate averages, weighted by fold size);
+* the learned policies' value rows and the budget gain again with the **per-unit SE** (estimands ``per-unit SE:
+  …``; same draws, scores and assignments) — the policy stage's SE before it used the cross-fitting variance, kept
+  to measure what that variance costs and buys;
 * **the power cost of honesty**: IoU of the selection with the true modifiers and the regret of the deployed policy
   (value of the best rule minus value of the learned tree, by Monte Carlo), with ``honesty.mode=split`` against the
   single-sample ``honesty.mode=none``.
