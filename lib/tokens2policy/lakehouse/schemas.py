@@ -435,7 +435,8 @@ _TABLES: Tuple[TableSpec, ...] = (
         C("treated_share", "double", "share treated"),
         C("estimate", "double", "AIPW value (or difference); a learned rule's row (tree|threshold|budget) is "
                                 "cross-fitted (each unit assigned by the rule learned without its fold): it "
-                                "estimates the expected value of the rule-learning procedure, not of the deployed rule"),
+                                "estimates the expected value of the rule-learning procedure, not of the deployed "
+                                "rule"),
         C("se", "double", "standard error; learned rules: Imai & Li's (2023) cross-fitting variance, which adds the "
                           "learned rule's variability across folds (docs/policy.md)"),
         C("ci_low", "double", "CI lower bound"),

@@ -29,8 +29,9 @@ mean (within-fold, HC/CR1S), and S²_F the sample variance of the K fold means. 
 variance W and pairwise covariance C, Var(mean a_k) = W/K + (K − 1)/K · C and E[S²_F] = W − C, so W − S²_F
 estimates the covariance the per-unit variance leaves out; the positive part keeps Var̂ ≥ V̂₀ (evalITR's
 ``min(SF2, varcv)``). evalITR's base term is W̄/K; V̂₀ equals it for equal folds without clusters and keeps the
-correlation of clusters that span folds. Imai & Li derive it for difference-in-means estimators; here each fold mean is an AIPW mean
-with its robust within-fold variance (paired summands for differences), the same algebra. It is conservative
+correlation of clusters that span folds. Imai & Li derive it for difference-in-means estimators; here each fold
+mean is an AIPW mean with its robust within-fold variance (paired summands for differences), the same algebra.
+It is conservative
 when the fold terms are uncorrelated (S²_F then estimates W with K − 1 degrees of freedom, and the positive part
 keeps the upward errors): the power cost is measured in docs/validation.md.
 
