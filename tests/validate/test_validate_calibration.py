@@ -48,3 +48,74 @@ def test_combining_chunks_refuses_runs_that_disagree_on_a_draw():
         combine_chunks([rows.iloc[:2], bad])
     with pytest.raises(ValueError, match="at least one"):
         combine_chunks([])
+
+
+ALPHA, R_CI = 0.05, 100
+
+
+def fwer_bound(reps: int, alpha: float = ALPHA) -> float:
+    """alpha plus the one-sided 0.1 % Monte-Carlo tolerance of an FWER estimated from ``reps`` null draws (as
+    test_validate_study's null bound): a method whose true FWER is 0.2 exceeds it at R = 100 with probability
+    ~0.99, one exactly at alpha with probability 0.001."""
+    from scipy import stats as sstats
+
+    return alpha + sstats.norm.ppf(0.999) * np.sqrt(alpha * (1 - alpha) / reps)
+
+
+# which test options each CI-sized calibration design must hold alpha for: every GCM learner and the leverage-aware
+# hc2 everywhere; the cluster test where there are clusters; the homoskedastic `linear` test only where the errors
+# are homoskedastic (dense, covariates) — on sparse codes and under cluster-level heterogeneity it is not valid
+HOLDS = {
+    "dense": ["nexis_linear", "nexis_hc2", "nexis_gcm", "nexis_gcm_poly2", "nexis_gcm_lgbm"],
+    "covariates": ["nexis_linear", "nexis_hc2", "nexis_gcm", "nexis_gcm_poly2", "nexis_gcm_lgbm"],
+    "sparse": ["nexis_hc2", "nexis_gcm", "nexis_gcm_poly2", "nexis_gcm_lgbm"],
+    "rare": ["nexis_hc2", "nexis_gcm", "nexis_gcm_poly2", "nexis_gcm_lgbm"],
+    "clusters": ["nexis_hc2", "nexis_cluster", "nexis_gcm", "nexis_gcm_poly2", "nexis_gcm_lgbm"],
+}
+
+
+def _ci_study(designs, methods, reps=R_CI):
+    cfg = _cfg(f"calibration=[{','.join(designs)}]", f"calibration_repetitions={reps}",
+               f"calibration_methods=[{','.join(methods)}]")
+    tasks = build_tasks(cfg.validate_, 0)
+    assert len(tasks) == len(designs) * reps
+    return summarize_selection(run_in_memory(tasks)).set_index(["design", "method"])
+
+
+def test_ci_sized_calibration_designs_hold_the_fwer_bound():
+    """The CI-sized calibration study (the ``ci`` preset's designs, 100 null draws each): every test option that
+    is valid on a design keeps its family-wise error (a selection outside the truth; on ``covariates`` a selected W
+    counts) within alpha + Monte-Carlo tolerance, and the W-phase + joint search spend one alpha. The bound has
+    power: the GCM before issue 13 (poly2 nuisance, linear in-sample Z residual) exceeds it on the nonlinear null."""
+    methods = sorted({m for ms in HOLDS.values() for m in ms})
+    s = _ci_study(list(HOLDS), methods)
+    bound = fwer_bound(R_CI)
+    checked = 0
+    for design, holds in HOLDS.items():
+        for meth in holds:
+            r = s.loc[(f"cal-{design}", meth)]
+            assert r["reps"] == R_CI
+            assert r["any_false"] <= bound, (design, meth, r["any_false"], bound)
+            checked += 1
+    assert checked == 23
+    old = _ci_study(["nonlinear"], ["nexis_gcm_poly2_linz"]).loc[("cal-nonlinear", "nexis_gcm_poly2_linz")]
+    assert old["any_false"] > bound
+
+
+def test_planted_modifier_adds_exactly_its_effect_and_keeps_the_null_seeds():
+    """The power variant of the sparse design: y differs from the null draw of the same seed by effect·t·z_0 and
+    nothing else; neuron 0 is active in ``modifier_active`` units; the null designs' seed keys are unchanged."""
+    from tokens2policy.validate.designs import CalibrationDesign, simulate_calibration
+
+    null, planted = CalibrationDesign(kind="sparse"), CalibrationDesign(kind="sparse", effect=2.5)
+    a, b = simulate_calibration(null, 11), simulate_calibration(planted, 11)
+    assert a.truth.tolist() == [] and b.truth.tolist() == [0]
+    assert (a.z != b.z).nnz == 0 and np.array_equal(a.t, b.t)
+    np.testing.assert_allclose(b.y - a.y, 2.5 * b.t * b.z[:, 0].toarray().ravel(), atol=1e-12)
+    assert 20 <= b.z[:, 0].nnz <= 40
+    wide = simulate_calibration(CalibrationDesign(kind="sparse", effect=1.0, modifier_active=300), 11)
+    assert wide.z[:, 0].nnz == 300 and (wide.z[:, 1:] != a.z[:, 1:]).nnz == 0
+    assert null.key() == "calibration|kind=sparse|m=128|n=2000|n_clusters=50|n_covariates=5"
+    assert planted.key() != null.key()
+    with pytest.raises(ValueError, match="sparse design only"):
+        CalibrationDesign(kind="dense", effect=1.0)
