@@ -160,15 +160,16 @@ def summarize_runs(spark, cfg, run_ids: List[str], out_dir, figures: bool = True
     """Summarise the ``validation_runs`` rows of several runs as one study (a study run in chunks of repetitions,
     ``validate.calibration_first_repetition``): rows combined by :func:`~tokens2policy.validate.study.combine_chunks`
     (a draw counted once), ``validation_selection_summary.csv`` and the figures written to ``out_dir``; returns the
-    selection summary. Every run id must have rows."""
+    selection summary. Every run id must have rows; no run ids: every run in the table."""
     from pyspark.sql import functions as F
 
     from tokens2policy.lakehouse import read_table
 
     from . import plots
 
-    ids = [str(r) for r in run_ids]
-    rows = read_table(spark, cfg, TABLE).where(F.col("run_id").isin(ids)).toPandas()
+    table = read_table(spark, cfg, TABLE)
+    ids = [str(r) for r in run_ids] if run_ids else [r[0] for r in table.select("run_id").distinct().collect()]
+    rows = table.where(F.col("run_id").isin(ids)).toPandas()
     missing = sorted(set(ids) - set(rows["run_id"]))
     if missing:
         raise ValueError(f"no validation_runs rows for run id(s) {missing}")
@@ -183,8 +184,8 @@ def summarize_runs(spark, cfg, run_ids: List[str], out_dir, figures: bool = True
 
 
 def _summarize_main(argv=None) -> int:
-    """``python -m tokens2policy.validate.job --set data_dir=... --runs ID[,ID...] --out DIR``: the summary of a
-    study run in chunks."""
+    """``python -m tokens2policy.validate.job --set data_dir=... [--runs ID[,ID...]] --out DIR``: the summary of a
+    study run in chunks (default: every run in the data_dir's validation_runs table)."""
     import argparse
 
     from tokens2policy.config import load_config
@@ -193,7 +194,8 @@ def _summarize_main(argv=None) -> int:
     p = argparse.ArgumentParser(description=_summarize_main.__doc__)
     p.add_argument("--config", default=None)
     p.add_argument("--set", action="append", default=[], dest="overrides")
-    p.add_argument("--runs", required=True, help="comma-separated MLflow run ids of the chunks")
+    p.add_argument("--runs", default="", help="comma-separated MLflow run ids of the chunks (default: every run "
+                                                "in the table)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
