@@ -447,8 +447,8 @@ POINT_KEYS = ["design", "outcome", "n", "m", "effect"]
 
 
 def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
-    """Per design point and method: mean IoU / precision / recall / |S| with normal 95 % CIs, and the rate of any
-    selection (the FWER under the null) with its Wilson 95 % CI."""
+    """Per design point and method: mean IoU / precision / recall / |S| with normal 95 % CIs, the rate of any
+    selection (the FWER under the null) with its Wilson 95 % CI, and the mean seconds per repetition."""
     out = []
     sel = df[df["kind"] == "selection"]
     for key, g in sel.groupby(POINT_KEYS + ["method", "family"], sort=True):
@@ -460,6 +460,8 @@ def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             m, lo, hi, _ = mean_interval(g[metric])
             rec[metric], rec[f"{metric}_lo"], rec[f"{metric}_hi"] = m, lo, hi
+        if "seconds" in g:   # mean wall seconds of the method per repetition (inside the task)
+            rec["seconds"] = float(pd.to_numeric(g["seconds"], errors="coerce").mean())
         for col in ("any_selected", "any_false"):  # under a null design: the family-wise error rate
             if col not in g:
                 continue
