@@ -428,6 +428,9 @@ class ValidateConfig(Section):
     # clusters | nonlinear; None: the size's default (all of them), [] none
     calibration: Optional[List[Literal["dense", "sparse", "rare", "covariates", "clusters", "nonlinear"]]] = None
     calibration_repetitions: Optional[int] = Field(None, ge=1)
+    # first repetition index of the calibration draws: a long study runs in chunks (first 0, 125, 250, ...) whose rows
+    # are summarised together; a draw's rows depend only on (seed, design, repetition index), not on the chunk
+    calibration_first_repetition: int = Field(0, ge=0)
     calibration_methods: Optional[List[str]] = None  # None: study.CALIBRATION_METHODS
     # the pipeline's own path (validate/pipeline_path.py): repetitions per design; None: 5 (ci) / 500 (full); 0: off
     pipeline_path_repetitions: Optional[int] = Field(None, ge=0)

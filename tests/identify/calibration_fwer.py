@@ -3,10 +3,14 @@ the assertions on these designs are in test_identify_calibration.py.
 
     PYTHONPATH=$PWD/lib .venv/bin/python tests/identify/calibration_fwer.py sparse|rare|clusters [R=300]
     PYTHONPATH=$PWD/lib .venv/bin/python tests/identify/calibration_fwer.py nonlinear [R=100]
+    PYTHONPATH=$PWD/lib .venv/bin/python tests/identify/calibration_fwer.py power [R=100]
 
 sparse / rare / clusters: FWER of the Bonferroni screen at alpha 0.05 (NEXIS' first step) over draws 0..R-1 of
 CalibrationDesign(kind, n=2000, m=128), old HC1 / CR1S written out and the current tests. nonlinear: rejection rate
-of H0(z_j | {z_s}) per GCM learner pair, and the whole search's false-selection rate with rho 0.5 and off."""
+of H0(z_j | {z_s}) per GCM learner pair, and the whole search's false-selection rate with rho 0.5 and off.
+power: the sparse design with a planted modifier (CalibrationDesign(kind="sparse", effect=e): tau = 0.5 + e z_0,
+neuron 0 active in 20-40 of 2,000 units), draws 0..R-1 through the validation study's task runner: the rate at which
+NEXIS selects neuron 0 (power) and selects anything else (FWER) per test option."""
 from __future__ import annotations
 
 import os
@@ -65,9 +69,37 @@ def nonlinear(R):
         show(str(kw), k, R)
 
 
+def power(R, effects=(0.5, 1.0, 2.0, 4.0, 8.0), actives=(25, 50, 100, 200, 400), active_effects=(1.0, 4.0),
+          methods=("nexis_linear", "nexis_hc2", "nexis_gcm", "nexis_gcm_lgbm")):
+    print(f"power: sparse design with a planted modifier, n = 2000, m = 128, {R} draws per point")
+    print(f"  {'effect':>6} {'active':>6} {'method':16s} {'power = P(z_0 selected)':28s} "
+          "FWER (a selection other than z_0)")
+    for e in effects:   # the modifier active in U{20..40} units like every neuron
+        power_point(R, e, 0, methods)
+    for e in active_effects:   # the modifier active in a fixed number of units
+        for k in actives:
+            power_point(R, e, k, methods[:3])
+
+
+def power_point(R, e, active, methods):
+    """One line per method: power and FWER over draws 0..R-1 of the sparse design with a planted modifier."""
+    from tokens2policy.validate.study import run_in_memory
+
+    d = CalibrationDesign(kind="sparse", n=2000, m=128, effect=e, modifier_active=active)
+    tasks = [dict(task_id=r, design=d.to_dict(), rep=r, base_seed=0, alpha=ALPHA, methods=list(methods),
+                  coverage=False) for r in range(R)]
+    for meth, g in run_in_memory(tasks).groupby("method", sort=False):
+        hit, false = int(g["n_true_selected"].sum()), int(g["any_false"].sum())
+        (plo, phi), (flo, fhi) = wilson_interval(hit, R), wilson_interval(false, R)
+        print(f"  {e:6g} {active or '20-40':>6} {meth:16s} {hit / R:.2f} [{plo:.2f}, {phi:.2f}]{'':12s} "
+              f"{false / R:.2f} [{flo:.2f}, {fhi:.2f}]", flush=True)
+
+
 if __name__ == "__main__":
     kind = sys.argv[1]
-    if kind == "nonlinear":
+    if kind == "power":
+        power(int(sys.argv[2]) if len(sys.argv) > 2 else 100)
+    elif kind == "nonlinear":
         nonlinear(int(sys.argv[2]) if len(sys.argv) > 2 else 100)
     else:
         screens(kind, int(sys.argv[2]) if len(sys.argv) > 2 else 300)

@@ -204,6 +204,10 @@ class CalibrationDesign:
       the cluster level, not through Z — only a cluster-robust test is valid here.
     * ``nonlinear`` (finding 4): z_s ~ N(0, 1), z_j = 1{z_s > 1} + N(0, 0.5²), m - 2 further N(0, 1) columns;
       τ = 2·1{z_s > 1}, y = 0.5 z_s + t τ + N(0, 1). H0(j | {s}) holds: any selection other than z_s is an error.
+
+    ``effect`` ≠ 0 (``sparse`` only) plants one modifier among the sparse neurons, for power rather than
+    calibration: τ = 0.5 + effect·z_0 (neuron 0, active in U{20..40} units like the others, or in exactly
+    ``modifier_active`` units when that is set); the truth is [0].
     """
 
     kind: str = "sparse"
@@ -211,19 +215,28 @@ class CalibrationDesign:
     m: int = 128
     n_covariates: int = 5
     n_clusters: int = 50
+    effect: float = 0.0
+    modifier_active: int = 0
 
     def __post_init__(self):
         if self.kind not in CALIBRATION:
             raise ValueError(f"calibration design must be one of {CALIBRATION}, got {self.kind!r}")
         if self.n < 50 or self.m < 3:
             raise ValueError(f"need n >= 50 and m >= 3, got n={self.n}, m={self.m}")
+        if (self.effect or self.modifier_active) and self.kind != "sparse":
+            raise ValueError(f"a planted modifier (effect != 0) exists for the sparse design only, got {self.kind!r}")
+        if not 0 <= self.modifier_active <= self.n:
+            raise ValueError(f"modifier_active must be in [0, n], got {self.modifier_active}")
 
     @property
     def min_active(self) -> int:
         return 0 if self.kind == "rare" else 20
 
     def key(self) -> str:
-        return "calibration|" + "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        """The seed key; ``effect`` enters only when non-zero, so the null designs keep the seeds (and the numbers)
+        of the study runs in docs/validation.md."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("effect", "modifier_active") or v}
+        return "calibration|" + "|".join(f"{k}={v}" for k, v in sorted(fields.items()))
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(asdict(self), family="calibration")
@@ -273,7 +286,16 @@ def simulate_calibration(d: CalibrationDesign, seed) -> CalibrationDraw:
     elif d.kind in ("sparse", "rare"):
         lo, hi = (20, 40) if d.kind == "sparse" else (3, 20)
         z = _sparse_codes(rng, n, m, lo, hi)
+        if d.modifier_active:   # neuron 0 redrawn with a fixed number of active units
+            z = z.tolil()
+            z[:, 0] = 0.0
+            rows = rng.choice(n, size=d.modifier_active, replace=False)
+            z[rows, 0] = rng.exponential(1.0, d.modifier_active)[:, None]
+            z = z.tocsr()
         y = 0.5 * t + 0.5 * np.asarray(z[:, :5].sum(1)).ravel() + noise
+        if d.effect:
+            y = y + d.effect * t * z[:, 0].toarray().ravel()
+            truth = np.array([0])
     elif d.kind == "covariates":
         w = rng.standard_normal((n, d.n_covariates))
         z = rng.standard_normal((n, m))

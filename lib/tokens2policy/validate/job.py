@@ -17,8 +17,8 @@ from typing import Dict, List
 
 import pandas as pd
 
-from .study import RESULT_COLUMNS, build_tasks, rows_frame, run_task, summarize_coverage, summarize_selection, \
-    wants_text
+from .study import RESULT_COLUMNS, build_tasks, combine_chunks, rows_frame, run_task, summarize_coverage, \
+    summarize_selection, wants_text
 
 TABLE = "validation_runs"
 
@@ -154,3 +154,55 @@ def main(ctx) -> dict:
                      if k.startswith(("fwer.", "iou_maxn")) and ("nexis_gcm" in k or "nexis_hc2" in k or "marginal" in k)},
         "pipeline_path": {k: round(v, 4) for k, v in path_metrics.items() if ".split.nexis." in k},
     }
+
+
+def summarize_runs(spark, cfg, run_ids: List[str], out_dir, figures: bool = True) -> pd.DataFrame:
+    """Summarise the ``validation_runs`` rows of several runs as one study (a study run in chunks of repetitions,
+    ``validate.calibration_first_repetition``): rows combined by :func:`~tokens2policy.validate.study.combine_chunks`
+    (a draw counted once), ``validation_selection_summary.csv`` and the figures written to ``out_dir``; returns the
+    selection summary. Every run id must have rows; no run ids: every run in the table."""
+    from pyspark.sql import functions as F
+
+    from tokens2policy.lakehouse import read_table
+
+    from . import plots
+
+    table = read_table(spark, cfg, TABLE)
+    ids = [str(r) for r in run_ids] if run_ids else [r[0] for r in table.select("run_id").distinct().collect()]
+    rows = table.where(F.col("run_id").isin(ids)).toPandas()
+    missing = sorted(set(ids) - set(rows["run_id"]))
+    if missing:
+        raise ValueError(f"no validation_runs rows for run id(s) {missing}")
+    combined = combine_chunks([g.drop(columns=["run_id", "study", "task_id"]) for _, g in rows.groupby("run_id")])
+    sel, cov = summarize_selection(combined), summarize_coverage(combined)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sel.to_csv(out / "validation_selection_summary.csv", index=False)
+    if figures:
+        plots.all_figures(sel, cov, out, cfg.validate_.alpha)
+    return sel
+
+
+def _summarize_main(argv=None) -> int:
+    """``python -m tokens2policy.validate.job --set data_dir=... [--runs ID[,ID...]] --out DIR``: the summary of a
+    study run in chunks (default: every run in the data_dir's validation_runs table)."""
+    import argparse
+
+    from tokens2policy.config import load_config
+    from tokens2policy.lakehouse.session import get_spark
+
+    p = argparse.ArgumentParser(description=_summarize_main.__doc__)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[], dest="overrides")
+    p.add_argument("--runs", default="", help="comma-separated MLflow run ids of the chunks (default: every run "
+                                                "in the table)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    sel = summarize_runs(get_spark(cfg), cfg, [r for r in a.runs.split(",") if r], a.out)
+    print(f"{len(sel)} summary rows -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_summarize_main())

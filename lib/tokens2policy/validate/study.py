@@ -401,11 +401,11 @@ def build_tasks(vcfg, base_seed: int = 0, text_representation: Optional[str] = N
             tasks.append(dict(common, task_id=len(tasks), design=design.to_dict(), rep=rep, coverage=cov))
     cal_sizes = CALIBRATION_FULL if vcfg.size == "full" else CALIBRATION_CI
     cal_kinds = vcfg.calibration if vcfg.calibration is not None else preset["calibration"]
-    cal_reps = get("calibration_repetitions")
+    cal_reps, cal_first = int(get("calibration_repetitions")), int(getattr(vcfg, "calibration_first_repetition", 0))
     cal_methods = [mm.name for mm in resolve_methods(vcfg.calibration_methods, CALIBRATION_METHODS)]
     for kind in cal_kinds:
         design = CalibrationDesign(kind=kind, **cal_sizes[kind])
-        for rep in range(int(cal_reps)):
+        for rep in range(cal_first, cal_first + cal_reps):
             tasks.append(dict(common, task_id=len(tasks), design=design.to_dict(), rep=rep, coverage=False,
                               methods=cal_methods))
     if wants_text(vcfg):
@@ -447,8 +447,8 @@ POINT_KEYS = ["design", "outcome", "n", "m", "effect"]
 
 
 def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
-    """Per design point and method: mean IoU / precision / recall / |S| with normal 95 % CIs, and the rate of any
-    selection (the FWER under the null) with its Wilson 95 % CI."""
+    """Per design point and method: mean IoU / precision / recall / |S| with normal 95 % CIs, the rate of any
+    selection (the FWER under the null) with its Wilson 95 % CI, and the mean seconds per repetition."""
     out = []
     sel = df[df["kind"] == "selection"]
     for key, g in sel.groupby(POINT_KEYS + ["method", "family"], sort=True):
@@ -460,6 +460,8 @@ def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             m, lo, hi, _ = mean_interval(g[metric])
             rec[metric], rec[f"{metric}_lo"], rec[f"{metric}_hi"] = m, lo, hi
+        if "seconds" in g:   # mean wall seconds of the method per repetition (inside the task)
+            rec["seconds"] = float(pd.to_numeric(g["seconds"], errors="coerce").mean())
         for col in ("any_selected", "any_false"):  # under a null design: the family-wise error rate
             if col not in g:
                 continue
@@ -468,6 +470,28 @@ def summarize_selection(df: pd.DataFrame) -> pd.DataFrame:
             rec[f"{col}_lo"], rec[f"{col}_hi"] = wilson_interval(k, len(g))
         out.append(rec)
     return pd.DataFrame(out)
+
+
+DRAW_KEYS = POINT_KEYS + ["rep", "kind", "method", "estimand"]
+
+
+def combine_chunks(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of several runs of one study (chunks of repetitions, ``validate.calibration_first_repetition``) as
+    one frame: each (design point, repetition, method, estimand) once. A draw run in two chunks must have given the
+    same result (rows are a function of the seed, the design and the repetition index): identical duplicates are
+    kept once, a conflicting one is an error, never silently averaged."""
+    if not frames:
+        raise ValueError("combine_chunks needs at least one frame of rows")
+    df = pd.concat(list(frames), ignore_index=True)
+    dup = df.duplicated(DRAW_KEYS, keep=False)
+    if dup.any():
+        outcome = [c for c in ("selected", "estimate", "ci_low", "ci_high") if c in df]
+        same = df[dup].groupby(DRAW_KEYS, dropna=False)[outcome].nunique(dropna=False).le(1).all(axis=1)
+        if not same.all():
+            bad = same[~same].index[0]
+            raise ValueError(f"runs disagree on the same draw {dict(zip(DRAW_KEYS, bad))}: not one study")
+        df = df.drop_duplicates(DRAW_KEYS, keep="first").reset_index(drop=True)
+    return df
 
 
 def summarize_coverage(df: pd.DataFrame) -> pd.DataFrame:
