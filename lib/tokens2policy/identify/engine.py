@@ -141,6 +141,33 @@ class Tester:
             return self._gcm(S, J)
         return self._linear(S, J)
 
+    def each_given_rest(self, S):
+        """{j: (t, p, ok, reason)} for every j in S tested given S∖{j} — the backward step's |S| tests — with the
+        passes over the rows batched: one reduce for all |S| robust meats (hc2 / cluster), three for all |S| GCM
+        basis nuisances and sums (instead of 1 and 3 per j); none beyond the cross-products for the linear test.
+        Each test's arithmetic is the single call's (``self([s for s in S if s != j], [j])``), so the results are
+        identical to those of |S| separate calls (tests/identify/test_identify_passes.py)."""
+        S = list(S)
+        self.ensure(S)
+        sets = [[s for s in S if s != j] for j in S]
+        if self.test == "gcm":
+            if self.nuisance in ("poly2", "spline") and self.z_nuisance != "lgbm":
+                results = self._gcm_many(sets, [np.array([j]) for j in S])
+            else:  # LightGBM nuisances: per-fold model fits per set, no additive pass to share
+                results = []
+                for rest, j in zip(sets, S):
+                    tt, pp, ok = self(rest, np.array([j]))
+                    results.append((tt, pp, ok, dict(self.reasons)))
+        else:
+            plans = [self._linear_plan(rest, np.array([j])) for rest, j in zip(sets, S)]
+            reqs = [pl["request"] for pl in plans if pl["request"] is not None]
+            got = iter(self.src.reduce("many", reqs) if reqs else [])
+            results = [self._linear_finish(pl, next(got) if pl["request"] is not None else None) for pl in plans]
+        out = {}
+        for j, (tt, pp, ok, reasons) in zip(S, results):
+            out[j] = (float(tt[0]), float(pp[0]), bool(ok[0]), "" if ok[0] else reasons.get(int(j), ""))
+        return out
+
     # ---------------------------------------------------------------- linear family
     def _gram(self, S, J):
         k = len(S)
@@ -177,6 +204,14 @@ class Tester:
         return [np.linalg.inv(np.linalg.cholesky(A)) for A in (A0, A1)]
 
     def _linear(self, S, J):
+        plan = self._linear_plan(S, J)
+        r = None if plan["request"] is None else self.src.reduce(*plan["request"])
+        tstat, pval, ok, self.reasons = self._linear_finish(plan, r)
+        return tstat, pval, ok
+
+    def _linear_plan(self, S, J):
+        """The driver algebra of the linear-family tests of J given S before any pass over the rows, and the
+        ``request`` (Block method and arguments) of the one pass the robust variances need (None: linear)."""
         n, k = self.n, len(S)
         p = 2 + 2 * k
         DD, B, Dy = self._gram(S, J)
@@ -198,17 +233,25 @@ class Tester:
         XXr[~ok] = np.eye(2)
         bread = np.linalg.inv(XXr)
         beta = np.einsum("jab,jb->ja", bread, Xyr)
-        kk = p + 2
-        self.reasons = {int(j): "collinear" for j in J[~ok]}
+        plan = dict(S=S, J=J, DD=DD, dy=dy, pi=pi, beta=beta, bread=bread, ok=ok, yyr=yyr, Xyr=Xyr, request=None)
+        if self.test != "linear":
+            plan["request"] = self._robust_request(plan)
+        return plan
+
+    def _linear_finish(self, plan, r):
+        """(t, p, ok, reasons) of a :meth:`_linear_plan` given its pass's result ``r``."""
+        S, J, beta, bread, ok = plan["S"], plan["J"], plan["beta"], plan["bread"], plan["ok"].copy()
+        n, nJ, kk = self.n, len(J), 2 + 2 * len(S) + 2
+        reasons = {int(j): "collinear" for j in J[~ok]}
         if self.test == "linear":
-            rss = yyr - np.einsum("ja,ja->j", Xyr, beta)
+            rss = plan["yyr"] - np.einsum("ja,ja->j", plan["Xyr"], beta)
             V22 = rss / (n - kk) * bread[:, 1, 1]
             df = np.full(nJ, float(n - kk))
         else:
-            V22, df, why = self._robust(S, J, DD, dy, pi, beta, bread, ok)
+            V22, df, why = self._robust_finish(plan, r)
             for j, w in zip(J, why):
                 if w:
-                    self.reasons[int(j)] = w
+                    reasons[int(j)] = w
             ok &= why == ""
         with np.errstate(divide="ignore", invalid="ignore"):
             tstat = beta[:, 1] / np.sqrt(V22)
@@ -217,9 +260,19 @@ class Tester:
         df = np.where(ok, df, 1.0)
         pval = 2.0 * sstats.t.sf(np.abs(tstat), df)
         pval[~ok] = 1.0
-        return tstat, pval, ok
+        return tstat, pval, ok, reasons
 
-    def _robust(self, S, J, DD, dy, pi, beta, bread, ok):
+    def _robust_request(self, plan):
+        """The one pass of additive sums (``Block.robust``) the robust variances of a :meth:`_linear_plan` need."""
+        S, J, ok, bread = plan["S"], plan["J"], plan["ok"], plan["bread"]
+        pij = np.transpose(plan["pi"], (1, 0, 2))
+        plan["linv"] = linv = self._arm_basis(S, plan["DD"])
+        args = (S, J, plan["dy"], pij, plan["beta"], bread, linv, self.test)
+        if self.test == "cluster":
+            args += (np.linalg.cholesky(np.where(ok[:, None, None], bread, np.eye(2))),)
+        return ("robust",) + args
+
+    def _robust_finish(self, plan, r):
         """(V22, df, reason) of the leverage-aware robust tests from one pass of additive sums (``Block.robust``).
 
         hc2: V = Σ a_i² e_i²/(1 - h_i) (HC2; MacKinnon & White 1985), unbiased under homoskedasticity.
@@ -229,13 +282,11 @@ class Tester:
         df = tr(MA)² / tr(MAMA) under Ω = σ²I, exact (no approximation beyond the Satterthwaite one). A candidate
         is not tested (reason) when a row has leverage ≈ 1 ("leverage"; cluster: tr(MA) ≈ 0, the coefficient is
         identified within clusters whose residuals are ≈ 0) or df < MIN_DF ("few_df")."""
+        J, bread, ok = plan["J"], plan["bread"], plan["ok"]
         nJ = len(J)
-        pij = np.transpose(pi, (1, 0, 2))
-        linv = self._arm_basis(S, DD)
         b22 = bread[:, 1, 1]                                     # Σ a_i² = tr(MA) + tr(HA)
         why = np.full(nJ, "", dtype=object)
         if self.test == "hc2":
-            r = self.src.reduce("robust", S, J, dy, pij, beta, bread, linv, "hc2")
             XAX = np.stack([r["XAX"][:, 0], r["XAX"][:, 1], r["XAX"][:, 1], r["XAX"][:, 2]], 1).reshape(nJ, 2, 2)
             BX = np.einsum("jab,jbc->jac", bread, XAX)
             tr_x = np.einsum("jab,jba->j", BX, BX)                                   # tr(H_X A H_X A)
@@ -247,8 +298,6 @@ class Tester:
             trMA = b22
             why[r["n_lev"] > 0] = "leverage"
         else:
-            chol = np.linalg.cholesky(np.where(ok[:, None, None], bread, np.eye(2)))
-            r = self.src.reduce("robust", S, J, dy, pij, beta, bread, linv, "cluster", chol)
             trHA = np.einsum("jdd->j", r["UU"])
             trMA = b22 - trHA
             tr_mama = r["a4"] - 2.0 * r["a2u2"] + (r["UU"] ** 2).sum((1, 2))
@@ -269,13 +318,7 @@ class Tester:
         key = tuple(S)
         if key not in self._gcm_cache:
             if self.nuisance in ("poly2", "spline"):
-                spec = self.basis_spec(S, self.nuisance)
-                g1 = self.src.reduce("fold_grams", S, self.K, spec)
-                pen = basis_penalty(spec, g1["A"].sum(0))
-                cm = ridge_from_grams(g1["A"], g1["b"], pen)
-                g2 = self.src.reduce("fold_grams", S, self.K, spec, cm, self.e)
-                cg = ridge_from_grams(g2["A"], g2["b"], pen)
-                f = ("basis", spec, cm, cg)
+                f = self._basis_residuals([S])[0]
             else:
                 if len(self.src.blocks) != 1:
                     raise ValueError("nuisance='lgbm' runs in memory only (one block); use 'spline' distributed")
@@ -286,6 +329,30 @@ class Tester:
                 f = ("resid", phi - lgbm_crossfit(XS, phi, b.folds, self.K, self.seed))
             self._gcm_cache = {key: f}  # only the latest S is reused (forward steps re-test it)
         return self._gcm_cache[key]
+
+    def _basis_residuals(self, sets):
+        """The additive-ridge nuisances ("basis", spec, m coefficients, g coefficients) of each conditioning set in
+        ``sets``: two passes for all of them (per-fold Grams with y, then with φ), each set's fit as alone."""
+        specs = [self.basis_spec(S, self.nuisance) for S in sets]
+        g1 = self.src.reduce("many", [("fold_grams", S, self.K, spec) for S, spec in zip(sets, specs)])
+        pens = [basis_penalty(spec, g["A"].sum(0)) for spec, g in zip(specs, g1)]
+        cms = [ridge_from_grams(g["A"], g["b"], pen) for g, pen in zip(g1, pens)]
+        g2 = self.src.reduce("many", [("fold_grams", S, self.K, spec, cm, self.e)
+                                      for S, spec, cm in zip(sets, specs, cms)])
+        return [("basis", spec, cm, ridge_from_grams(g["A"], g["b"], pen))
+                for spec, cm, g, pen in zip(specs, cms, g2, pens)]
+
+    def _gcm_many(self, sets, Js):
+        """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: three passes for
+        all the sets together (:meth:`_basis_residuals`, then every set's GCM sums in one pass)."""
+        fs = self._basis_residuals(sets)
+        sums = self.src.reduce("many", [("gcm_block_sums", S, f, self.e, self.z_spec(S), self.K)
+                                        for S, f in zip(sets, fs)])
+        out = []
+        for S, J, sm in zip(sets, Js, sums):
+            tt, pp, ok = self._gcm_from_sums(S, np.asarray(J, dtype=np.int64), sm)
+            out.append((tt, pp, ok, dict(self.reasons)))
+        return out
 
     def z_spec(self, S):
         """How each candidate Z_j is residualized on Z_S: ("linear",) in-sample OLS on [1, Z_S]; a basis spec for
@@ -308,7 +375,11 @@ class Tester:
         zs = self.z_spec(S)
         if zs[0] == "lgbm":
             return self._gcm_lgbm_z(S, J, f)
-        sums = self._gcm_sums(S, f)
+        return self._gcm_from_sums(S, J, self._gcm_sums(S, f))
+
+    def _gcm_from_sums(self, S, J, sums):
+        """(t, p, ok) of the GCM tests of J given S from the additive sums of :meth:`_gcm_sums`."""
+        zs = self.z_spec(S)
         xx = self.sxx[J]
         Pi, zz_lin = self._linear_z(S, J)
         if zs[0] == "linear":
@@ -575,6 +646,7 @@ class Search:
         self.t_add: Dict[int, float] = {}
         self.added_in: Dict[int, tuple] = {}
         self.trace: List[Dict[str, Any]] = []
+        self._rest_cache = None  # (S, given_rest(S)) of the latest set
 
     def _rec(self, phase, rnd, step, action, feature=None, **kw):
         r = {"phase": phase, "round": rnd, "step": step, "action": action, "feature": feature,
@@ -644,13 +716,13 @@ class Search:
 
     def given_rest(self):
         """(t, p, testable, reason) of each selected feature given all the others; an untestable one has p = 1
-        (so backward elimination drops it, with the reason recorded)."""
-        out = {}
-        for j in self.S:
-            rest = [s for s in self.S if s != j]
-            tt, pp, ok = self.T(rest, np.array([j]))
-            out[j] = (float(tt[0]), float(pp[0]), bool(ok[0]), "" if ok[0] else self.T.reasons.get(int(j), ""))
-        return out
+        (so backward elimination drops it, with the reason recorded). The |S| tests share their passes
+        (``Tester.each_given_rest``); the result for a set is kept, so the final report after a backward step that
+        dropped nothing costs no pass."""
+        key = tuple(self.S)
+        if self._rest_cache is None or self._rest_cache[0] != key:
+            self._rest_cache = (key, self.T.each_given_rest(self.S))
+        return dict(self._rest_cache[1])
 
     def _backward(self, phase, rnd):
         dropped = False

@@ -112,6 +112,8 @@ def combine(a, b):
     by minimum / maximum. The one reduction rule of the in-memory Source and the Spark job."""
     if a is None:
         return b
+    if isinstance(a, list):  # Block.many: one statistic per request
+        return [combine(x, y) for x, y in zip(a, b)]
     if isinstance(a, dict):
         return {k: (np.minimum(a[k], b[k]) if k.startswith("min") else
                     np.maximum(a[k], b[k]) if k.startswith("max") else a[k] + b[k]) for k in a}
@@ -144,6 +146,28 @@ class Block:
         self.M = self.mw + self.Z.shape[1]
         self.codes = None if cluster_codes is None else np.asarray(cluster_codes, dtype=np.int64)
         self.folds = None if folds is None else np.asarray(folds, dtype=np.int64)
+
+    def many(self, requests):
+        """[statistic of each request]: ``requests`` a list of (method name, *args) — several statistics from one
+        pass over the partition (one Spark job for all of them; ``combine`` sums the lists elementwise)."""
+        return [getattr(self, r[0])(*r[1:]) for r in requests]
+
+    def rows(self, idx):
+        """The Block of the rows ``idx`` (ascending; y, t, W, Z — what ``rmatvec`` and ``columns`` read). Sparse Z:
+        kept per row set (the folds' blocks are re-read at every GCM step); dense Z: a fresh copy each time."""
+        cache = self.__dict__.setdefault("_row_blocks", {}) if self.sparse else {}
+        key = (len(idx), int(idx[0]) if len(idx) else -1, int(idx[-1]) if len(idx) else -1)
+        hit = cache.get(key)
+        if hit is None or not np.array_equal(hit[0], idx):
+            sub = Block.__new__(Block)
+            sub.y, sub.t, sub.W = self.y[idx], self.t[idx], self.W[idx]
+            sub.n, sub.mw, sub.M, sub.codes, sub.folds = len(idx), self.mw, self.M, None, None
+            sub.Z = self.Z[idx]
+            if sp.issparse(sub.Z):
+                sub.Z = sp.csc_matrix(sub.Z)
+                sub._Zsq = None
+            hit = cache[key] = (np.array(idx), sub)
+        return hit[1]
 
     # ------------------------------------------------------------------ column access
     @property
@@ -394,21 +418,19 @@ class Block:
             return out
         B = self.basis(S, zspec)
         q = B.shape[1]
-        # one pass over Z for all folds: column block k of V holds B (and f² B) on fold k's rows, zeros elsewhere
-        V = np.zeros((self.n, 2 * n_folds * q))
-        cols = self.folds[:, None] * q + np.arange(q)[None, :]
-        rows = np.arange(self.n)[:, None]
-        V[rows, cols] = B
-        V[rows, cols + n_folds * q] = f2[:, None] * B
-        R = self.rmatvec(V)
-        SB = R[:, :n_folds * q].reshape(self.M, n_folds, q)
-        SfB = R[:, n_folds * q:].reshape(self.M, n_folds, q)
+        SB = np.zeros((self.M, n_folds, q))
+        SfB = np.zeros((self.M, n_folds, q))
         A = np.zeros((n_folds, q, q))
         Bf = np.zeros((n_folds, q))
         Bf2B = np.zeros((n_folds, q, q))
         for k in range(n_folds):
-            Bk = B[self.folds == k]
-            fk = f[self.folds == k]
+            # fold k's rows only: the other rows' terms are exact zeros (B on fold k's rows, zeros elsewhere), so
+            # this is the sum over all rows at 1/K of the multiply-adds, one pass over Z in all
+            rows = np.nonzero(self.folds == k)[0]
+            Bk = B[rows]
+            fk = f[rows]
+            R = self.rows(rows).rmatvec(np.hstack([Bk, f2[rows, None] * Bk]))
+            SB[:, k], SfB[:, k] = R[:, :q], R[:, q:]
             A[k] = Bk.T @ Bk
             Bf[k] = Bk.T @ fk
             Bf2B[k] = Bk.T @ (fk[:, None] ** 2 * Bk)
