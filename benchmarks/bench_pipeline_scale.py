@@ -146,9 +146,17 @@ def main(argv=None) -> dict:
 
         ident = summaries["identify"]
         out["identify_passes"] = {k: v for k, v in ident.items() if "pass" in k.lower()}
-        trace = read_table(spark, cfg, "selection_trace").select("phase", "round").distinct().count()
+        tr = read_table(spark, cfg, "selection_trace").select("phase", "round", "step", "action").toPandas()
+        steps = tr[tr.phase.isin(["W", "joint"])]
+        trace = len(steps[["phase", "round"]].drop_duplicates())
         out["rounds"] = int(trace)
         out["jobs_per_round"] = round(out["spark_jobs"]["identify"] / max(trace, 1), 1)
+        # a forward step tests every candidate given S; a backward evaluation tests every j in S given S∖{j}
+        # (one per drop, plus the one per round that drops nothing)
+        fwd = int((steps.step == "forward").sum())
+        bwd = int(((steps.step == "backward") & (steps.action == "drop")).sum()) + trace
+        out.update(forward_steps=fwd, backward_evaluations=bwd,  # search passes: column moments + the steps
+                   passes_per_step=round((ident.get("search_passes", 1) - 1) / max(fwd + bwd, 1), 2))
         mods = read_table(spark, cfg, "modifiers").where(F.col("kind") == "Z").select("feature").collect()
         selected = sorted(int(r[0]) for r in mods)
         planted, proxies = set(truth["planted"]), set(truth["proxies"].values())

@@ -20,6 +20,7 @@ cross-fitted learner, times Z_j residualized linearly on [1, Z_S]; T = √n mean
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -51,12 +52,35 @@ class Source:
         self.blocks = blocks
         b0 = blocks[0]
         self.mw, self.M = b0.mw, b0.M
+        self.passes: List[Dict[str, Any]] = []  # one record per reduce (a pass over the rows): what, how long
 
     def reduce(self, method, *args, **kwargs):
+        t0 = time.perf_counter()
         total = None
         for b in self.blocks:
             total = combine(total, getattr(b, method)(*args, **kwargs))
+        self.passes.append(pass_record(method, args, time.perf_counter() - t0))
         return total
+
+
+def pass_record(method, args, seconds) -> Dict[str, Any]:
+    """{"stat": the Block statistic (``many``: its requests' names joined by "+", with the count), "seconds"}."""
+    if method == "many":
+        names = [r[0] for r in args[0]]
+        stat = "+".join(sorted(set(names))) + f"x{len(names)}"
+    else:
+        stat = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+    return {"stat": stat, "seconds": round(float(seconds), 4)}
+
+
+def pass_summary(passes) -> Dict[str, Any]:
+    """Totals of a Source's pass records: ``passes``, ``pass_seconds`` and per statistic [count, seconds]."""
+    by = {}
+    for p in passes:
+        c = by.setdefault(p["stat"], [0, 0.0])
+        c[0] += 1
+        c[1] = round(c[1] + p["seconds"], 3)
+    return {"passes": len(passes), "pass_seconds": round(sum(p["seconds"] for p in passes), 3), "pass_by_stat": by}
 
 
 # ============================================================================================== tests
@@ -521,6 +545,7 @@ class NexisResult:
     trace: List[Dict[str, Any]]
     converged: bool
     params: Dict[str, Any] = field(default_factory=dict)
+    passes: Dict[str, Any] = field(default_factory=dict)  # identify stage: pass_summary of the search + screen
 
     @property
     def skipped(self) -> Dict[int, str]:
@@ -794,11 +819,13 @@ def nexis(y, t, z, w=None, alpha=0.05, test="gcm", adjust="FWER", rho=0.5, backw
     src, G, K, mw = _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_rounds, nuisance,
                              seed, _n_blocks, z_nuisance)
     tester = Tester(src, test, G, K, nuisance, seed, with_nnz=min_active > 0, z_nuisance=z_nuisance)
-    return run_search(tester, mw, alpha=alpha, adjust=adjust, rho=rho, backward=backward, max_rounds=max_rounds,
-                      min_active=min_active,
-                      params=dict(alpha=alpha, test=test, adjust=adjust, rho=rho, backward=backward,
-                                  nuisance=nuisance, z_nuisance=z_nuisance, n_folds=K, max_rounds=max_rounds,
-                                  seed=seed, min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
+    res = run_search(tester, mw, alpha=alpha, adjust=adjust, rho=rho, backward=backward, max_rounds=max_rounds,
+                     min_active=min_active,
+                     params=dict(alpha=alpha, test=test, adjust=adjust, rho=rho, backward=backward,
+                                 nuisance=nuisance, z_nuisance=z_nuisance, n_folds=K, max_rounds=max_rounds,
+                                 seed=seed, min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
+    res.passes = pass_summary(src.passes)
+    return res
 
 
 def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min_active=0, params=None,

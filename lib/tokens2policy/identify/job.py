@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from collections import OrderedDict
 from typing import Dict, List
 
@@ -28,7 +29,7 @@ from tokens2policy.execution import choose
 from tokens2policy.fold_tasks import run_fold_tasks
 from tokens2policy.honesty import selection_filter
 
-from .engine import Source, Tester, marginal_from_tester, run_search
+from .engine import Source, Tester, marginal_from_tester, pass_record, pass_summary, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
 from .stats import Block, combine
 
@@ -57,6 +58,7 @@ class SparkSource:
         self.mw = len(spec["covariates"])
         self.M = self.mw + spec["m"]
         self.fold_tasks: List[Dict] = []  # layout of every per-fold LightGBM fit job (S size, target, partitions)
+        self.passes: List[Dict] = []  # one record per reduce (one Spark job): statistic, seconds
 
     def reduce(self, method, *args, **kwargs):
         """Sum over partitions of ``Block.<method>(*args, **kwargs)`` — or of ``method(block)`` for a callable."""
@@ -79,11 +81,13 @@ class SparkSource:
             if total is not None:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
+        t0 = time.perf_counter()
         total = None
         for row in self.df.mapInPandas(partials, "payload binary").collect():
             total = combine(total, pickle.loads(row["payload"]))
         if total is None:
             raise ValueError("no rows to identify on")
+        self.passes.append(pass_record(method, args, time.perf_counter() - t0))
         return total
 
     # ---------------------------------------------------------------- LightGBM GCM nuisances, per fold
@@ -240,7 +244,10 @@ def _search(src, tester_class, spec, ic, seed, on_decision):
                   min_active=ic.min_active)
     res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
                      max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
-    return res, marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    search_passes = len(src.passes)
+    mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    res.passes = {**pass_summary(src.passes), "search_passes": search_passes}
+    return res, mg
 
 
 def frame_spec(df, ic, m, covariates) -> Dict:
@@ -309,6 +316,7 @@ def main(ctx) -> dict:
     experiments = sorted(unit_counts)
     mod_rows, trace_rows, marg_rows = [], [], []
     summary = {"experiments": {}, "m": m, "covariates": covariates, "execution": {}}
+    passes_total = []  # per experiment and outcome: the passes over the rows (Spark jobs on the distributed path)
 
     with ctx.clock.timed("total"):
         for exp in experiments:
@@ -367,14 +375,29 @@ def main(ctx) -> dict:
                                  f"n_marginal_bonferroni.{_metric(key)}": int(mg.reject_bonferroni.sum())})
                 summary["experiments"][exp][outcome] = {
                     "selected": res.selected.tolist(), "selected_w": [covariates[i] for i in res.selected_w],
-                    "pvalues": res.pvalues.tolist(), "converged": res.converged}
+                    "pvalues": res.pvalues.tolist(), "converged": res.converged, **res.passes}
+                passes_total.append(res.passes)
         ctx.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
         for name, rows in (("modifiers", mod_rows), ("selection_trace", trace_rows), ("marginal_screen", marg_rows)):
             ctx.write_experiments(name, ctx.frame(name, rows), experiments)
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
-            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"]}
+            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"],
+            "passes": sum(p["passes"] for p in passes_total),
+            "search_passes": sum(p["search_passes"] for p in passes_total),
+            "pass_seconds": round(sum(p["pass_seconds"] for p in passes_total), 2),
+            "pass_by_stat": _merge_counts(p["pass_by_stat"] for p in passes_total)}
+
+
+def _merge_counts(dicts) -> Dict[str, list]:
+    """Sum {stat: [count, seconds]} dicts."""
+    out: Dict[str, list] = {}
+    for d in dicts:
+        for k, (c, sec) in d.items():
+            cur = out.setdefault(k, [0, 0.0])
+            cur[0], cur[1] = cur[0] + c, round(cur[1] + sec, 3)
+    return out
 
 
 def with_neuron_labels(spark, cfg, rows):
