@@ -115,3 +115,31 @@ def test_spark_jobs_per_round_do_not_grow_with_the_selected_set(spark, test):
     final = [x for x in spent if x[0] == "final"]
     assert len(final) == 5 and all(x[2] == PASSES_BACKWARD[test] for x in backward + final[:1]), spent
     assert all(x[2] == 0 for x in final[1:]), spent
+
+
+def test_dense_single_pass_sums_equal_plain_numpy():
+    """The row-blocked single pass over dense Z (many blocks: m = 700 gives 93 rows per block) equals the plain
+    products, counts and ranges; the dense Block's moments equal the sparse Block's on the same matrix."""
+    from tokens2policy.identify.stats import Block, dense_row_pass
+
+    rng = np.random.default_rng(4)
+    n, m = 1000, 700
+    Z = np.where(rng.random((n, m)) < 0.3, rng.normal(size=(n, m)), 0.0)
+    Z[:, 5] = 0.0  # a column without non-zeros
+    V = rng.normal(size=(n, 4))
+    d = dense_row_pass(Z, V, with_nnz=True, with_range=True)
+    np.testing.assert_allclose(d["lin"], V.T @ Z, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d["sq"], V[:, :2].T @ (Z * Z), rtol=1e-12, atol=1e-12)
+    assert d["nnz"].tolist() == np.count_nonzero(Z, axis=0).tolist()
+    masked = np.ma.masked_equal(Z, 0.0)
+    assert d["min_nz"][5] == np.inf and d["max_nz"][5] == -np.inf
+    keep = np.arange(m) != 5
+    assert d["min_nz"][keep].tolist() == masked.min(0).data[keep].tolist()
+    assert d["max_nz"][keep].tolist() == masked.max(0).data[keep].tolist()
+    y, t = rng.normal(size=n), (rng.random(n) < 0.5).astype(float)
+    dense, sparse = Block(y, t, None, Z).moments(), Block(y, t, None, sp.csr_matrix(Z)).moments()
+    for key in dense:
+        np.testing.assert_allclose(dense[key], sparse[key], rtol=1e-12, atol=1e-12)
+    b = Block(y, t, None, Z)
+    np.testing.assert_allclose(b.rmatvec(V[:, :2]), Z.T @ V[:, :2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.rmatvec(V[:, :3], square=True), (Z * Z).T @ V[:, :3], rtol=1e-12, atol=1e-12)

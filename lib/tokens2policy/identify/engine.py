@@ -91,7 +91,7 @@ class Tester:
                  with_nnz=True, z_nuisance="spline"):
         self.src, self.test, self.G, self.K = source, test, n_clusters, n_folds
         self.nuisance, self.seed, self.z_nuisance = nuisance, seed, z_nuisance
-        mom = source.reduce("moments", with_nnz)
+        mom = source.reduce("moments", with_nnz, self.uses_spline)  # the ranges place spline knots only
         if not np.isfinite(mom["scal"]).all():
             raise ValueError("y contains NaN or infinite values (a NaN outcome is not a null: filter or impute it)")
         if not (np.isfinite(mom["lin"]).all() and np.isfinite(mom["sq"]).all()):
@@ -100,7 +100,7 @@ class Tester:
         self.s1, self.st, self.sxy, self.stxy = mom["lin"].T
         self.sxx, self.stxx = mom["sq"].T
         self.nnz = mom["nnz"]
-        self.lo, self.hi = mom["min_nz"], mom["max_nz"]
+        self.lo, self.hi = mom.get("min_nz"), mom.get("max_nz")
         self.e = self.nt / self.n
         self.P: Dict[int, np.ndarray] = {}  # s -> F'x_s
         self.Q: Dict[int, np.ndarray] = {}  # s -> F'(t x_s)

@@ -120,6 +120,49 @@ def combine(a, b):
     return a + b
 
 
+# dense Z: rows per block of the single-pass sums (``dense_row_pass``), a block of about 512 KiB of float64
+DENSE_ROW_CELLS = 1 << 16
+
+
+def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
+    """One pass over a dense n x m Z in row blocks small enough to stay in cache, every sum from the same block:
+    ``lin`` V'Z (k x m), ``sq`` Vsq'(Z∘Z) (Vsq defaults to V's first two columns when V has 4 — the moments —
+    else none), ``nnz`` non-zeros per column, ``min_nz`` / ``max_nz`` the range of each column's non-zero values.
+
+    NumPy's Z.T @ V with a narrow V (and einsum for the squares, a strided column walk for the ranges) streams Z
+    from memory several times; here Z travels once, whatever is asked (bench_identify.py reports the time in
+    units of one Z.T @ v). Sums over row blocks: the same values as one product up to the order of
+    floating-point additions."""
+    n, m = Z.shape
+    r = max(1, DENSE_ROW_CELLS // max(1, m))
+    Vt = np.ascontiguousarray(np.asarray(V, dtype=float).T)
+    if Vsq is None and Vt.shape[0] == 4:
+        Vsq = Vt[:2].T
+    Vsqt = None if Vsq is None else np.ascontiguousarray(np.asarray(Vsq, dtype=float).reshape(n, -1).T)
+    out = {"lin": np.zeros((Vt.shape[0], m))}
+    if Vsqt is not None:
+        out["sq"] = np.zeros((Vsqt.shape[0], m))
+    if with_nnz:
+        out["nnz"] = np.zeros(m)
+    if with_range:
+        out["min_nz"], out["max_nz"] = np.full(m, np.inf), np.full(m, -np.inf)
+    for lo in range(0, n, r):
+        Zb = Z[lo:lo + r]
+        if Vt.shape[0]:
+            out["lin"] += Vt[:, lo:lo + r] @ Zb
+        if Vsqt is not None:
+            out["sq"] += Vsqt[:, lo:lo + r] @ (Zb * Zb)
+        if with_nnz or with_range:
+            nz = Zb != 0
+            if with_nnz:
+                out["nnz"] += nz.sum(0)
+            if with_range:
+                with np.errstate(invalid="ignore"):
+                    np.minimum(out["min_nz"], np.where(nz, Zb, np.inf).min(0), out=out["min_nz"])
+                    np.maximum(out["max_nz"], np.where(nz, Zb, -np.inf).max(0), out=out["max_nz"])
+    return out
+
+
 def _rowdot(A, B):
     return np.einsum("ij,ij->i", A, B)
 
@@ -195,7 +238,8 @@ class Block:
         return out
 
     def rmatvec(self, V, square=False):
-        """F'V (or (F∘F)'V): M x k for an n x k dense V, in O(nnz · k)."""
+        """F'V (or (F∘F)'V): M x k for an n x k dense V, in O(nnz · k); dense Z is read once, in cache-sized row
+        blocks, for all k columns (``dense_row_pass``)."""
         V = np.asarray(V, dtype=float).reshape(self.n, -1)
         Wp = self.W * self.W if square else self.W
         top = Wp.T @ V
@@ -206,16 +250,20 @@ class Block:
                     self._Zsq = sp.csc_matrix((Z.data ** 2, Z.indices, Z.indptr), shape=Z.shape)
                 Z = self._Zsq
             bottom = np.asarray(Z.T @ V)
-        elif square:  # einsum streams Z once per column of V, without an n x m temporary
-            bottom = np.column_stack([np.einsum("ij,ij,i->j", self.Z, self.Z, V[:, c]) for c in range(V.shape[1])])
-        else:
+        elif square:
+            bottom = dense_row_pass(self.Z, np.zeros((self.n, 0)), False, False, V)["sq"].T
+        elif V.shape[1] > 8:  # wide V (GCM sums): BLAS's own blocking is efficient
             bottom = self.Z.T @ V
+        else:
+            bottom = dense_row_pass(self.Z, V, False, False)["lin"].T
         return np.vstack([top, bottom])
 
     # ------------------------------------------------------------------ linear-family statistics
-    def moments(self, with_nnz=True):
-        """Column sums with 1, t, y, ty and square sums with 1, t; plus n, Σt, Σy, Σty, Σy², nnz per column.
-        Non-finite entries surface as non-finite sums. Dense Z counts its non-zeros only when ``with_nnz``."""
+    def moments(self, with_nnz=True, with_range=True):
+        """Column sums with 1, t, y, ty and square sums with 1, t; plus n, Σt, Σy, Σty, Σy², nnz per column and,
+        when ``with_range`` (the GCM spline knots need it), the range of each column's non-zero values.
+        Non-finite entries surface as non-finite sums. Dense Z counts its non-zeros only when ``with_nnz``; it is
+        read once, in cache-sized row blocks that serve every sum (``dense_row_pass``)."""
         y, t = self.y, self.t
         V4 = np.column_stack([np.ones(self.n), t, y, t * y])
         Wsq = self.W * self.W
@@ -226,18 +274,24 @@ class Block:
             A.append(np.asarray(self.Z.T @ V4))
             B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
             nnz.append(np.diff(self.Z.indptr).astype(float))
+            lo, hi = self.nonzero_range() if with_range else (None, None)
         else:
-            A.append(self.Z.T @ V4)
-            B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
-            nnz.append(np.count_nonzero(self.Z, axis=0).astype(float) if with_nnz else np.full(self.Z.shape[1], self.n))
+            d = dense_row_pass(self.Z, V4, with_nnz, with_range)
+            A.append(d["lin"].T)
+            B.append(d["sq"].T)
+            nnz.append(d["nnz"] if with_nnz else np.full(self.Z.shape[1], float(self.n)))
+            if with_range:
+                lo, hi = self.nonzero_range(dense_z=(d["min_nz"], d["max_nz"]))
         scal = np.array([self.n, t.sum(), y.sum(), (t * y).sum(), (y * y).sum()], dtype=float)
-        lo, hi = self.nonzero_range()
-        return {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz),
-                "min_nz": lo, "max_nz": hi}
+        out = {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz)}
+        if with_range:
+            out.update(min_nz=lo, max_nz=hi)
+        return out
 
-    def nonzero_range(self):
+    def nonzero_range(self, dense_z=None):
         """(min, max) of each column's non-zero values (+inf / -inf for a column without any): the range of the
-        knot histograms (combined across partitions by min / max, see ``combine``)."""
+        knot histograms (combined across partitions by min / max, see ``combine``). ``dense_z``: dense Z's part,
+        already computed (``dense_row_pass``)."""
         M = self.M
         lo, hi = np.full(M, np.inf), np.full(M, -np.inf)
         with np.errstate(invalid="ignore"):
@@ -252,13 +306,11 @@ class Block:
                     starts = ind[:-1][has]
                     lo[self.mw:][has] = np.minimum.reduceat(self.Z.data, starts)
                     hi[self.mw:][has] = np.maximum.reduceat(self.Z.data, starts)
-            else:  # dense Z in column chunks (no n x m temporary)
-                step = max(1, DENSE_CHUNK // max(1, self.n))
-                for c0 in range(0, self.Z.shape[1], step):
-                    Zc = self.Z[:, c0:c0 + step]
-                    nz = Zc != 0
-                    lo[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, np.inf).min(0)
-                    hi[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, -np.inf).max(0)
+            else:
+                if dense_z is None:
+                    d = dense_row_pass(self.Z, np.zeros((self.n, 0)), False, True)
+                    dense_z = (d["min_nz"], d["max_nz"])
+                lo[self.mw:], hi[self.mw:] = dense_z
         return lo, hi
 
     def cross(self, S):
