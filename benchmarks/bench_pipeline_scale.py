@@ -15,7 +15,9 @@ covariates, clusters, folds — generated in Spark tasks, not on the driver), th
   ``false_selected`` (selected neither planted nor proxy), and how many proxies the marginal screen flags.
 
     .venv/bin/python benchmarks/bench_pipeline_scale.py --n 20000
-    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc1 --driver-memory 8g
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc2 --driver-memory 8g --data-dir /d/1m \
+        --stages identify
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --data-dir /d/1m --reuse  # gcm, then the rest
 
 Timings depend on the machine's load: record it (``load_average`` is in the output). The stages run through Spark
 at every N (``execution.mode=spark``; ``--set execution.mode=auto`` measures the size-chosen path instead).
@@ -87,6 +89,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=None, help="a fresh directory (default: a new temp dir, removed after)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--reuse", action="store_true",
+                    help="run the stages on the experiment already generated in --data-dir (same --n/--m/--k/--seed): "
+                         "a long run split into chunks, e.g. identify with one test, then another, then the rest")
     args = ap.parse_args(argv)
 
     from tokens2policy.config import load_config
@@ -95,8 +100,9 @@ def main(argv=None) -> dict:
     from tokens2policy.stages import run_stages
 
     root = args.data_dir or tempfile.mkdtemp(prefix="t2p_bench_scale_")
-    if os.path.exists(os.path.join(root, "lakehouse")):
-        raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir")
+    reuse = os.path.exists(os.path.join(root, "lakehouse"))
+    if reuse and not args.reuse:
+        raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir (or --reuse)")
     overrides = [f"data_dir={root}", f"spark.master={args.master}", f"spark.driver_memory={args.driver_memory}",
                  "spark.session=create", *([f"identify.test={args.test}"] if args.test else []),
                  "execution.mode=spark",  # the distributed path at every N (auto would run small N in memory)
@@ -118,13 +124,14 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sc.addJobTag("bench-generate")
     with PeakRss(pids) as gen_rss:
-        truth = generate(spark, cfg, design)
+        truth = design.truth() if reuse else generate(spark, cfg, design)
     sc.removeJobTag("bench-generate")
     out = {"n": args.n, "m": args.m, "k": args.k, "master": args.master, "driver_memory": args.driver_memory,
            "identify_test": cfg.identify.test, "jvm_start_seconds": round(jvm_start, 2),
-           "generate_seconds": round(time.perf_counter() - t0, 2), "generate_jobs": tagged("bench-generate"),
+           "generate_seconds": None if reuse else round(time.perf_counter() - t0, 2),
+           "generate_jobs": tagged("bench-generate"), "reused_data": reuse,
            "seconds": {}, "spark_jobs": {}, "peak_rss_mb": {"generate": {k: round(v) for k, v in gen_rss.peak.items()}}}
-    log(f"generated {args.n:,} units in {out['generate_seconds']} s")
+    log(f"reused the {args.n:,} units in {root}" if reuse else f"generated {args.n:,} units in {out['generate_seconds']} s")
 
     summaries = {}
     for stage in [s for s in args.stages.split(",") if s]:
@@ -138,6 +145,8 @@ def main(argv=None) -> dict:
         out["spark_jobs"][stage] = tagged(tag)
         out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
         summaries[stage] = res[-1] if res else {}
+        if summaries[stage].get("phase_seconds"):  # the stage's own timed phases
+            out.setdefault("phase_seconds", {})[stage] = summaries[stage]["phase_seconds"]
         log(f"{stage}: {out['seconds'][stage]} s, {out['spark_jobs'][stage]} Spark jobs")
     out["python_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 

@@ -38,11 +38,18 @@ from .stats import Block, combine
 def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
     """One partition's rows → a Block (neurons as a CSR matrix built from the indices/values arrays)."""
     n = len(pdf)
-    idx = [np.asarray(v if v is not None else [], dtype=np.int64) for v in pdf["indices"]]
-    val = [np.asarray(v if v is not None else [], dtype=float) for v in pdf["values"]]
-    indptr = np.concatenate([[0], np.cumsum([len(v) for v in idx])]).astype(np.int64)
-    Z = sp.csr_matrix((np.concatenate(val) if n else np.zeros(0), np.concatenate(idx) if n else np.zeros(0, int),
-                       indptr), shape=(n, spec["m"]))
+    # one concatenation of the rows' arrays (Arrow hands them over as numpy arrays; a missing row is None):
+    # this runs at every pass over the rows, so no per-row conversion
+    icol, vcol = pdf["indices"].to_numpy(), pdf["values"].to_numpy()
+    lens = np.fromiter((0 if v is None else len(v) for v in icol), dtype=np.int64, count=n)
+    idx = [v for v in icol if v is not None and len(v)]
+    val = [v for v in vcol if v is not None and len(v)]
+    if sum(len(v) for v in val) != lens.sum():
+        raise ValueError("neurons: a row's indices and values differ in length")
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    Z = sp.csr_matrix((np.concatenate(val).astype(float) if idx else np.zeros(0),
+                       np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64), indptr),
+                      shape=(n, spec["m"]))
     Z.sum_duplicates()
     W = pdf[spec["covariates"]].to_numpy(dtype=float) if spec["covariates"] else None
     codes = pdf["cluster"].map(spec["cluster_codes"]).to_numpy() if spec.get("cluster_codes") else None
