@@ -1,7 +1,7 @@
 """Passes over the rows per NEXIS round do not grow with the number of selected features (issue 16).
 
 The backward step tests every selected j given S∖{j}: |S| tests. Batched (``Tester.each_given_rest``), they share
-their passes — one reduce for all robust meats (hc2 / cluster), three for all GCM basis nuisances and sums — and give
+their passes — one reduce for all robust meats (hc2 / cluster), two for all GCM basis nuisances (both ridges from one pass) and sums — and give
 exactly the results of |S| separate tests. Counted twice: reduces of the in-memory Source, and Spark jobs of the
 distributed path (a job tag around each step).
 """
@@ -17,8 +17,8 @@ from tokens2policy.identify.engine import Source, _prepare
 
 # reduces (= Spark jobs) of one backward evaluation of |S| tests, whatever |S|; per forward step (the new feature's
 # cross-products, then the tests' own passes)
-PASSES_BACKWARD = {"linear": 0, "hc2": 1, "cluster": 1, "gcm": 3}
-PASSES_FORWARD = {"linear": 1, "hc2": 2, "cluster": 2, "gcm": 4}
+PASSES_BACKWARD = {"linear": 0, "hc2": 1, "cluster": 1, "gcm": 2}
+PASSES_FORWARD = {"linear": 1, "hc2": 2, "cluster": 2, "gcm": 3}
 PLANTED = (1, 4, 7, 10, 13)
 
 

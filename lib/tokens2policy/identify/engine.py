@@ -167,8 +167,8 @@ class Tester:
 
     def each_given_rest(self, S):
         """{j: (t, p, ok, reason)} for every j in S tested given S∖{j} — the backward step's |S| tests — with the
-        passes over the rows batched: one reduce for all |S| robust meats (hc2 / cluster), three for all |S| GCM
-        basis nuisances and sums (instead of 1 and 3 per j); none beyond the cross-products for the linear test.
+        passes over the rows batched: one reduce for all |S| robust meats (hc2 / cluster), two for all |S| GCM
+        basis nuisances and sums (instead of 1 and 2 per j); none beyond the cross-products for the linear test.
         Each test's arithmetic is the single call's (``self([s for s in S if s != j], [j])``), so the results are
         identical to those of |S| separate calls (tests/identify/test_identify_passes.py)."""
         S = list(S)
@@ -337,7 +337,7 @@ class Tester:
     # ---------------------------------------------------------------- GCM
     def _gcm_residual(self, S):
         """The fitted outcome-side nuisances for S: ("basis", spec, m coefficients, g coefficients) for the
-        additive ridges (two passes: per-fold Grams with y, then with φ), or ("resid", φ_res) for LightGBM in
+        additive ridges (one pass: per-fold Grams with y and with the φ weights), or ("resid", φ_res) for LightGBM in
         memory. φ = (y - m̂(Z_S))(T - e)/(e(1 - e)), φ_res = φ - ĝ(Z_S), both m̂ and ĝ cross-fitted."""
         key = tuple(S)
         if key not in self._gcm_cache:
@@ -356,18 +356,21 @@ class Tester:
 
     def _basis_residuals(self, sets):
         """The additive-ridge nuisances ("basis", spec, m coefficients, g coefficients) of each conditioning set in
-        ``sets``: two passes for all of them (per-fold Grams with y, then with φ), each set's fit as alone."""
+        ``sets``: one pass for all of them (per-fold Grams of the basis with y and the φ weights: both ridges), each
+        set's fit as alone."""
         specs = [self.basis_spec(S, self.nuisance) for S in sets]
-        g1 = self.src.reduce("many", [("fold_grams", S, self.K, spec) for S, spec in zip(sets, specs)])
-        pens = [basis_penalty(spec, g["A"].sum(0)) for spec, g in zip(specs, g1)]
-        cms = [ridge_from_grams(g["A"], g["b"], pen) for g, pen in zip(g1, pens)]
-        g2 = self.src.reduce("many", [("fold_grams", S, self.K, spec, cm, self.e)
-                                      for S, spec, cm in zip(sets, specs, cms)])
-        return [("basis", spec, cm, ridge_from_grams(g["A"], g["b"], pen))
-                for spec, cm, g, pen in zip(specs, cms, g2, pens)]
+        grams = self.src.reduce("many", [("fold_grams_both", S, self.K, spec, self.e)
+                                         for S, spec in zip(sets, specs)])
+        out = []
+        for spec, g in zip(specs, grams):
+            pen = basis_penalty(spec, g["A"].sum(0))
+            cm = ridge_from_grams(g["A"], g["b"], pen)
+            b_phi = g["bc"] - np.einsum("kqr,kr->kq", g["Ac"], cm)  # fold k's P_k'φ (Block.fold_grams_both)
+            out.append(("basis", spec, cm, ridge_from_grams(g["A"], b_phi, pen)))
+        return out
 
     def _gcm_many(self, sets, Js):
-        """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: three passes for
+        """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: two passes for
         all the sets together (:meth:`_basis_residuals`, then every set's GCM sums in one pass)."""
         fs = self._basis_residuals(sets)
         sums = self.src.reduce("many", [("gcm_block_sums", S, f, self.e, self.z_spec(S), self.K)

@@ -442,6 +442,26 @@ class Block:
             b[k] = Pk.T @ target[rows]
         return {"A": A, "b": b}
 
+    def fold_grams_both(self, S, n_folds, spec, e):
+        """``fold_grams`` of y and, in the same pass, what the pseudo-outcome's Grams need once the outcome model is
+        fit: per fold ``Ac`` Σ c_i P_i P_i' and ``bc`` Σ c_i y_i P_i with c_i = (t_i - e)/(e(1 - e)). Since φ_i =
+        c_i (y_i - P_i'coef_m[k]) on fold k's rows, fold k's P_k'φ = bc_k - Ac_k coef_m[k] (``phi_grams``): both
+        nuisances of a conditioning set from one pass over the rows instead of two."""
+        P = self.basis(S, spec)
+        c = (self.t - e) / (e * (1.0 - e))
+        q = P.shape[1]
+        A, Ac = np.zeros((n_folds, q, q)), np.zeros((n_folds, q, q))
+        b, bc = np.zeros((n_folds, q)), np.zeros((n_folds, q))
+        for k in range(n_folds):
+            rows = self.folds == k
+            Pk = P[rows]
+            A[k] = Pk.T @ Pk
+            b[k] = Pk.T @ self.y[rows]
+            cP = c[rows, None] * Pk
+            Ac[k] = cP.T @ Pk
+            bc[k] = cP.T @ self.y[rows]
+        return {"A": A, "b": b, "Ac": Ac, "bc": bc}
+
     def pseudo_outcome(self, P, coef_m, e):
         m_hat = _rowdot(P, coef_m[self.folds])
         return (self.y - m_hat) * (self.t - e) / (e * (1.0 - e))
