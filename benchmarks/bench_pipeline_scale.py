@@ -145,8 +145,10 @@ def main(argv=None) -> dict:
         out["spark_jobs"][stage] = tagged(tag)
         out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
         summaries[stage] = res[-1] if res else {}
-        if summaries[stage].get("phase_seconds"):  # the stage's own timed phases
-            out.setdefault("phase_seconds", {})[stage] = summaries[stage]["phase_seconds"]
+        laps = {e.get("experiment_id", i): e["seconds"] for i, e in enumerate(summaries[stage].get("experiments", []))
+                if isinstance(e, dict) and isinstance(e.get("seconds"), dict)}
+        if laps or summaries[stage].get("phase_seconds"):  # the stage's own timed phases (effects: per experiment)
+            out.setdefault("phase_seconds", {})[stage] = laps or summaries[stage]["phase_seconds"]
         log(f"{stage}: {out['seconds'][stage]} s, {out['spark_jobs'][stage]} Spark jobs")
     out["python_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 
