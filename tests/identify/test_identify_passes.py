@@ -115,6 +115,8 @@ def test_spark_jobs_per_round_do_not_grow_with_the_selected_set(spark, test):
     final = [x for x in spent if x[0] == "final"]
     assert len(final) == 5 and all(x[2] == PASSES_BACKWARD[test] for x in backward + final[:1]), spent
     assert all(x[2] == 0 for x in final[1:]), spent
+    # the marginal screen (after the search) reuses the first forward step's tests given S = ∅: no job
+    assert len(tracker.getJobIdsForTag(tag)) == steps[-1][2]
 
 
 def test_dense_single_pass_sums_equal_plain_numpy():

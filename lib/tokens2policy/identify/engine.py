@@ -107,6 +107,7 @@ class Tester:
         self.hist: Dict[int, np.ndarray] = {}  # s -> histogram of x_s' non-zero values (spline knots)
         self.reasons: Dict[int, str] = {}   # candidate -> why the last call did not test it
         self._gcm_cache: Dict[tuple, Any] = {}
+        self._empty_cache = None  # (candidates, (t, p, ok), reasons) of the latest test given S = ∅
 
     @property
     def uses_spline(self):
@@ -160,6 +161,13 @@ class Tester:
     def __call__(self, S, J):
         """(t, p, ok) arrays for candidates J given S; ok=False marks candidates collinear with the design."""
         S, J = list(S), np.asarray(J, dtype=np.int64)
+        if not S:  # the first forward step and the marginal screen test the same candidates given S = ∅: once
+            key = J.tobytes()
+            if self._empty_cache is None or self._empty_cache[0] != key:
+                tt, pp, ok = self._gcm(S, J) if self.test == "gcm" else self._linear(S, J)
+                self._empty_cache = (key, (tt, pp, ok), dict(self.reasons))
+            (tt, pp, ok), self.reasons = self._empty_cache[1], dict(self._empty_cache[2])
+            return tt.copy(), pp.copy(), ok.copy()
         self.ensure(S)
         if self.test == "gcm":
             return self._gcm(S, J)
