@@ -177,8 +177,9 @@ class Tester:
         """{j: (t, p, ok, reason)} for every j in S tested given S∖{j} — the backward step's |S| tests — with the
         passes over the rows batched: one reduce for all |S| robust meats (hc2 / cluster), two for all |S| GCM
         basis nuisances and sums (instead of 1 and 2 per j); none beyond the cross-products for the linear test.
-        Each test's arithmetic is the single call's (``self([s for s in S if s != j], [j])``), so the results are
-        identical to those of |S| separate calls (tests/identify/test_identify_passes.py)."""
+        Each test's arithmetic is the single call's (``self([s for s in S if s != j], [j])``; GCM: with the sums of
+        column j alone), so the results equal those of |S| separate calls — identical for the linear family, GCM to
+        rounding (tests/identify/test_identify_passes.py)."""
         S = list(S)
         self.ensure(S)
         sets = [[s for s in S if s != j] for j in S]
@@ -381,11 +382,12 @@ class Tester:
         """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: two passes for
         all the sets together (:meth:`_basis_residuals`, then every set's GCM sums in one pass)."""
         fs = self._basis_residuals(sets)
-        sums = self.src.reduce("many", [("gcm_block_sums", S, f, self.e, self.z_spec(S), self.K)
-                                        for S, f in zip(sets, fs)])
+        Js = [np.asarray(J, dtype=np.int64) for J in Js]
+        sums = self.src.reduce("many", [("gcm_block_sums", S, f, self.e, self.z_spec(S), self.K, J)
+                                        for S, f, J in zip(sets, fs, Js)])  # the tested columns' sums only
         out = []
         for S, J, sm in zip(sets, Js, sums):
-            tt, pp, ok = self._gcm_from_sums(S, np.asarray(J, dtype=np.int64), sm)
+            tt, pp, ok = self._gcm_from_sums(S, J, sm, local=True)
             out.append((tt, pp, ok, dict(self.reasons)))
         return out
 
@@ -412,22 +414,24 @@ class Tester:
             return self._gcm_lgbm_z(S, J, f)
         return self._gcm_from_sums(S, J, self._gcm_sums(S, f))
 
-    def _gcm_from_sums(self, S, J, sums):
-        """(t, p, ok) of the GCM tests of J given S from the additive sums of :meth:`_gcm_sums`."""
+    def _gcm_from_sums(self, S, J, sums, local=False):
+        """(t, p, ok) of the GCM tests of J given S from the additive sums of :meth:`_gcm_sums` (``local``: the
+        column sums hold J's columns only, in J's order — ``Block.gcm_sums(cols=J)``)."""
         zs = self.z_spec(S)
         xx = self.sxx[J]
+        at = np.arange(len(J)) if local else J  # where J's rows are in the column sums
         Pi, zz_lin = self._linear_z(S, J)
         if zs[0] == "linear":
             zz = zz_lin
-            sR = sums["Sf"][J] - sums["Cf"] @ Pi
-            sR2 = sums["Sf2x2"][J] - 2 * np.einsum("jk,kj->j", sums["Sf2xC"][J], Pi) \
+            sR = sums["Sf"][at] - sums["Cf"] @ Pi
+            sR2 = sums["Sf2x2"][at] - 2 * np.einsum("jk,kj->j", sums["Sf2xC"][at], Pi) \
                 + np.einsum("kj,kl,lj->j", Pi, sums["Cf2C"], Pi)
         else:
             # cross-fitted ridge of x_j on the basis: Π_j^(k) = (A - A_k + Λ)⁻¹ (B'x_j - B_k'x_j), per fold k
-            A, SB, SfB = sums["A"], sums["SB"][J], sums["SfB"][J]  # K x q x q, |J| x K x q (both)
+            A, SB, SfB = sums["A"], sums["SB"][at], sums["SfB"][at]  # K x q x q, |J| x K x q (both)
             At, SBt = A.sum(0), SB.sum(1)
             pen = basis_penalty(zs, At)
-            zz, sR, sR2 = xx.copy(), sums["Sf"][J].copy(), sums["Sf2x2"][J].copy()
+            zz, sR, sR2 = xx.copy(), sums["Sf"][at].copy(), sums["Sf2x2"][at].copy()
             for kf in range(self.K):
                 Pi = np.linalg.solve(At - A[kf] + pen, (SBt - SB[:, kf]).T)   # q x |J|
                 c = SB[:, kf].T                                                  # B_k'x_j: q x |J|
@@ -485,8 +489,8 @@ class Tester:
         return self._gcm_stat(J, sR, sR2, np.minimum(zz, self._linear_z(S, J)[1]), self.sxx[J])
 
 
-def _gcm_block_sums(self, S, f, e, zspec, n_folds):
-    return self.gcm_sums(S, self.gcm_residual(S, f[1], f[2], f[3], e), zspec, n_folds)
+def _gcm_block_sums(self, S, f, e, zspec, n_folds, cols=None):
+    return self.gcm_sums(S, self.gcm_residual(S, f[1], f[2], f[3], e), zspec, n_folds, cols)
 
 
 Block.gcm_block_sums = _gcm_block_sums

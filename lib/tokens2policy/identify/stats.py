@@ -472,7 +472,7 @@ class Block:
         P = self.basis(S, spec)
         return self.pseudo_outcome(P, coef_m, e) - _rowdot(P, coef_g[self.folds])
 
-    def gcm_sums(self, S, f, zspec=("linear",), n_folds=0):
+    def gcm_sums(self, S, f, zspec=("linear",), n_folds=0, cols=None):
         """Sums that give, for every candidate j, Σ R_ij and Σ R_ij² with R = f · Z_res,j.
 
         * zspec ("linear",): Z_res,j = x_j - C Π_j, the in-sample OLS of x_j on C = [1, X_S] (Π_j from the Grams).
@@ -481,17 +481,31 @@ class Block:
           of x_j on the basis B fit on the other folds (cross-fitted, like the nuisances of f). Per fold k:
           ``SB`` F'B_k and ``SfB`` F'(f² B_k) (M x K x q: the per-fold cross-moments of every column with the basis),
           ``A`` B_k'B_k, ``Bf`` B_k'f, ``Bf2B`` B_k'diag(f²)B_k; and F'f, (F∘F)'f². One pass over Z for all
-          candidates at once, O(nnz(Z) · 2Kq)."""
+          candidates at once, O(nnz(Z) · 2q) (each fold's rows against its own basis block).
+
+        ``cols``: only these global columns (first axis len(cols) instead of M, in that order) — the backward step
+        tests one column per conditioning set, so its sums are computed and shipped for that column alone."""
         f2 = f * f
-        out = {"Sf": self.rmatvec(f)[:, 0], "Sf2x2": self.rmatvec(f2, square=True)[:, 0]}
+        if cols is None:
+            def fv(V, square=False, rows=None):  # F'V over all columns (rows: a subset of the rows)
+                return (self if rows is None else self.rows(rows)).rmatvec(V, square)
+        else:
+            X = self.columns(cols)
+
+            def fv(V, square=False, rows=None):
+                Xr = X if rows is None else X[rows]
+                V = np.asarray(V, dtype=float).reshape(len(Xr), -1)
+                return (Xr * Xr if square else Xr).T @ V
+        out = {"Sf": fv(f)[:, 0], "Sf2x2": fv(f2, square=True)[:, 0]}
         if zspec[0] == "linear":
             C = np.column_stack([np.ones(self.n), self.columns(S)])
-            out.update(Sf2xC=self.rmatvec(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
+            out.update(Sf2xC=fv(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
             return out
         B = self.basis(S, zspec)
         q = B.shape[1]
-        SB = np.zeros((self.M, n_folds, q))
-        SfB = np.zeros((self.M, n_folds, q))
+        width = self.M if cols is None else len(cols)
+        SB = np.zeros((width, n_folds, q))
+        SfB = np.zeros((width, n_folds, q))
         A = np.zeros((n_folds, q, q))
         Bf = np.zeros((n_folds, q))
         Bf2B = np.zeros((n_folds, q, q))
@@ -501,7 +515,7 @@ class Block:
             rows = np.nonzero(self.folds == k)[0]
             Bk = B[rows]
             fk = f[rows]
-            R = self.rows(rows).rmatvec(np.hstack([Bk, f2[rows, None] * Bk]))
+            R = fv(np.hstack([Bk, f2[rows, None] * Bk]), rows=rows)
             SB[:, k], SfB[:, k] = R[:, :q], R[:, q:]
             A[k] = Bk.T @ Bk
             Bf[k] = Bk.T @ fk
