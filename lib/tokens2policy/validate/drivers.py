@@ -13,10 +13,9 @@ the driver by :func:`build_driver_representation` from the cached corpus embeddi
 (:func:`tokens2policy.validate.corpora.embed_corpus`) and stored in the format of design 2
 (:mod:`tokens2policy.validate.text`, with the driver attributes added), so the simulation (:func:`simulate_text`),
 the truths (best-F1 and aligned neurons per driver, aligned share 0.5) and the selection metrics are design 2's own
-code. A repetition also computes the **heterogeneity coverage** of the default method's selection
-(:func:`coverage_rows`): the effects stage's learners on the draw (ridge nuisances on the selected and the 64 most
-frequent neurons, DR-learner linear on the selected neurons' indicators vs ridge on all those features) and
-:func:`tokens2policy.effects.coverage.heterogeneity_coverage`, against its truth computed from the simulated tau.
+code. A repetition also computes the **heterogeneity coverage** as the pipeline does (:func:`coverage_rows`): the draw
+through identify (on the selection units) and effects (on the estimation units) with the stages' defaults, the
+``calibration`` table's coverage share and CI against its truth computed from the simulated tau.
 """
 from __future__ import annotations
 
@@ -119,55 +118,52 @@ def _indicators(z: sp.spmatrix, cols: Sequence[int]) -> np.ndarray:
     return (sp.csc_matrix(z)[:, list(cols)].toarray() > 0).astype(float)
 
 
-def coverage_rows(task, sim, selected: Sequence[int], alpha: float, seed: int, n_bootstrap: int = 100,
+def coverage_rows(task, sim, selected: Sequence[int], alpha: float, seed: int, n_bootstrap: int = 200,
                   n_features: int = 64) -> List[Dict]:
-    """Heterogeneity coverage of ``selected`` on this draw with the effects stage's learners, and its truths:
+    """Heterogeneity coverage on this draw as the pipeline computes it, and its truths.
 
-    * ``coverage share``: estimate and bootstrap CI of
-      :func:`~tokens2policy.effects.coverage.heterogeneity_coverage`; true value: the same share with the simulated
-      tau in place of the DR scores (no noise, no debiasing needed);
-    * ``tau share selected`` / ``tau share features``: R² of the true tau on the selected neurons' indicators / on
-      the full learner's features (what share of Var(tau) a linear function of them can carry) — reported, not
+    The draw is written in the stage-table layout and run through the stages' cores with their defaults
+    (:func:`tokens2policy.validate.coverage_path.stage_coverage`): identify's NEXIS on the ``selection`` units,
+    the effects stage on the ``estimation`` units (nested cross-fitting, ``n_features`` most frequent neurons in
+    the full learner). ``selected`` (the study method's selection on all units) is not used: the stage selects
+    on its own half, and the coverage statistic is about that selection. Rows:
+
+    * ``coverage share``: estimate and bootstrap CI from the ``calibration`` table; true value: the same share with
+      the simulated tau in place of the DR scores, on the same units and predictions;
+    * ``tau share selected``: R² of the true tau on the stage's selected neurons' indicators (estimation units);
+    * ``tau share features``: R² of the true tau on the full learner's features (all units) — reported, not
       estimated (no CI)."""
-    from tokens2policy.effects import DRLearner, NuisanceParams, cross_fit_nuisances
-    from tokens2policy.effects.coverage import explained_heterogeneity, heterogeneity_coverage
+    from .coverage_path import stage_coverage
+    from .pipeline_path import path_config
+    from .study import _coverage_row
     from tokens2policy.identify import make_folds
 
-    from .study import _coverage_row
-
+    del selected  # the stage selects on its own half (docstring)
     t0 = time.perf_counter()
     n = len(sim.y)
-    z = sp.csc_matrix(sim.z)
-    counts = np.diff(z.indptr)
+    z = sp.csr_matrix(sim.z)
+    unit_id = np.array([f"u{i:06d}" for i in range(n)], dtype=object)
+    exp = f"drivers-{task['rep']}"
+    units = pd.DataFrame({"experiment_id": exp, "unit_id": unit_id, "treatment": sim.t.astype(int),
+                          "outcome": sim.y, "fold": make_folds(n, 5, seed).astype(np.int32)})
+    neurons = pd.DataFrame({"experiment_id": exp, "unit_id": unit_id,
+                            "indices": [z.indices[z.indptr[i]:z.indptr[i + 1]].astype(np.int32) for i in range(n)],
+                            "values": [z.data[z.indptr[i]:z.indptr[i + 1]].astype(np.float32) for i in range(n)]})
+    cfg = path_config("split", [f"effects.nuisance_neurons={int(n_features)}", f"effects.n_bootstrap={int(n_bootstrap)}",
+                                f"effects.alpha={alpha}", f"identify.alpha={alpha}", f"seed={int(seed)}"])
+    r = stage_coverage(cfg, units, neurons, np.asarray(sim.tau, float))
+    counts = np.diff(sp.csc_matrix(z).indptr)
     top = [int(j) for j in np.argsort(-counts, kind="stable")[:n_features] if counts[j] > 0]
-    cols = list(dict.fromkeys([int(s) for s in selected] + top))
-    X = z[:, cols].toarray()
-    folds = make_folds(n, 5, seed)
-    t = sim.t.astype(int)
-    nu = cross_fit_nuisances(X, t, sim.y, folds, NuisanceParams("ridge"), seed=seed)
-    Zs = _indicators(z, selected)
-    sel = DRLearner(final="linear").fit(X, t, sim.y, folds, Z=Zs, nuisances=nu)
-    full = DRLearner(final="ridge").fit(X, t, sim.y, folds, Z=X, nuisances=nu)
-    phi = sel.scores_[:, 1] - sel.scores_[:, 0]
-    res = heterogeneity_coverage(phi, sel.oof_cate_, full.oof_cate_, folds, alpha=alpha, n_bootstrap=n_bootstrap,
-                                 seed=seed)
-    S = np.column_stack([sel.oof_cate_, full.oof_cate_])
-    joint = explained_heterogeneity(sim.tau, S, folds, debias=False)
-    truth = explained_heterogeneity(sim.tau, S[:, :1], folds, debias=False) / joint if joint > 1e-12 else np.nan
-
-    def r2(F):
-        if F.shape[1] == 0 or np.var(sim.tau) == 0:
-            return 0.0 if np.var(sim.tau) > 0 else np.nan
-        F1 = np.column_stack([np.ones(n), F])
-        beta, *_ = np.linalg.lstsq(F1, sim.tau, rcond=None)
-        return float(1 - np.var(sim.tau - F1 @ beta) / np.var(sim.tau))
-
+    X = sp.csc_matrix(z)[:, list(dict.fromkeys(r["selected"] + top))].toarray()
+    F1 = np.column_stack([np.ones(n), X])
+    beta, *_ = np.linalg.lstsq(F1, sim.tau, rcond=None)
+    r2_features = float(1 - np.var(sim.tau - F1 @ beta) / np.var(sim.tau)) if np.var(sim.tau) > 0 else np.nan
     secs = time.perf_counter() - t0
-    rows = [_coverage_row(task, "coverage share", res.share, np.nan, res.share_ci[0], res.share_ci[1],
-                          min(max(truth, 0.0), 1.0) if np.isfinite(truth) else np.nan, secs)]
-    rows[0]["se"] = float(res.warning)   # the warning flag of this draw (se has no meaning for a percentile CI)
-    rows.append(_coverage_row(task, "tau share selected", r2(Zs), np.nan, np.nan, np.nan, np.nan, 0.0))
-    rows.append(_coverage_row(task, "tau share features", r2(X), np.nan, np.nan, np.nan, np.nan, 0.0))
+    rows = [_coverage_row(task, "coverage share", r["estimate"], np.nan, r["ci_low"], r["ci_high"],
+                          r["true_value"], secs)]
+    rows[0]["se"] = r["warning"]   # the warning flag of this draw (se has no meaning for a percentile CI)
+    rows.append(_coverage_row(task, "tau share selected", r["tau_share_selected"], np.nan, np.nan, np.nan, np.nan, 0.0))
+    rows.append(_coverage_row(task, "tau share features", r2_features, np.nan, np.nan, np.nan, np.nan, 0.0))
     return rows
 
 
