@@ -84,7 +84,7 @@ def _spark_frame(spark):
     return df, Z.shape[1]
 
 
-@pytest.mark.parametrize("test", ["hc2", "gcm"])
+@pytest.mark.parametrize("test", ["hc2", pytest.param("gcm", marks=pytest.mark.slow)])
 def test_spark_jobs_per_round_do_not_grow_with_the_selected_set(spark, test):
     """Spark jobs of the distributed search, attributed to the decision that follows them (trace records as they
     are made): a forward step costs at most PASSES_FORWARD jobs and a backward evaluation of all |S| tests
@@ -150,3 +150,23 @@ def test_dense_single_pass_sums_equal_plain_numpy():
     b = Block(y, t, None, Z)
     np.testing.assert_allclose(b.rmatvec(V[:, :2]), Z.T @ V[:, :2], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(b.rmatvec(V[:, :3], square=True), (Z * Z).T @ V[:, :3], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow  # 40 partitions x ~20 Spark jobs
+def test_many_partitions_are_tree_combined_with_the_same_result(spark):
+    """Above SparkSource.TREE_ABOVE partitions the partial statistics are combined in the executors (treeReduce):
+    the GCM search on 40 partitions equals the in-memory one."""
+    from tokens2policy.config import IdentifyConfig
+    from tokens2policy.identify import nexis
+    from tokens2policy.identify.job import SparkSource, frame_spec, identify_frame
+
+    df, m = _spark_frame(spark)
+    many = df.repartition(40)
+    assert many.rdd.getNumPartitions() > SparkSource.TREE_ABOVE
+    ic = IdentifyConfig(test="gcm", min_active=5)
+    res, _ = identify_frame(many, frame_spec(many, ic, m, []), ic)
+    df.unpersist()
+    y, t, Z, cl, folds = planted_problem()
+    ref = nexis(y, t, sp.csr_matrix(Z), test="gcm", folds=folds, min_active=5, alpha=ic.alpha, rho=ic.rho)
+    assert res.selected.tolist() == ref.selected.tolist()
+    np.testing.assert_allclose(res.pvalues, ref.pvalues, rtol=1e-9)

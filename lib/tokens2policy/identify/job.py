@@ -57,8 +57,16 @@ def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
     return Block(pdf["y"].to_numpy(dtype=float), pdf["treatment"].to_numpy(dtype=float), W, Z, codes, folds)
 
 
+def _combine_payloads(a, b):
+    """Two pickled partial statistics → their pickled sum (``stats.combine``), in an executor."""
+    return pickle.dumps(combine(pickle.loads(a), pickle.loads(b)), protocol=4)
+
+
 class SparkSource:
-    """A Source whose ``reduce`` is a mapInPandas over the partitions of a DataFrame plus a driver-side sum."""
+    """A Source whose ``reduce`` is a mapInPandas over the partitions of a DataFrame plus a sum of the partitions'
+    partial statistics: on the driver for up to TREE_ABOVE partitions, else tree-combined in the executors."""
+
+    TREE_ABOVE = 16
 
     def __init__(self, df, spec: Dict):
         self.df, self.spec = df, spec
@@ -89,9 +97,19 @@ class SparkSource:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
         t0 = time.perf_counter()
-        total = None
-        for row in self.df.mapInPandas(partials, "payload binary").collect():
-            total = combine(total, pickle.loads(row["payload"]))
+        payloads = self.df.mapInPandas(partials, "payload binary").rdd.map(lambda r: r[0])
+        if payloads.getNumPartitions() > self.TREE_ABOVE:
+            # many partitions: partial sums combined in the executors first (one job, a shuffle between levels),
+            # so the driver receives ~sqrt(partitions) payloads, not one per partition (a GCM forward step's
+            # payload is M x K x q numbers per partition)
+            try:
+                total = pickle.loads(payloads.treeReduce(_combine_payloads, depth=2))
+            except ValueError:  # every partition empty: nothing to reduce
+                total = None
+        else:
+            total = None
+            for payload in payloads.collect():
+                total = combine(total, pickle.loads(payload))
         if total is None:
             raise ValueError("no rows to identify on")
         self.passes.append(pass_record(method, args, time.perf_counter() - t0))
