@@ -662,11 +662,11 @@ def _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_
     zz = z.tocsr() if (sp.issparse(z) and n_blocks > 1) else z
     if codes is not None:   # the cluster statistics need whole clusters in a block (Block.robust)
         parts = [np.nonzero(codes % n_blocks == b)[0] for b in range(n_blocks)]
-    else:
+    else:  # contiguous row ranges: slices, so a dense z is viewed, never copied (20,000 x 4,096: 2.2 s, 655 MB)
         edges = np.linspace(0, n, n_blocks + 1).astype(int)
-        parts = [np.arange(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+        parts = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
     for sl in parts:
-        if not len(sl):
+        if isinstance(sl, np.ndarray) and not len(sl):
             continue
         blocks.append(Block(y[sl], t[sl], None if w is None else w[sl], zz[sl],
                             None if codes is None else codes[sl], None if fold_ids is None else fold_ids[sl]))
