@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/plot_scale.py docs/results/pipeline_scale.jsonl --out docs/figures/scale_time_vs_n.png
 
-One line per (stage, identify test): every recorded run of that stage at its n (a run that reused generated data
+One line per (stage, identify test; records labelled "before..." apart): every recorded run of that stage at its n (a run that reused generated data
 counts like any other). The slope of log(seconds) on log(n) over the points is printed (and drawn in the legend):
 1 is linear in n; below 1 means fixed costs still weigh at the small sizes.
 """
@@ -20,7 +20,10 @@ def series(lines):
     out = defaultdict(list)
     for rec in lines:
         for stage, secs in rec.get("seconds", {}).items():
-            key = (stage, rec.get("identify_test") if stage == "identify" else "")
+            tag = rec.get("identify_test") if stage == "identify" else ""
+            if str(rec.get("label", "")).startswith("before"):  # a run of older code: its own series
+                tag = (tag + ", " if tag else "") + "before"
+            key = (stage, tag)
             out[key].append((rec["n"], secs, (rec.get("load_average") or [None])[0]))
     return {k: sorted(v) for k, v in out.items()}
 
