@@ -145,7 +145,8 @@ def main(argv=None) -> dict:
         out["spark_jobs"][stage] = tagged(tag)
         out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
         summaries[stage] = res[-1] if res else {}
-        laps = {e.get("experiment_id", i): e["seconds"] for i, e in enumerate(summaries[stage].get("experiments", []))
+        exps = summaries[stage].get("experiments")
+        laps = {e.get("experiment_id", i): e["seconds"] for i, e in enumerate(exps if isinstance(exps, list) else [])
                 if isinstance(e, dict) and isinstance(e.get("seconds"), dict)}
         if laps or summaries[stage].get("phase_seconds"):  # the stage's own timed phases (effects: per experiment)
             out.setdefault("phase_seconds", {})[stage] = laps or summaries[stage]["phase_seconds"]
