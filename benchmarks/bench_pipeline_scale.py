@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
         truth = design.truth() if reuse else generate(spark, cfg, design)
     sc.removeJobTag("bench-generate")
     out = {"n": args.n, "m": args.m, "k": args.k, "master": args.master, "driver_memory": args.driver_memory,
-           "identify_test": cfg.identify.test, "jvm_start_seconds": round(jvm_start, 2),
+           "identify_test": cfg.identify.test, "execution": cfg.execution.mode, "overrides": args.set,
+           "jvm_start_seconds": round(jvm_start, 2),
            "generate_seconds": None if reuse else round(time.perf_counter() - t0, 2),
            "generate_jobs": tagged("bench-generate"), "reused_data": reuse,
            "seconds": {}, "spark_jobs": {}, "peak_rss_mb": {"generate": {k: round(v) for k, v in gen_rss.peak.items()}}}

@@ -23,6 +23,8 @@ def series(lines):
             tag = rec.get("identify_test") if stage == "identify" else ""
             if str(rec.get("label", "")).startswith("before"):  # a run of older code: its own series
                 tag = (tag + ", " if tag else "") + "before"
+            if rec.get("execution", "spark") != "spark":  # the in-memory path: its own series
+                tag = (tag + ", " if tag else "") + rec["execution"]
             key = (stage, tag)
             out[key].append((rec["n"], secs, (rec.get("load_average") or [None])[0]))
     return {k: sorted(v) for k, v in out.items()}
