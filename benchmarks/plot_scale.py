@@ -23,6 +23,8 @@ def series(lines):
             tag = rec.get("identify_test") if stage == "identify" else ""
             if str(rec.get("label", "")).startswith("before"):  # a run of older code: its own series
                 tag = (tag + ", " if tag else "") + "before"
+            if rec.get("series"):  # e.g. stage times read from the runner's log: their own series
+                tag = (tag + ", " if tag else "") + rec["series"]
             if rec.get("execution", "spark") != "spark":  # the in-memory path: its own series
                 tag = (tag + ", " if tag else "") + rec["execution"]
             key = (stage, tag)
@@ -51,7 +53,7 @@ def main(argv=None):
     with open(args.jsonl) as fh:
         lines = [json.loads(x) for x in fh if x.strip() and not x.startswith("#")]
     data = series(lines)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(9.6, 4.6))
     for (stage, test), pts in sorted(data.items()):
         b = slope(pts)
         label = f"{stage}{' (' + test + ')' if test else ''}" + (f": slope {b:.2f}" if b is not None else "")
@@ -69,7 +71,7 @@ def main(argv=None):
     ax.set_ylabel("stage wall seconds (local[2], shared machine)")
     ax.set_title("identify → effects → policy at scale (4,096 neurons, k = 32)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
