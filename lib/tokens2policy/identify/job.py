@@ -7,8 +7,11 @@ from per-fold Gram matrices summed across the cluster (rows grouped by the store
 fold's out-of-fold fit equals the in-memory one. The GCM LightGBM nuisances have no additive statistics: fold k's
 model is trained in one Spark task on the rows of the other folds (``tokens2policy.fold_tasks``, the pattern the
 effects stage uses), and a pass over the partitions predicts every row with its own fold's model (see
-:meth:`SparkSource.lgbm_nuisances`). One Spark job per statistic: moments once, cross-products once per feature
-that enters the set, robust meats / GCM passes once per step.
+:meth:`SparkSource.lgbm_nuisances`). One Spark job per pass, a constant number per step whatever |S|: moments once,
+cross-products once per feature that enters the set, per forward step one robust meat (hc2 / cluster) or one pass
+for both GCM basis nuisances plus one for the GCM sums, per backward evaluation the same passes shared by all |S|
+tests (``Tester.each_given_rest``); every pass is recorded (``SparkSource.passes``, the stage summary's
+``passes`` / ``pass_by_stat``).
 
 Kinds follow the NEXIS API: ``Z`` = SAE neuron (the ``z`` matrix), ``W`` = structured covariate (``w``); the
 ``source`` column says ``neuron`` / ``covariate`` unambiguously.

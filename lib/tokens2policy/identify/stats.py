@@ -17,7 +17,8 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 * ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the basis ridge nuisances per fold (spline or poly2) and the
                          GCM sums, with each candidate residualized linearly or by a cross-fitted basis ridge.
 
-Sparse Z is kept in CSC form and never densified.
+Sparse Z is kept in CSR form for the passes (the CSC form only for bulk column reads) and never densified; dense Z
+is read in cache-sized row blocks (``dense_row_pass``).
 """
 from __future__ import annotations
 
