@@ -42,6 +42,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from tokens2policy.config import Config
 
+SCHEMA_MISMATCH_ERRORS = ("DELTA_METADATA_MISMATCH", "DELTA_FAILED_TO_MERGE_FIELDS")  # Delta error classes of a
+# write whose schema differs from the stored table's (StageContext.write upgrades additive differences)
+
 FAULT_ENV = "T2P_FAULT_KILL_AFTER_FIRST_COMMIT"
 # config fields any stage may read: where things are, not what they compute
 INFRASTRUCTURE = frozenset({"data_dir", "data_path", "data_uri", "data_is_local", "lakehouse", "spark", "seed"})
@@ -438,8 +441,42 @@ class StageContext:
         if partition_by is None and name in TABLES:
             partition_by = list(TABLES[name].partition_by) or None
         self._before_commit(name)
-        write_table(df, self.full_config, name, mode=mode, partition_by=partition_by, replace_where=replace_where,
+        args = dict(mode=mode, partition_by=partition_by, replace_where=replace_where,
                     overwrite_schema=overwrite_schema, user_metadata=user_metadata)
+        try:
+            write_table(df, self.full_config, name, **args)
+        except Exception as exc:  # noqa: BLE001 - only Delta's schema mismatch is handled, the rest re-raised
+            if overwrite_schema or not any(code in str(exc) for code in SCHEMA_MISMATCH_ERRORS):
+                raise
+            added = self._upgradable_columns(name, df)  # raises one line when the difference is not additive
+            self.echo(f"[t2p] {name}: adding column(s) {', '.join(added)} to the table (written by an older "
+                      f"tokens2policy; existing rows get nulls)")
+            write_table(df, self.full_config, name, merge_schema=True, **args)
+
+    def _upgradable_columns(self, name: str, df) -> List[str]:
+        """The columns ``df`` adds to the existing table ``name`` when the table's schema is an older version of
+        the registered contract: every table column is in the frame with the same type, and every added column is
+        the registry's. Anything else raises :class:`SchemaContractError` in one line, naming the differences."""
+        from tokens2policy.lakehouse.schemas import TABLES, SchemaContractError
+        from tokens2policy.lakehouse.tables import delta_table, table_location
+
+        table = delta_table(self.spark, self.full_config, name).toDF()
+        old = {f.name: f.dataType.simpleString() for f in table.schema}
+        new = {f.name: f.dataType.simpleString() for f in df.schema}
+        contract = set(TABLES[name].column_names) if name in TABLES else set()
+        added = [c for c in new if c not in old]
+        dropped = [c for c in old if c not in new]
+        retyped = [f"{c} {old[c]} -> {new[c]}" for c in old if c in new and old[c] != new[c]]
+        foreign = [c for c in added if c not in contract]
+        if dropped or retyped or foreign or not added:
+            parts = [f"columns not in the frame: {', '.join(dropped)}" if dropped else "",
+                     f"types changed: {'; '.join(retyped)}" if retyped else "",
+                     f"columns outside the contract: {', '.join(foreign)}" if foreign else ""]
+            raise SchemaContractError(
+                f"table '{name}' at {table_location(self.full_config, name)} has a schema this version cannot "
+                f"append to ({'; '.join(p for p in parts if p) or 'Delta reports a metadata mismatch'}): write "
+                f"to a fresh lakehouse or migrate the table") from None
+        return added
 
     def write_experiments(self, name: str, df, experiment_ids: Iterable) -> None:
         """Replace the rows of these experiments (all others stay) in one commit; create the table if needed."""

@@ -154,3 +154,38 @@ def test_stage_run_logs_inputs_outputs_and_timings(spark, make_cfg):
     assert run.data.tags["output_version.t_out"] == "0"
     assert {"rows", "weird key_", "seconds.copy", "seconds.exp_a.load"} <= set(run.data.metrics)
     assert "bad" not in run.data.metrics
+
+
+def test_a_table_written_by_an_older_version_gets_the_new_columns_or_a_one_line_error(spark, make_cfg):
+    """Appending to a registered table whose stored schema lacks a column the contract has since gained (a
+    lakehouse written by an older tokens2policy) adds the column, old rows null; a difference that is not an
+    addition (a column dropped or retyped) is refused in one line naming it. Before: Delta's multi-line
+    DELTA_METADATA_MISMATCH for both (validation_runs gained any_false)."""
+    from tokens2policy.lakehouse.schemas import table_spec
+
+    cfg = make_cfg()
+    spec = table_spec("neuron_stats")
+    full = {"neuron": [0], "n_active": [5], "activation_frequency": [0.5], "mean_activation": [0.1],
+            "mean_activation_when_active": [0.2]}
+    stage = Stage("stats", (), ("neuron_stats",), (), tracked=False)
+
+    def frame(ctx, pdf):
+        return ctx.frame("neuron_stats", pd.DataFrame(pdf))
+
+    run_stage_job(spark, cfg, stage, lambda ctx: ctx.write("neuron_stats", frame(ctx, full)) or {})
+    old_cols = [c for c in spec.column_names if c != "mean_activation_when_active"]
+    old = read_table(spark, cfg, "neuron_stats").select(*old_cols)
+    write_table(old, cfg, "neuron_stats", overwrite_schema=True)  # as an older version stored it
+    lines = []
+    run_stage_job(spark, cfg, stage, lambda ctx: ctx.write("neuron_stats", frame(ctx, dict(full, neuron=[1])),
+                                                           mode="append") or {}, echo=lines.append)
+    got = sorted(read_table(spark, cfg, "neuron_stats").collect(), key=lambda r: r.neuron)
+    assert [(r.neuron, r.mean_activation_when_active) for r in got] == [(0, None), (1, 0.2)]
+    assert any("adding column(s) mean_activation_when_active" in m for m in lines)
+
+    from pyspark.sql import functions as F
+
+    retyped = read_table(spark, cfg, "neuron_stats").withColumn("n_active", F.col("n_active").cast("string"))
+    write_table(retyped.select(*spec.column_names), cfg, "neuron_stats", overwrite_schema=True)
+    with pytest.raises(SchemaContractError, match=r"types changed: n_active string -> bigint"):
+        run_stage_job(spark, cfg, stage, lambda ctx: ctx.write("neuron_stats", frame(ctx, full), mode="append"))

@@ -91,6 +91,7 @@ def write_table(
     replace_where: Optional[str] = None,
     overwrite_schema: bool = False,
     user_metadata: Optional[str] = None,
+    merge_schema: bool = False,
 ) -> None:
     """Write a stage table in one Delta commit.
 
@@ -98,6 +99,8 @@ def write_table(
     concatenated from data) overwrites only the matching rows, so one experiment's rerun never touches another
     experiment's rows in a shared lakehouse. ``user_metadata`` is stored in the commit (``DESCRIBE HISTORY``'s
     ``userMetadata``; :func:`commit_metadata` reads it back), e.g. the model version that produced the rows.
+    ``merge_schema``: add the frame's new columns to the table in the same commit (Delta ``mergeSchema``; the stage
+    context uses it to upgrade a table written by an older tokens2policy, see ``StageContext.write``).
     """
     ctx = _stage_context(config)
     if ctx is not None:
@@ -113,6 +116,8 @@ def write_table(
         writer = writer.option("replaceWhere", replace_where)
     if overwrite_schema:
         writer = writer.option("overwriteSchema", "true")
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
     loc = table_location(config, name)
     if _is_catalog(config):
         ensure_schema(df.sparkSession, config)
