@@ -6,7 +6,8 @@ Same-run ratios; the oracle runs where it can (dense cases). Not a test: numbers
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case sparse
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case gcm
 
-Each case prints one JSON line. Peak memory is the process's max RSS (data generation included), so run one
+Each case prints one JSON line, with ``engine_passes``: the engine's time in units of one pass, the time of
+``Z.T @ v`` over the same Z in the same process (``pass_s``), against ``target_passes`` = 2·(3 + |S|) (issue 16). Peak memory is the process's max RSS (data generation included), so run one
 case per process when the memory number matters.
 """
 from __future__ import annotations
@@ -60,6 +61,21 @@ def peak_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
+def pass_seconds(Z, repeats=5):
+    """One "pass": the time of the matrix-vector product ``Z.T @ v`` over the same Z (dense, or CSR as given to
+    the engine), float64, in this process — the memory-bandwidth unit the engine is measured in (issue 16).
+    Median of ``repeats`` after one warm-up."""
+    Zp = Z
+    v = np.random.default_rng(1).normal(size=Zp.shape[0])
+    Zp.T @ v
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        Zp.T @ v
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -87,8 +103,12 @@ def run_case(case, oracle, seed, n_override=None, m_override=None):
         raise SystemExit(f"unknown case {case}")
     rec.update(n=n, m=m, nnz=int(Z.nnz) if sp.issparse(Z) else n * m, test=kw["test"],
                data_gb=round((Z.data.nbytes + Z.indices.nbytes) / 1e9 if sp.issparse(Z) else Z.nbytes / 1e9, 3))
+    one_pass = pass_seconds(Z)
     res, secs = timed(lambda: nexis(y, t, Z, **kw))
-    rec.update(engine_s=round(secs, 3), selected=res.selected.tolist(), planted=sorted(planted),
+    S = len(res.selected)
+    rec.update(engine_s=round(secs, 3), pass_s=round(one_pass, 4), engine_passes=round(secs / one_pass, 1),
+               target_passes=2 * (3 + S), reduces=res.passes.get("passes"),
+               selected=res.selected.tolist(), planted=sorted(planted),
                recovered=sorted(set(res.selected.tolist()) & planted))
     if oracle:
         o, osecs = timed(lambda: oracle_nexis(y, t, Z, **kw))

@@ -15,7 +15,9 @@ covariates, clusters, folds — generated in Spark tasks, not on the driver), th
   ``false_selected`` (selected neither planted nor proxy), and how many proxies the marginal screen flags.
 
     .venv/bin/python benchmarks/bench_pipeline_scale.py --n 20000
-    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc1 --driver-memory 8g
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --test hc2 --driver-memory 8g --data-dir /d/1m \
+        --stages identify
+    .venv/bin/python benchmarks/bench_pipeline_scale.py --n 1000000 --data-dir /d/1m --reuse  # gcm, then the rest
 
 Timings depend on the machine's load: record it (``load_average`` is in the output). The stages run through Spark
 at every N (``execution.mode=spark``; ``--set execution.mode=auto`` measures the size-chosen path instead).
@@ -87,6 +89,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default=None, help="a fresh directory (default: a new temp dir, removed after)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--reuse", action="store_true",
+                    help="run the stages on the experiment already generated in --data-dir (same --n/--m/--k/--seed): "
+                         "a long run split into chunks, e.g. identify with one test, then another, then the rest")
     args = ap.parse_args(argv)
 
     from tokens2policy.config import load_config
@@ -95,8 +100,9 @@ def main(argv=None) -> dict:
     from tokens2policy.stages import run_stages
 
     root = args.data_dir or tempfile.mkdtemp(prefix="t2p_bench_scale_")
-    if os.path.exists(os.path.join(root, "lakehouse")):
-        raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir")
+    reuse = os.path.exists(os.path.join(root, "lakehouse"))
+    if reuse and not args.reuse:
+        raise SystemExit(f"{root} already holds a lakehouse: give a fresh --data-dir (or --reuse)")
     overrides = [f"data_dir={root}", f"spark.master={args.master}", f"spark.driver_memory={args.driver_memory}",
                  "spark.session=create", *([f"identify.test={args.test}"] if args.test else []),
                  "execution.mode=spark",  # the distributed path at every N (auto would run small N in memory)
@@ -118,13 +124,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sc.addJobTag("bench-generate")
     with PeakRss(pids) as gen_rss:
-        truth = generate(spark, cfg, design)
+        truth = design.truth() if reuse else generate(spark, cfg, design)
     sc.removeJobTag("bench-generate")
     out = {"n": args.n, "m": args.m, "k": args.k, "master": args.master, "driver_memory": args.driver_memory,
-           "identify_test": cfg.identify.test, "jvm_start_seconds": round(jvm_start, 2),
-           "generate_seconds": round(time.perf_counter() - t0, 2), "generate_jobs": tagged("bench-generate"),
+           "identify_test": cfg.identify.test, "execution": cfg.execution.mode, "overrides": args.set,
+           "jvm_start_seconds": round(jvm_start, 2),
+           "generate_seconds": None if reuse else round(time.perf_counter() - t0, 2),
+           "generate_jobs": tagged("bench-generate"), "reused_data": reuse,
            "seconds": {}, "spark_jobs": {}, "peak_rss_mb": {"generate": {k: round(v) for k, v in gen_rss.peak.items()}}}
-    log(f"generated {args.n:,} units in {out['generate_seconds']} s")
+    log(f"reused the {args.n:,} units in {root}" if reuse else f"generated {args.n:,} units in {out['generate_seconds']} s")
 
     summaries = {}
     for stage in [s for s in args.stages.split(",") if s]:
@@ -138,6 +146,11 @@ def main(argv=None) -> dict:
         out["spark_jobs"][stage] = tagged(tag)
         out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
         summaries[stage] = res[-1] if res else {}
+        exps = summaries[stage].get("experiments")
+        laps = {e.get("experiment_id", i): e["seconds"] for i, e in enumerate(exps if isinstance(exps, list) else [])
+                if isinstance(e, dict) and isinstance(e.get("seconds"), dict)}
+        if laps or summaries[stage].get("phase_seconds"):  # the stage's own timed phases (effects: per experiment)
+            out.setdefault("phase_seconds", {})[stage] = laps or summaries[stage]["phase_seconds"]
         log(f"{stage}: {out['seconds'][stage]} s, {out['spark_jobs'][stage]} Spark jobs")
     out["python_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 
@@ -146,9 +159,17 @@ def main(argv=None) -> dict:
 
         ident = summaries["identify"]
         out["identify_passes"] = {k: v for k, v in ident.items() if "pass" in k.lower()}
-        trace = read_table(spark, cfg, "selection_trace").select("phase", "round").distinct().count()
+        tr = read_table(spark, cfg, "selection_trace").select("phase", "round", "step", "action").toPandas()
+        steps = tr[tr.phase.isin(["W", "joint"])]
+        trace = len(steps[["phase", "round"]].drop_duplicates())
         out["rounds"] = int(trace)
         out["jobs_per_round"] = round(out["spark_jobs"]["identify"] / max(trace, 1), 1)
+        # a forward step tests every candidate given S; a backward evaluation tests every j in S given S∖{j}
+        # (one per drop, plus the one per round that drops nothing)
+        fwd = int((steps.step == "forward").sum())
+        bwd = int(((steps.step == "backward") & (steps.action == "drop")).sum()) + trace
+        out.update(forward_steps=fwd, backward_evaluations=bwd,  # search passes: column moments + the steps
+                   passes_per_step=round((ident.get("search_passes", 1) - 1) / max(fwd + bwd, 1), 2))
         mods = read_table(spark, cfg, "modifiers").where(F.col("kind") == "Z").select("feature").collect()
         selected = sorted(int(r[0]) for r in mods)
         planted, proxies = set(truth["planted"]), set(truth["proxies"].values())

@@ -53,6 +53,53 @@ _FIELD_SECTION = {"validate_": "validate"}
 _SECTION_FIELD = {v: k for k, v in _FIELD_SECTION.items()}
 
 
+
+# pandas frames at least this long go to Spark through Arrow (ctx.frame): the row-by-row path pickles every row in
+# Python (400,000 effects rows: ~30 s, growing linearly — the largest cost of the effects and policy stages at 10^6
+# units), Arrow ships columns
+ARROW_FRAME_ROWS = 10_000
+_ARROW_SIMPLE = {"string": object, "double": "float64", "float": "float32", "int": "Int32", "bigint": "Int64",
+                 "smallint": "Int16", "tinyint": "Int8", "boolean": "boolean"}
+
+
+def arrow_frame(spark, pdf, schema):
+    """``pdf`` (columns in ``schema``'s order) as a Spark frame through Arrow, with the row path's semantics: NaN
+    and NA become null, integers and booleans with missing values as nullable types. None (the caller takes the
+    row path) when a column type is not one of the simple types or arrays of them, an array holds a NaN element
+    (the row path keeps it, Arrow would store a null), or Arrow is off / refuses the data."""
+    import numpy as np
+    import pandas as pd
+
+    if str(spark.conf.get("spark.sql.execution.arrow.pyspark.enabled", "false")).lower() != "true":
+        return None
+
+    def missing(v):
+        return v is None or (isinstance(v, float) and v != v) or v is pd.NA
+
+    out = {}
+    try:
+        for f in schema.fields:
+            t = f.dataType.simpleString()
+            col = pdf[f.name]
+            if t == "string":
+                out[f.name] = col.astype(object).where(col.notna(), None)
+            elif t in ("double", "float"):
+                out[f.name] = pd.to_numeric(col, errors="raise").astype(_ARROW_SIMPLE[t])
+            elif t in _ARROW_SIMPLE:
+                out[f.name] = col.astype(_ARROW_SIMPLE[t])
+            elif t.startswith("array<") and t[6:-1] in ("double", "float", "int", "bigint", "string"):
+                col = col.map(lambda v: None if missing(v) else v).astype(object)
+                if t[6:-1] in ("double", "float"):  # Arrow would turn a NaN element into null: the row path keeps it
+                    parts = [np.asarray(v, dtype=float) for v in col if v is not None and len(v)]
+                    if parts and np.isnan(np.concatenate(parts)).any():
+                        return None
+                out[f.name] = col
+            else:
+                return None
+        return spark.createDataFrame(pd.DataFrame(out).reset_index(drop=True), schema)
+    except Exception:  # noqa: BLE001 - data Arrow (or the cast) refuses: the row path decides, as before
+        return None
+
 class UndeclaredAccessError(RuntimeError):
     """A stage read a config section or table, or wrote a table, that its :class:`Stage` does not declare."""
 
@@ -349,6 +396,10 @@ class StageContext:
                 from tokens2policy.lakehouse.schemas import SchemaContractError
 
                 raise SchemaContractError(f"frame for table '{name}' lacks column(s) {missing}")
+            if len(data) >= ARROW_FRAME_ROWS:
+                fast = arrow_frame(self.spark, data[cols], schema)
+                if fast is not None:
+                    return fast
             pdf = data[cols].astype(object).where(data[cols].notna(), None)
             data = pdf.values.tolist()
         return self.spark.createDataFrame(list(data), schema)

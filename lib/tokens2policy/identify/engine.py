@@ -20,6 +20,7 @@ cross-fitted learner, times Z_j residualized linearly on [1, Z_S]; T = √n mean
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -51,12 +52,35 @@ class Source:
         self.blocks = blocks
         b0 = blocks[0]
         self.mw, self.M = b0.mw, b0.M
+        self.passes: List[Dict[str, Any]] = []  # one record per reduce (a pass over the rows): what, how long
 
     def reduce(self, method, *args, **kwargs):
+        t0 = time.perf_counter()
         total = None
         for b in self.blocks:
             total = combine(total, getattr(b, method)(*args, **kwargs))
+        self.passes.append(pass_record(method, args, time.perf_counter() - t0))
         return total
+
+
+def pass_record(method, args, seconds) -> Dict[str, Any]:
+    """{"stat": the Block statistic (``many``: its requests' names joined by "+", with the count), "seconds"}."""
+    if method == "many":
+        names = [r[0] for r in args[0]]
+        stat = "+".join(sorted(set(names))) + f"x{len(names)}"
+    else:
+        stat = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+    return {"stat": stat, "seconds": round(float(seconds), 4)}
+
+
+def pass_summary(passes) -> Dict[str, Any]:
+    """Totals of a Source's pass records: ``passes``, ``pass_seconds`` and per statistic [count, seconds]."""
+    by = {}
+    for p in passes:
+        c = by.setdefault(p["stat"], [0, 0.0])
+        c[0] += 1
+        c[1] = round(c[1] + p["seconds"], 3)
+    return {"passes": len(passes), "pass_seconds": round(sum(p["seconds"] for p in passes), 3), "pass_by_stat": by}
 
 
 # ============================================================================================== tests
@@ -67,7 +91,7 @@ class Tester:
                  with_nnz=True, z_nuisance="spline"):
         self.src, self.test, self.G, self.K = source, test, n_clusters, n_folds
         self.nuisance, self.seed, self.z_nuisance = nuisance, seed, z_nuisance
-        mom = source.reduce("moments", with_nnz)
+        mom = source.reduce("moments", with_nnz, self.uses_spline)  # the ranges place spline knots only
         if not np.isfinite(mom["scal"]).all():
             raise ValueError("y contains NaN or infinite values (a NaN outcome is not a null: filter or impute it)")
         if not (np.isfinite(mom["lin"]).all() and np.isfinite(mom["sq"]).all()):
@@ -76,13 +100,14 @@ class Tester:
         self.s1, self.st, self.sxy, self.stxy = mom["lin"].T
         self.sxx, self.stxx = mom["sq"].T
         self.nnz = mom["nnz"]
-        self.lo, self.hi = mom["min_nz"], mom["max_nz"]
+        self.lo, self.hi = mom.get("min_nz"), mom.get("max_nz")
         self.e = self.nt / self.n
         self.P: Dict[int, np.ndarray] = {}  # s -> F'x_s
         self.Q: Dict[int, np.ndarray] = {}  # s -> F'(t x_s)
         self.hist: Dict[int, np.ndarray] = {}  # s -> histogram of x_s' non-zero values (spline knots)
         self.reasons: Dict[int, str] = {}   # candidate -> why the last call did not test it
         self._gcm_cache: Dict[tuple, Any] = {}
+        self._empty_cache = None  # (candidates, (t, p, ok), reasons) of the latest test given S = ∅
 
     @property
     def uses_spline(self):
@@ -136,10 +161,45 @@ class Tester:
     def __call__(self, S, J):
         """(t, p, ok) arrays for candidates J given S; ok=False marks candidates collinear with the design."""
         S, J = list(S), np.asarray(J, dtype=np.int64)
+        if not S:  # the first forward step and the marginal screen test the same candidates given S = ∅: once
+            key = J.tobytes()
+            if self._empty_cache is None or self._empty_cache[0] != key:
+                tt, pp, ok = self._gcm(S, J) if self.test == "gcm" else self._linear(S, J)
+                self._empty_cache = (key, (tt, pp, ok), dict(self.reasons))
+            (tt, pp, ok), self.reasons = self._empty_cache[1], dict(self._empty_cache[2])
+            return tt.copy(), pp.copy(), ok.copy()
         self.ensure(S)
         if self.test == "gcm":
             return self._gcm(S, J)
         return self._linear(S, J)
+
+    def each_given_rest(self, S):
+        """{j: (t, p, ok, reason)} for every j in S tested given S∖{j} — the backward step's |S| tests — with the
+        passes over the rows batched: one reduce for all |S| robust meats (hc2 / cluster), two for all |S| GCM
+        basis nuisances and sums (instead of 1 and 2 per j); none beyond the cross-products for the linear test.
+        Each test's arithmetic is the single call's (``self([s for s in S if s != j], [j])``; GCM: with the sums of
+        column j alone), so the results equal those of |S| separate calls — identical for the linear family, GCM to
+        rounding (tests/identify/test_identify_passes.py)."""
+        S = list(S)
+        self.ensure(S)
+        sets = [[s for s in S if s != j] for j in S]
+        if self.test == "gcm":
+            if self.nuisance in ("poly2", "spline") and self.z_nuisance != "lgbm":
+                results = self._gcm_many(sets, [np.array([j]) for j in S])
+            else:  # LightGBM nuisances: per-fold model fits per set, no additive pass to share
+                results = []
+                for rest, j in zip(sets, S):
+                    tt, pp, ok = self(rest, np.array([j]))
+                    results.append((tt, pp, ok, dict(self.reasons)))
+        else:
+            plans = [self._linear_plan(rest, np.array([j])) for rest, j in zip(sets, S)]
+            reqs = [pl["request"] for pl in plans if pl["request"] is not None]
+            got = iter(self.src.reduce("many", reqs) if reqs else [])
+            results = [self._linear_finish(pl, next(got) if pl["request"] is not None else None) for pl in plans]
+        out = {}
+        for j, (tt, pp, ok, reasons) in zip(S, results):
+            out[j] = (float(tt[0]), float(pp[0]), bool(ok[0]), "" if ok[0] else reasons.get(int(j), ""))
+        return out
 
     # ---------------------------------------------------------------- linear family
     def _gram(self, S, J):
@@ -177,6 +237,14 @@ class Tester:
         return [np.linalg.inv(np.linalg.cholesky(A)) for A in (A0, A1)]
 
     def _linear(self, S, J):
+        plan = self._linear_plan(S, J)
+        r = None if plan["request"] is None else self.src.reduce(*plan["request"])
+        tstat, pval, ok, self.reasons = self._linear_finish(plan, r)
+        return tstat, pval, ok
+
+    def _linear_plan(self, S, J):
+        """The driver algebra of the linear-family tests of J given S before any pass over the rows, and the
+        ``request`` (Block method and arguments) of the one pass the robust variances need (None: linear)."""
         n, k = self.n, len(S)
         p = 2 + 2 * k
         DD, B, Dy = self._gram(S, J)
@@ -198,17 +266,25 @@ class Tester:
         XXr[~ok] = np.eye(2)
         bread = np.linalg.inv(XXr)
         beta = np.einsum("jab,jb->ja", bread, Xyr)
-        kk = p + 2
-        self.reasons = {int(j): "collinear" for j in J[~ok]}
+        plan = dict(S=S, J=J, DD=DD, dy=dy, pi=pi, beta=beta, bread=bread, ok=ok, yyr=yyr, Xyr=Xyr, request=None)
+        if self.test != "linear":
+            plan["request"] = self._robust_request(plan)
+        return plan
+
+    def _linear_finish(self, plan, r):
+        """(t, p, ok, reasons) of a :meth:`_linear_plan` given its pass's result ``r``."""
+        S, J, beta, bread, ok = plan["S"], plan["J"], plan["beta"], plan["bread"], plan["ok"].copy()
+        n, nJ, kk = self.n, len(J), 2 + 2 * len(S) + 2
+        reasons = {int(j): "collinear" for j in J[~ok]}
         if self.test == "linear":
-            rss = yyr - np.einsum("ja,ja->j", Xyr, beta)
+            rss = plan["yyr"] - np.einsum("ja,ja->j", plan["Xyr"], beta)
             V22 = rss / (n - kk) * bread[:, 1, 1]
             df = np.full(nJ, float(n - kk))
         else:
-            V22, df, why = self._robust(S, J, DD, dy, pi, beta, bread, ok)
+            V22, df, why = self._robust_finish(plan, r)
             for j, w in zip(J, why):
                 if w:
-                    self.reasons[int(j)] = w
+                    reasons[int(j)] = w
             ok &= why == ""
         with np.errstate(divide="ignore", invalid="ignore"):
             tstat = beta[:, 1] / np.sqrt(V22)
@@ -217,9 +293,19 @@ class Tester:
         df = np.where(ok, df, 1.0)
         pval = 2.0 * sstats.t.sf(np.abs(tstat), df)
         pval[~ok] = 1.0
-        return tstat, pval, ok
+        return tstat, pval, ok, reasons
 
-    def _robust(self, S, J, DD, dy, pi, beta, bread, ok):
+    def _robust_request(self, plan):
+        """The one pass of additive sums (``Block.robust``) the robust variances of a :meth:`_linear_plan` need."""
+        S, J, ok, bread = plan["S"], plan["J"], plan["ok"], plan["bread"]
+        pij = np.transpose(plan["pi"], (1, 0, 2))
+        plan["linv"] = linv = self._arm_basis(S, plan["DD"])
+        args = (S, J, plan["dy"], pij, plan["beta"], bread, linv, self.test)
+        if self.test == "cluster":
+            args += (np.linalg.cholesky(np.where(ok[:, None, None], bread, np.eye(2))),)
+        return ("robust",) + args
+
+    def _robust_finish(self, plan, r):
         """(V22, df, reason) of the leverage-aware robust tests from one pass of additive sums (``Block.robust``).
 
         hc2: V = Σ a_i² e_i²/(1 - h_i) (HC2; MacKinnon & White 1985), unbiased under homoskedasticity.
@@ -229,13 +315,11 @@ class Tester:
         df = tr(MA)² / tr(MAMA) under Ω = σ²I, exact (no approximation beyond the Satterthwaite one). A candidate
         is not tested (reason) when a row has leverage ≈ 1 ("leverage"; cluster: tr(MA) ≈ 0, the coefficient is
         identified within clusters whose residuals are ≈ 0) or df < MIN_DF ("few_df")."""
+        J, bread, ok = plan["J"], plan["bread"], plan["ok"]
         nJ = len(J)
-        pij = np.transpose(pi, (1, 0, 2))
-        linv = self._arm_basis(S, DD)
         b22 = bread[:, 1, 1]                                     # Σ a_i² = tr(MA) + tr(HA)
         why = np.full(nJ, "", dtype=object)
         if self.test == "hc2":
-            r = self.src.reduce("robust", S, J, dy, pij, beta, bread, linv, "hc2")
             XAX = np.stack([r["XAX"][:, 0], r["XAX"][:, 1], r["XAX"][:, 1], r["XAX"][:, 2]], 1).reshape(nJ, 2, 2)
             BX = np.einsum("jab,jbc->jac", bread, XAX)
             tr_x = np.einsum("jab,jba->j", BX, BX)                                   # tr(H_X A H_X A)
@@ -247,8 +331,6 @@ class Tester:
             trMA = b22
             why[r["n_lev"] > 0] = "leverage"
         else:
-            chol = np.linalg.cholesky(np.where(ok[:, None, None], bread, np.eye(2)))
-            r = self.src.reduce("robust", S, J, dy, pij, beta, bread, linv, "cluster", chol)
             trHA = np.einsum("jdd->j", r["UU"])
             trMA = b22 - trHA
             tr_mama = r["a4"] - 2.0 * r["a2u2"] + (r["UU"] ** 2).sum((1, 2))
@@ -264,18 +346,12 @@ class Tester:
     # ---------------------------------------------------------------- GCM
     def _gcm_residual(self, S):
         """The fitted outcome-side nuisances for S: ("basis", spec, m coefficients, g coefficients) for the
-        additive ridges (two passes: per-fold Grams with y, then with φ), or ("resid", φ_res) for LightGBM in
+        additive ridges (one pass: per-fold Grams with y and with the φ weights), or ("resid", φ_res) for LightGBM in
         memory. φ = (y - m̂(Z_S))(T - e)/(e(1 - e)), φ_res = φ - ĝ(Z_S), both m̂ and ĝ cross-fitted."""
         key = tuple(S)
         if key not in self._gcm_cache:
             if self.nuisance in ("poly2", "spline"):
-                spec = self.basis_spec(S, self.nuisance)
-                g1 = self.src.reduce("fold_grams", S, self.K, spec)
-                pen = basis_penalty(spec, g1["A"].sum(0))
-                cm = ridge_from_grams(g1["A"], g1["b"], pen)
-                g2 = self.src.reduce("fold_grams", S, self.K, spec, cm, self.e)
-                cg = ridge_from_grams(g2["A"], g2["b"], pen)
-                f = ("basis", spec, cm, cg)
+                f = self._basis_residuals([S])[0]
             else:
                 if len(self.src.blocks) != 1:
                     raise ValueError("nuisance='lgbm' runs in memory only (one block); use 'spline' distributed")
@@ -286,6 +362,34 @@ class Tester:
                 f = ("resid", phi - lgbm_crossfit(XS, phi, b.folds, self.K, self.seed))
             self._gcm_cache = {key: f}  # only the latest S is reused (forward steps re-test it)
         return self._gcm_cache[key]
+
+    def _basis_residuals(self, sets):
+        """The additive-ridge nuisances ("basis", spec, m coefficients, g coefficients) of each conditioning set in
+        ``sets``: one pass for all of them (per-fold Grams of the basis with y and the φ weights: both ridges), each
+        set's fit as alone."""
+        specs = [self.basis_spec(S, self.nuisance) for S in sets]
+        grams = self.src.reduce("many", [("fold_grams_both", S, self.K, spec, self.e)
+                                         for S, spec in zip(sets, specs)])
+        out = []
+        for spec, g in zip(specs, grams):
+            pen = basis_penalty(spec, g["A"].sum(0))
+            cm = ridge_from_grams(g["A"], g["b"], pen)
+            b_phi = g["bc"] - np.einsum("kqr,kr->kq", g["Ac"], cm)  # fold k's P_k'φ (Block.fold_grams_both)
+            out.append(("basis", spec, cm, ridge_from_grams(g["A"], b_phi, pen)))
+        return out
+
+    def _gcm_many(self, sets, Js):
+        """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: two passes for
+        all the sets together (:meth:`_basis_residuals`, then every set's GCM sums in one pass)."""
+        fs = self._basis_residuals(sets)
+        Js = [np.asarray(J, dtype=np.int64) for J in Js]
+        sums = self.src.reduce("many", [("gcm_block_sums", S, f, self.e, self.z_spec(S), self.K, J)
+                                        for S, f, J in zip(sets, fs, Js)])  # the tested columns' sums only
+        out = []
+        for S, J, sm in zip(sets, Js, sums):
+            tt, pp, ok = self._gcm_from_sums(S, J, sm, local=True)
+            out.append((tt, pp, ok, dict(self.reasons)))
+        return out
 
     def z_spec(self, S):
         """How each candidate Z_j is residualized on Z_S: ("linear",) in-sample OLS on [1, Z_S]; a basis spec for
@@ -308,20 +412,26 @@ class Tester:
         zs = self.z_spec(S)
         if zs[0] == "lgbm":
             return self._gcm_lgbm_z(S, J, f)
-        sums = self._gcm_sums(S, f)
+        return self._gcm_from_sums(S, J, self._gcm_sums(S, f))
+
+    def _gcm_from_sums(self, S, J, sums, local=False):
+        """(t, p, ok) of the GCM tests of J given S from the additive sums of :meth:`_gcm_sums` (``local``: the
+        column sums hold J's columns only, in J's order — ``Block.gcm_sums(cols=J)``)."""
+        zs = self.z_spec(S)
         xx = self.sxx[J]
+        at = np.arange(len(J)) if local else J  # where J's rows are in the column sums
         Pi, zz_lin = self._linear_z(S, J)
         if zs[0] == "linear":
             zz = zz_lin
-            sR = sums["Sf"][J] - sums["Cf"] @ Pi
-            sR2 = sums["Sf2x2"][J] - 2 * np.einsum("jk,kj->j", sums["Sf2xC"][J], Pi) \
+            sR = sums["Sf"][at] - sums["Cf"] @ Pi
+            sR2 = sums["Sf2x2"][at] - 2 * np.einsum("jk,kj->j", sums["Sf2xC"][at], Pi) \
                 + np.einsum("kj,kl,lj->j", Pi, sums["Cf2C"], Pi)
         else:
             # cross-fitted ridge of x_j on the basis: Π_j^(k) = (A - A_k + Λ)⁻¹ (B'x_j - B_k'x_j), per fold k
-            A, SB, SfB = sums["A"], sums["SB"][J], sums["SfB"][J]  # K x q x q, |J| x K x q (both)
+            A, SB, SfB = sums["A"], sums["SB"][at], sums["SfB"][at]  # K x q x q, |J| x K x q (both)
             At, SBt = A.sum(0), SB.sum(1)
             pen = basis_penalty(zs, At)
-            zz, sR, sR2 = xx.copy(), sums["Sf"][J].copy(), sums["Sf2x2"][J].copy()
+            zz, sR, sR2 = xx.copy(), sums["Sf"][at].copy(), sums["Sf2x2"][at].copy()
             for kf in range(self.K):
                 Pi = np.linalg.solve(At - A[kf] + pen, (SBt - SB[:, kf]).T)   # q x |J|
                 c = SB[:, kf].T                                                  # B_k'x_j: q x |J|
@@ -379,8 +489,8 @@ class Tester:
         return self._gcm_stat(J, sR, sR2, np.minimum(zz, self._linear_z(S, J)[1]), self.sxx[J])
 
 
-def _gcm_block_sums(self, S, f, e, zspec, n_folds):
-    return self.gcm_sums(S, self.gcm_residual(S, f[1], f[2], f[3], e), zspec, n_folds)
+def _gcm_block_sums(self, S, f, e, zspec, n_folds, cols=None):
+    return self.gcm_sums(S, self.gcm_residual(S, f[1], f[2], f[3], e), zspec, n_folds, cols)
 
 
 Block.gcm_block_sums = _gcm_block_sums
@@ -450,6 +560,7 @@ class NexisResult:
     trace: List[Dict[str, Any]]
     converged: bool
     params: Dict[str, Any] = field(default_factory=dict)
+    passes: Dict[str, Any] = field(default_factory=dict)  # identify stage: pass_summary of the search + screen
 
     @property
     def skipped(self) -> Dict[int, str]:
@@ -551,11 +662,11 @@ def _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_
     zz = z.tocsr() if (sp.issparse(z) and n_blocks > 1) else z
     if codes is not None:   # the cluster statistics need whole clusters in a block (Block.robust)
         parts = [np.nonzero(codes % n_blocks == b)[0] for b in range(n_blocks)]
-    else:
+    else:  # contiguous row ranges: slices, so a dense z is viewed, never copied (20,000 x 4,096: 2.2 s, 655 MB)
         edges = np.linspace(0, n, n_blocks + 1).astype(int)
-        parts = [np.arange(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+        parts = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
     for sl in parts:
-        if not len(sl):
+        if isinstance(sl, np.ndarray) and not len(sl):
             continue
         blocks.append(Block(y[sl], t[sl], None if w is None else w[sl], zz[sl],
                             None if codes is None else codes[sl], None if fold_ids is None else fold_ids[sl]))
@@ -575,6 +686,7 @@ class Search:
         self.t_add: Dict[int, float] = {}
         self.added_in: Dict[int, tuple] = {}
         self.trace: List[Dict[str, Any]] = []
+        self._rest_cache = None  # (S, given_rest(S)) of the latest set
 
     def _rec(self, phase, rnd, step, action, feature=None, **kw):
         r = {"phase": phase, "round": rnd, "step": step, "action": action, "feature": feature,
@@ -644,13 +756,13 @@ class Search:
 
     def given_rest(self):
         """(t, p, testable, reason) of each selected feature given all the others; an untestable one has p = 1
-        (so backward elimination drops it, with the reason recorded)."""
-        out = {}
-        for j in self.S:
-            rest = [s for s in self.S if s != j]
-            tt, pp, ok = self.T(rest, np.array([j]))
-            out[j] = (float(tt[0]), float(pp[0]), bool(ok[0]), "" if ok[0] else self.T.reasons.get(int(j), ""))
-        return out
+        (so backward elimination drops it, with the reason recorded). The |S| tests share their passes
+        (``Tester.each_given_rest``); the result for a set is kept, so the final report after a backward step that
+        dropped nothing costs no pass."""
+        key = tuple(self.S)
+        if self._rest_cache is None or self._rest_cache[0] != key:
+            self._rest_cache = (key, self.T.each_given_rest(self.S))
+        return dict(self._rest_cache[1])
 
     def _backward(self, phase, rnd):
         dropped = False
@@ -722,11 +834,13 @@ def nexis(y, t, z, w=None, alpha=0.05, test="gcm", adjust="FWER", rho=0.5, backw
     src, G, K, mw = _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_rounds, nuisance,
                              seed, _n_blocks, z_nuisance)
     tester = Tester(src, test, G, K, nuisance, seed, with_nnz=min_active > 0, z_nuisance=z_nuisance)
-    return run_search(tester, mw, alpha=alpha, adjust=adjust, rho=rho, backward=backward, max_rounds=max_rounds,
-                      min_active=min_active,
-                      params=dict(alpha=alpha, test=test, adjust=adjust, rho=rho, backward=backward,
-                                  nuisance=nuisance, z_nuisance=z_nuisance, n_folds=K, max_rounds=max_rounds,
-                                  seed=seed, min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
+    res = run_search(tester, mw, alpha=alpha, adjust=adjust, rho=rho, backward=backward, max_rounds=max_rounds,
+                     min_active=min_active,
+                     params=dict(alpha=alpha, test=test, adjust=adjust, rho=rho, backward=backward,
+                                 nuisance=nuisance, z_nuisance=z_nuisance, n_folds=K, max_rounds=max_rounds,
+                                 seed=seed, min_active=min_active, n=int(tester.n), m=int(src.M - mw), mw=int(mw)))
+    res.passes = pass_summary(src.passes)
+    return res
 
 
 def run_search(tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, min_active=0, params=None,

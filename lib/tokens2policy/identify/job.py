@@ -7,8 +7,11 @@ from per-fold Gram matrices summed across the cluster (rows grouped by the store
 fold's out-of-fold fit equals the in-memory one. The GCM LightGBM nuisances have no additive statistics: fold k's
 model is trained in one Spark task on the rows of the other folds (``tokens2policy.fold_tasks``, the pattern the
 effects stage uses), and a pass over the partitions predicts every row with its own fold's model (see
-:meth:`SparkSource.lgbm_nuisances`). One Spark job per statistic: moments once, cross-products once per feature
-that enters the set, robust meats / GCM passes once per step.
+:meth:`SparkSource.lgbm_nuisances`). One Spark job per pass, a constant number per step whatever |S|: moments once,
+cross-products once per feature that enters the set, per forward step one robust meat (hc2 / cluster) or one pass
+for both GCM basis nuisances plus one for the GCM sums, per backward evaluation the same passes shared by all |S|
+tests (``Tester.each_given_rest``); every pass is recorded (``SparkSource.passes``, the stage summary's
+``passes`` / ``pass_by_stat``).
 
 Kinds follow the NEXIS API: ``Z`` = SAE neuron (the ``z`` matrix), ``W`` = structured covariate (``w``); the
 ``source`` column says ``neuron`` / ``covariate`` unambiguously.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from collections import OrderedDict
 from typing import Dict, List
 
@@ -28,7 +32,7 @@ from tokens2policy.execution import choose
 from tokens2policy.fold_tasks import run_fold_tasks
 from tokens2policy.honesty import selection_filter
 
-from .engine import Source, Tester, marginal_from_tester, run_search
+from .engine import Source, Tester, marginal_from_tester, pass_record, pass_summary, run_search
 from .nuisance import lgbm_fit, predict_out_of_fold, pseudo_outcome
 from .stats import Block, combine
 
@@ -37,11 +41,18 @@ from .stats import Block, combine
 def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
     """One partition's rows → a Block (neurons as a CSR matrix built from the indices/values arrays)."""
     n = len(pdf)
-    idx = [np.asarray(v if v is not None else [], dtype=np.int64) for v in pdf["indices"]]
-    val = [np.asarray(v if v is not None else [], dtype=float) for v in pdf["values"]]
-    indptr = np.concatenate([[0], np.cumsum([len(v) for v in idx])]).astype(np.int64)
-    Z = sp.csr_matrix((np.concatenate(val) if n else np.zeros(0), np.concatenate(idx) if n else np.zeros(0, int),
-                       indptr), shape=(n, spec["m"]))
+    # one concatenation of the rows' arrays (Arrow hands them over as numpy arrays; a missing row is None):
+    # this runs at every pass over the rows, so no per-row conversion
+    icol, vcol = pdf["indices"].to_numpy(), pdf["values"].to_numpy()
+    lens = np.fromiter((0 if v is None else len(v) for v in icol), dtype=np.int64, count=n)
+    idx = [v for v in icol if v is not None and len(v)]
+    val = [v for v in vcol if v is not None and len(v)]
+    if sum(len(v) for v in val) != lens.sum():
+        raise ValueError("neurons: a row's indices and values differ in length")
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    Z = sp.csr_matrix((np.concatenate(val).astype(float) if idx else np.zeros(0),
+                       np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64), indptr),
+                      shape=(n, spec["m"]))
     Z.sum_duplicates()
     W = pdf[spec["covariates"]].to_numpy(dtype=float) if spec["covariates"] else None
     codes = pdf["cluster"].map(spec["cluster_codes"]).to_numpy() if spec.get("cluster_codes") else None
@@ -49,14 +60,23 @@ def block_from_pandas(pdf: pd.DataFrame, spec: Dict) -> Block:
     return Block(pdf["y"].to_numpy(dtype=float), pdf["treatment"].to_numpy(dtype=float), W, Z, codes, folds)
 
 
+def _combine_payloads(a, b):
+    """Two pickled partial statistics → their pickled sum (``stats.combine``), in an executor."""
+    return pickle.dumps(combine(pickle.loads(a), pickle.loads(b)), protocol=4)
+
+
 class SparkSource:
-    """A Source whose ``reduce`` is a mapInPandas over the partitions of a DataFrame plus a driver-side sum."""
+    """A Source whose ``reduce`` is a mapInPandas over the partitions of a DataFrame plus a sum of the partitions'
+    partial statistics: on the driver for up to TREE_ABOVE partitions, else tree-combined in the executors."""
+
+    TREE_ABOVE = 16
 
     def __init__(self, df, spec: Dict):
         self.df, self.spec = df, spec
         self.mw = len(spec["covariates"])
         self.M = self.mw + spec["m"]
         self.fold_tasks: List[Dict] = []  # layout of every per-fold LightGBM fit job (S size, target, partitions)
+        self.passes: List[Dict] = []  # one record per reduce (one Spark job): statistic, seconds
 
     def reduce(self, method, *args, **kwargs):
         """Sum over partitions of ``Block.<method>(*args, **kwargs)`` — or of ``method(block)`` for a callable."""
@@ -79,11 +99,23 @@ class SparkSource:
             if total is not None:
                 yield pd.DataFrame({"payload": [pickle.dumps(total, protocol=4)]})
 
-        total = None
-        for row in self.df.mapInPandas(partials, "payload binary").collect():
-            total = combine(total, pickle.loads(row["payload"]))
+        t0 = time.perf_counter()
+        payloads = self.df.mapInPandas(partials, "payload binary").rdd.map(lambda r: r[0])
+        if payloads.getNumPartitions() > self.TREE_ABOVE:
+            # many partitions: partial sums combined in the executors first (one job, a shuffle between levels),
+            # so the driver receives ~sqrt(partitions) payloads, not one per partition (a GCM forward step's
+            # payload is M x K x q numbers per partition)
+            try:
+                total = pickle.loads(payloads.treeReduce(_combine_payloads, depth=2))
+            except ValueError:  # every partition empty: nothing to reduce
+                total = None
+        else:
+            total = None
+            for payload in payloads.collect():
+                total = combine(total, pickle.loads(payload))
         if total is None:
             raise ValueError("no rows to identify on")
+        self.passes.append(pass_record(method, args, time.perf_counter() - t0))
         return total
 
     # ---------------------------------------------------------------- LightGBM GCM nuisances, per fold
@@ -240,7 +272,10 @@ def _search(src, tester_class, spec, ic, seed, on_decision):
                   min_active=ic.min_active)
     res = run_search(tester, src.mw, alpha=ic.alpha, adjust=ic.adjust, rho=ic.rho, backward=ic.backward,
                      max_rounds=ic.max_rounds, min_active=ic.min_active, params=params, on_decision=on_decision)
-    return res, marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    search_passes = len(src.passes)
+    mg = marginal_from_tester(tester, src.mw, ic.alpha, ic.min_active)
+    res.passes = {**pass_summary(src.passes), "search_passes": search_passes}
+    return res, mg
 
 
 def frame_spec(df, ic, m, covariates) -> Dict:
@@ -309,6 +344,7 @@ def main(ctx) -> dict:
     experiments = sorted(unit_counts)
     mod_rows, trace_rows, marg_rows = [], [], []
     summary = {"experiments": {}, "m": m, "covariates": covariates, "execution": {}}
+    passes_total = []  # per experiment and outcome: the passes over the rows (Spark jobs on the distributed path)
 
     with ctx.clock.timed("total"):
         for exp in experiments:
@@ -367,14 +403,29 @@ def main(ctx) -> dict:
                                  f"n_marginal_bonferroni.{_metric(key)}": int(mg.reject_bonferroni.sum())})
                 summary["experiments"][exp][outcome] = {
                     "selected": res.selected.tolist(), "selected_w": [covariates[i] for i in res.selected_w],
-                    "pvalues": res.pvalues.tolist(), "converged": res.converged}
+                    "pvalues": res.pvalues.tolist(), "converged": res.converged, **res.passes}
+                passes_total.append(res.passes)
         ctx.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
         for name, rows in (("modifiers", mod_rows), ("selection_trace", trace_rows), ("marginal_screen", marg_rows)):
             ctx.write_experiments(name, ctx.frame(name, rows), experiments)
             summary[f"{name}_rows"] = len(rows)
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
-            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"]}
+            "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"],
+            "passes": sum(p["passes"] for p in passes_total),
+            "search_passes": sum(p["search_passes"] for p in passes_total),
+            "pass_seconds": round(sum(p["pass_seconds"] for p in passes_total), 2),
+            "pass_by_stat": _merge_counts(p["pass_by_stat"] for p in passes_total)}
+
+
+def _merge_counts(dicts) -> Dict[str, list]:
+    """Sum {stat: [count, seconds]} dicts."""
+    out: Dict[str, list] = {}
+    for d in dicts:
+        for k, (c, sec) in d.items():
+            cur = out.setdefault(k, [0, 0.0])
+            cur[0], cur[1] = cur[0] + c, round(cur[1] + sec, 3)
+    return out
 
 
 def with_neuron_labels(spark, cfg, rows):

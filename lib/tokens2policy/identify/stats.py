@@ -17,7 +17,8 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 * ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the basis ridge nuisances per fold (spline or poly2) and the
                          GCM sums, with each candidate residualized linearly or by a cross-fitted basis ridge.
 
-Sparse Z is kept in CSC form and never densified.
+Sparse Z is kept in CSR form for the passes (the CSC form only for bulk column reads) and never densified; dense Z
+is read in cache-sized row blocks (``dense_row_pass``).
 """
 from __future__ import annotations
 
@@ -112,10 +113,57 @@ def combine(a, b):
     by minimum / maximum. The one reduction rule of the in-memory Source and the Spark job."""
     if a is None:
         return b
+    if isinstance(a, list):  # Block.many: one statistic per request
+        return [combine(x, y) for x, y in zip(a, b)]
     if isinstance(a, dict):
         return {k: (np.minimum(a[k], b[k]) if k.startswith("min") else
                     np.maximum(a[k], b[k]) if k.startswith("max") else a[k] + b[k]) for k in a}
     return a + b
+
+
+# sparse Z: up to this many columns are read from the row form (one scan each) rather than building the column form
+FEW_COLUMNS = 8
+# dense Z: rows per block of the single-pass sums (``dense_row_pass``), a block of about 512 KiB of float64
+DENSE_ROW_CELLS = 1 << 16
+
+
+def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
+    """One pass over a dense n x m Z in row blocks small enough to stay in cache, every sum from the same block:
+    ``lin`` V'Z (k x m), ``sq`` Vsq'(Z∘Z) (Vsq defaults to V's first two columns when V has 4 — the moments —
+    else none), ``nnz`` non-zeros per column, ``min_nz`` / ``max_nz`` the range of each column's non-zero values.
+
+    NumPy's Z.T @ V with a narrow V (and einsum for the squares, a strided column walk for the ranges) streams Z
+    from memory several times; here Z travels once, whatever is asked (bench_identify.py reports the time in
+    units of one Z.T @ v). Sums over row blocks: the same values as one product up to the order of
+    floating-point additions."""
+    n, m = Z.shape
+    r = max(1, DENSE_ROW_CELLS // max(1, m))
+    Vt = np.ascontiguousarray(np.asarray(V, dtype=float).T)
+    if Vsq is None and Vt.shape[0] == 4:
+        Vsq = Vt[:2].T
+    Vsqt = None if Vsq is None else np.ascontiguousarray(np.asarray(Vsq, dtype=float).reshape(n, -1).T)
+    out = {"lin": np.zeros((Vt.shape[0], m))}
+    if Vsqt is not None:
+        out["sq"] = np.zeros((Vsqt.shape[0], m))
+    if with_nnz:
+        out["nnz"] = np.zeros(m)
+    if with_range:
+        out["min_nz"], out["max_nz"] = np.full(m, np.inf), np.full(m, -np.inf)
+    for lo in range(0, n, r):
+        Zb = Z[lo:lo + r]
+        if Vt.shape[0]:
+            out["lin"] += Vt[:, lo:lo + r] @ Zb
+        if Vsqt is not None:
+            out["sq"] += Vsqt[:, lo:lo + r] @ (Zb * Zb)
+        if with_nnz or with_range:
+            nz = Zb != 0
+            if with_nnz:
+                out["nnz"] += nz.sum(0)
+            if with_range:
+                with np.errstate(invalid="ignore"):
+                    np.minimum(out["min_nz"], np.where(nz, Zb, np.inf).min(0), out=out["min_nz"])
+                    np.maximum(out["max_nz"], np.where(nz, Zb, -np.inf).max(0), out=out["max_nz"])
+    return out
 
 
 def _rowdot(A, B):
@@ -133,29 +181,68 @@ class Block:
         self.t = np.asarray(t, dtype=float)
         self.n = len(self.y)
         self.W = np.zeros((self.n, 0)) if W is None else np.asarray(W, dtype=float)
-        if sp.issparse(Z):
-            self.Z = sp.csc_matrix(Z, dtype=float)
-            self.Z.eliminate_zeros()
-            self.Z.sort_indices()
-            self._Zsq = None
-        else:
-            self.Z = np.asarray(Z, dtype=float)
+        self.Z = Z
         self.mw = self.W.shape[1]
-        self.M = self.mw + self.Z.shape[1]
+        self.M = self.mw + (self._zr if self._zr is not None else self._zd).shape[1]
         self.codes = None if cluster_codes is None else np.asarray(cluster_codes, dtype=np.int64)
         self.folds = None if folds is None else np.asarray(folds, dtype=np.int64)
+
+    # Sparse Z is kept in CSR form for the passes: Z'V streams the rows and scatters into m sums that stay in
+    # cache (the CSC form gathers V at random rows: 2.6x slower for one vector, 3.4x for four, and converting a
+    # 32M-non-zero CSR input to CSC costs 14 such passes). The CSC form is built only when columns are read in
+    # bulk (robust tests, GCM spline knots); a few columns (a new feature's cross-products) come from the rows.
+    @property
+    def Z(self):
+        if self._zr is not None and self._zc is None:
+            self._zc = self._zr.tocsc()
+            self._zc.sort_indices()
+        return self._zc if self._zr is not None else self._zd
+
+    @Z.setter
+    def Z(self, Z):
+        self._zc = self._zsq = self._zone = None
+        if sp.issparse(Z):
+            Zr = sp.csr_matrix(Z, dtype=float)
+            dirty = not Zr.has_canonical_format or (Zr.data == 0).any()
+            if dirty:  # never change the caller's matrix
+                Zr = Zr.copy() if Zr.data is getattr(Z, "data", None) else Zr
+                Zr.sum_duplicates()
+                Zr.eliminate_zeros()
+            self._zr, self._zd = Zr, None
+        else:
+            self._zr, self._zd = None, np.asarray(Z, dtype=float)
+
+    def many(self, requests):
+        """[statistic of each request]: ``requests`` a list of (method name, *args) — several statistics from one
+        pass over the partition (one Spark job for all of them; ``combine`` sums the lists elementwise)."""
+        return [getattr(self, r[0])(*r[1:]) for r in requests]
+
+    def rows(self, idx):
+        """The Block of the rows ``idx`` (ascending; y, t, W, Z — what ``rmatvec`` and ``columns`` read). Sparse Z:
+        kept per row set (the folds' blocks are re-read at every GCM step); dense Z: a fresh copy each time."""
+        cache = self.__dict__.setdefault("_row_blocks", {}) if self.sparse else {}
+        key = (len(idx), int(idx[0]) if len(idx) else -1, int(idx[-1]) if len(idx) else -1)
+        hit = cache.get(key)
+        if hit is None or not np.array_equal(hit[0], idx):
+            sub = Block.__new__(Block)
+            sub.y, sub.t, sub.W = self.y[idx], self.t[idx], self.W[idx]
+            sub.n, sub.mw, sub.M, sub.codes, sub.folds = len(idx), self.mw, self.M, None, None
+            sub.Z = self._zr[idx] if self.sparse else self._zd[idx]
+            hit = cache[key] = (np.array(idx), sub)
+        return hit[1]
 
     # ------------------------------------------------------------------ column access
     @property
     def sparse(self):
-        return sp.issparse(self.Z)
+        return self._zr is not None
 
     def columns(self, S):
         """Dense n x |S| matrix of the global columns S (O(n |S|), Z never densified as a whole)."""
         S = np.asarray(S, dtype=np.int64).ravel()
         if self.mw == 0 or (len(S) and S.min() >= self.mw):  # Z columns only: one slice
-            if self.sparse:
-                return self.Z[:, S - self.mw].toarray()
+            if self.sparse:  # a few columns from the rows (one scan) unless the column form exists already
+                Zs = self._zr if self._zc is None and len(S) <= FEW_COLUMNS else self.Z
+                return Zs[:, S - self.mw].toarray()
             return self.Z[:, S - self.mw]
         out = np.empty((self.n, len(S)))
         for c, g in enumerate(S):
@@ -171,27 +258,32 @@ class Block:
         return out
 
     def rmatvec(self, V, square=False):
-        """F'V (or (F∘F)'V): M x k for an n x k dense V, in O(nnz · k)."""
+        """F'V (or (F∘F)'V): M x k for an n x k dense V, in O(nnz · k); dense Z is read once, in cache-sized row
+        blocks, for all k columns (``dense_row_pass``)."""
         V = np.asarray(V, dtype=float).reshape(self.n, -1)
         Wp = self.W * self.W if square else self.W
         top = Wp.T @ V
         if self.sparse:
-            Z = self.Z
+            Z = self._zr
             if square:
-                if self._Zsq is None:
-                    self._Zsq = sp.csc_matrix((Z.data ** 2, Z.indices, Z.indptr), shape=Z.shape)
-                Z = self._Zsq
+                if self._zsq is None:
+                    self._zsq = sp.csr_matrix((Z.data ** 2, Z.indices, Z.indptr), shape=Z.shape)
+                Z = self._zsq
             bottom = np.asarray(Z.T @ V)
-        elif square:  # einsum streams Z once per column of V, without an n x m temporary
-            bottom = np.column_stack([np.einsum("ij,ij,i->j", self.Z, self.Z, V[:, c]) for c in range(V.shape[1])])
-        else:
+        elif square:
+            bottom = dense_row_pass(self.Z, np.zeros((self.n, 0)), False, False, V)["sq"].T
+        elif V.shape[1] > 8:  # wide V (GCM sums): BLAS's own blocking is efficient
             bottom = self.Z.T @ V
+        else:
+            bottom = dense_row_pass(self.Z, V, False, False)["lin"].T
         return np.vstack([top, bottom])
 
     # ------------------------------------------------------------------ linear-family statistics
-    def moments(self, with_nnz=True):
-        """Column sums with 1, t, y, ty and square sums with 1, t; plus n, Σt, Σy, Σty, Σy², nnz per column.
-        Non-finite entries surface as non-finite sums. Dense Z counts its non-zeros only when ``with_nnz``."""
+    def moments(self, with_nnz=True, with_range=True):
+        """Column sums with 1, t, y, ty and square sums with 1, t; plus n, Σt, Σy, Σty, Σy², nnz per column and,
+        when ``with_range`` (the GCM spline knots need it), the range of each column's non-zero values.
+        Non-finite entries surface as non-finite sums. Dense Z counts its non-zeros only when ``with_nnz``; it is
+        read once, in cache-sized row blocks that serve every sum (``dense_row_pass``)."""
         y, t = self.y, self.t
         V4 = np.column_stack([np.ones(self.n), t, y, t * y])
         Wsq = self.W * self.W
@@ -199,21 +291,28 @@ class Block:
         B = [Wsq.T @ V4[:, :2]]
         nnz = [(self.W != 0).sum(0).astype(float)]
         if self.sparse:
-            A.append(np.asarray(self.Z.T @ V4))
+            Zr = self._zr
+            A.append(np.asarray(Zr.T @ V4))
             B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
-            nnz.append(np.diff(self.Z.indptr).astype(float))
+            nnz.append(np.bincount(Zr.indices, minlength=Zr.shape[1]).astype(float))  # explicit zeros removed
+            lo, hi = self.nonzero_range() if with_range else (None, None)
         else:
-            A.append(self.Z.T @ V4)
-            B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
-            nnz.append(np.count_nonzero(self.Z, axis=0).astype(float) if with_nnz else np.full(self.Z.shape[1], self.n))
+            d = dense_row_pass(self.Z, V4, with_nnz, with_range)
+            A.append(d["lin"].T)
+            B.append(d["sq"].T)
+            nnz.append(d["nnz"] if with_nnz else np.full(self.Z.shape[1], float(self.n)))
+            if with_range:
+                lo, hi = self.nonzero_range(dense_z=(d["min_nz"], d["max_nz"]))
         scal = np.array([self.n, t.sum(), y.sum(), (t * y).sum(), (y * y).sum()], dtype=float)
-        lo, hi = self.nonzero_range()
-        return {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz),
-                "min_nz": lo, "max_nz": hi}
+        out = {"scal": scal, "lin": np.vstack(A), "sq": np.vstack(B), "nnz": np.concatenate(nnz)}
+        if with_range:
+            out.update(min_nz=lo, max_nz=hi)
+        return out
 
-    def nonzero_range(self):
+    def nonzero_range(self, dense_z=None):
         """(min, max) of each column's non-zero values (+inf / -inf for a column without any): the range of the
-        knot histograms (combined across partitions by min / max, see ``combine``)."""
+        knot histograms (combined across partitions by min / max, see ``combine``). ``dense_z``: dense Z's part,
+        already computed (``dense_row_pass``)."""
         M = self.M
         lo, hi = np.full(M, np.inf), np.full(M, -np.inf)
         with np.errstate(invalid="ignore"):
@@ -228,13 +327,11 @@ class Block:
                     starts = ind[:-1][has]
                     lo[self.mw:][has] = np.minimum.reduceat(self.Z.data, starts)
                     hi[self.mw:][has] = np.maximum.reduceat(self.Z.data, starts)
-            else:  # dense Z in column chunks (no n x m temporary)
-                step = max(1, DENSE_CHUNK // max(1, self.n))
-                for c0 in range(0, self.Z.shape[1], step):
-                    Zc = self.Z[:, c0:c0 + step]
-                    nz = Zc != 0
-                    lo[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, np.inf).min(0)
-                    hi[self.mw + c0:self.mw + c0 + Zc.shape[1]] = np.where(nz, Zc, -np.inf).max(0)
+            else:
+                if dense_z is None:
+                    d = dense_row_pass(self.Z, np.zeros((self.n, 0)), False, True)
+                    dense_z = (d["min_nz"], d["max_nz"])
+                lo[self.mw:], hi[self.mw:] = dense_z
         return lo, hi
 
     def cross(self, S):
@@ -366,6 +463,26 @@ class Block:
             b[k] = Pk.T @ target[rows]
         return {"A": A, "b": b}
 
+    def fold_grams_both(self, S, n_folds, spec, e):
+        """``fold_grams`` of y and, in the same pass, what the pseudo-outcome's Grams need once the outcome model is
+        fit: per fold ``Ac`` Σ c_i P_i P_i' and ``bc`` Σ c_i y_i P_i with c_i = (t_i - e)/(e(1 - e)). Since φ_i =
+        c_i (y_i - P_i'coef_m[k]) on fold k's rows, fold k's P_k'φ = bc_k - Ac_k coef_m[k] (``phi_grams``): both
+        nuisances of a conditioning set from one pass over the rows instead of two."""
+        P = self.basis(S, spec)
+        c = (self.t - e) / (e * (1.0 - e))
+        q = P.shape[1]
+        A, Ac = np.zeros((n_folds, q, q)), np.zeros((n_folds, q, q))
+        b, bc = np.zeros((n_folds, q)), np.zeros((n_folds, q))
+        for k in range(n_folds):
+            rows = self.folds == k
+            Pk = P[rows]
+            A[k] = Pk.T @ Pk
+            b[k] = Pk.T @ self.y[rows]
+            cP = c[rows, None] * Pk
+            Ac[k] = cP.T @ Pk
+            bc[k] = cP.T @ self.y[rows]
+        return {"A": A, "b": b, "Ac": Ac, "bc": bc}
+
     def pseudo_outcome(self, P, coef_m, e):
         m_hat = _rowdot(P, coef_m[self.folds])
         return (self.y - m_hat) * (self.t - e) / (e * (1.0 - e))
@@ -376,7 +493,7 @@ class Block:
         P = self.basis(S, spec)
         return self.pseudo_outcome(P, coef_m, e) - _rowdot(P, coef_g[self.folds])
 
-    def gcm_sums(self, S, f, zspec=("linear",), n_folds=0):
+    def gcm_sums(self, S, f, zspec=("linear",), n_folds=0, cols=None):
         """Sums that give, for every candidate j, Σ R_ij and Σ R_ij² with R = f · Z_res,j.
 
         * zspec ("linear",): Z_res,j = x_j - C Π_j, the in-sample OLS of x_j on C = [1, X_S] (Π_j from the Grams).
@@ -385,30 +502,42 @@ class Block:
           of x_j on the basis B fit on the other folds (cross-fitted, like the nuisances of f). Per fold k:
           ``SB`` F'B_k and ``SfB`` F'(f² B_k) (M x K x q: the per-fold cross-moments of every column with the basis),
           ``A`` B_k'B_k, ``Bf`` B_k'f, ``Bf2B`` B_k'diag(f²)B_k; and F'f, (F∘F)'f². One pass over Z for all
-          candidates at once, O(nnz(Z) · 2Kq)."""
+          candidates at once, O(nnz(Z) · 2q) (each fold's rows against its own basis block).
+
+        ``cols``: only these global columns (first axis len(cols) instead of M, in that order) — the backward step
+        tests one column per conditioning set, so its sums are computed and shipped for that column alone."""
         f2 = f * f
-        out = {"Sf": self.rmatvec(f)[:, 0], "Sf2x2": self.rmatvec(f2, square=True)[:, 0]}
+        if cols is None:
+            def fv(V, square=False, rows=None):  # F'V over all columns (rows: a subset of the rows)
+                return (self if rows is None else self.rows(rows)).rmatvec(V, square)
+        else:
+            X = self.columns(cols)
+
+            def fv(V, square=False, rows=None):
+                Xr = X if rows is None else X[rows]
+                V = np.asarray(V, dtype=float).reshape(len(Xr), -1)
+                return (Xr * Xr if square else Xr).T @ V
+        out = {"Sf": fv(f)[:, 0], "Sf2x2": fv(f2, square=True)[:, 0]}
         if zspec[0] == "linear":
             C = np.column_stack([np.ones(self.n), self.columns(S)])
-            out.update(Sf2xC=self.rmatvec(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
+            out.update(Sf2xC=fv(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
             return out
         B = self.basis(S, zspec)
         q = B.shape[1]
-        # one pass over Z for all folds: column block k of V holds B (and f² B) on fold k's rows, zeros elsewhere
-        V = np.zeros((self.n, 2 * n_folds * q))
-        cols = self.folds[:, None] * q + np.arange(q)[None, :]
-        rows = np.arange(self.n)[:, None]
-        V[rows, cols] = B
-        V[rows, cols + n_folds * q] = f2[:, None] * B
-        R = self.rmatvec(V)
-        SB = R[:, :n_folds * q].reshape(self.M, n_folds, q)
-        SfB = R[:, n_folds * q:].reshape(self.M, n_folds, q)
+        width = self.M if cols is None else len(cols)
+        SB = np.zeros((width, n_folds, q))
+        SfB = np.zeros((width, n_folds, q))
         A = np.zeros((n_folds, q, q))
         Bf = np.zeros((n_folds, q))
         Bf2B = np.zeros((n_folds, q, q))
         for k in range(n_folds):
-            Bk = B[self.folds == k]
-            fk = f[self.folds == k]
+            # fold k's rows only: the other rows' terms are exact zeros (B on fold k's rows, zeros elsewhere), so
+            # this is the sum over all rows at 1/K of the multiply-adds, one pass over Z in all
+            rows = np.nonzero(self.folds == k)[0]
+            Bk = B[rows]
+            fk = f[rows]
+            R = fv(np.hstack([Bk, f2[rows, None] * Bk]), rows=rows)
+            SB[:, k], SfB[:, k] = R[:, :q], R[:, q:]
             A[k] = Bk.T @ Bk
             Bf[k] = Bk.T @ fk
             Bf2B[k] = Bk.T @ (fk[:, None] ** 2 * Bk)
