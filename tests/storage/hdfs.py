@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
-from .processes import stop_process_group
+from .processes import die_with_parent, stop_process_group
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,15 +29,6 @@ def unavailable_reason() -> Optional[str]:
     if not cached_minicluster_jars():
         return f"{minicluster_coordinates()} is not cached: run `t2p setup --test-jars` (make setup does)"
     return None
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 class MiniHdfs:
@@ -64,7 +53,7 @@ class MiniHdfs:
         self.proc = subprocess.Popen(
             ["java", "-Xmx768m", "-cp", cp, "T2pMiniDfs", str(self.work / "base"), str(self.datanodes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=self.work, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=die_with_parent())
         found: list = []
 
         def read():

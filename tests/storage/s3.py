@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Optional
 
-from .processes import stop_process_group
+from .processes import die_with_parent, stop_process_group
 
 ACCESS_KEY, SECRET_KEY, REGION = "t2p-test-access", "t2p-test-secret-3f9a", "us-east-1"
 
@@ -40,15 +40,6 @@ def unavailable_reason() -> Optional[str]:
     if not cached_hadoop_jars("s3a"):
         return f"{hadoop_coordinates('s3a')} is not cached: run `t2p setup --s3a` (make setup does)"
     return None
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def _free_port() -> int:
@@ -98,7 +89,7 @@ class MotoS3:
         self.proc = subprocess.Popen([moto_server_bin(), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
                                      stderr=subprocess.STDOUT, cwd=self.work, start_new_session=True,
                                      env={**os.environ, "MOTO_PORT": str(self.port)},
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=die_with_parent())
         deadline = time.time() + self.start_timeout
         while True:
             try:

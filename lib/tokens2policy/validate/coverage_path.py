@@ -29,7 +29,7 @@ from typing import List, Sequence
 import numpy as np
 import pandas as pd
 
-from .pipeline_path import MODES, PathDesign, identify_in_memory, path_config, _selected_neurons  # noqa: F401
+from .pipeline_path import MODES, PathDesign, identify_in_memory, path_config, selected_neurons
 
 COLUMNS = ["design", "n", "m", "rep", "mode", "n_selected", "selected", "n_estimation", "detected", "warning",
            "estimate", "ci_low", "ci_high", "true_value", "covered", "explained_joint", "true_joint",
@@ -97,7 +97,7 @@ def stage_coverage(cfg, units: pd.DataFrame, neurons: pd.DataFrame, tau: np.ndar
     F1 = np.column_stack([np.ones(len(idx)), Zs])
     beta, *_ = np.linalg.lstsq(F1, tau[idx], rcond=None)
     var_tau = float(np.var(tau[idx]))
-    selected = _selected_neurons(mods)
+    selected = selected_neurons(mods)
     return dict(modifiers=mods, selected=selected, n_selected=len(selected), n_estimation=int(est.sum()),
                 detected=float(cov.loc["detected", "estimate"]), warning=float(cov.loc["warning", "estimate"]),
                 estimate=float(share.estimate), ci_low=lo, ci_high=hi, true_value=truth,

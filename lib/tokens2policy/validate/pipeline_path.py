@@ -204,7 +204,7 @@ def path_config(mode: str, overrides: Sequence[str] = ()):
                               *STUDY_SETTINGS, f"honesty.mode={mode}", *overrides])
 
 
-def _selected_neurons(modifiers: pd.DataFrame) -> List[int]:
+def selected_neurons(modifiers: pd.DataFrame) -> List[int]:
     from tokens2policy.effects.design import neuron_id
 
     return sorted(neuron_id(f) for f, s in zip(modifiers["feature"], modifiers["source"]) if s == "neuron")
@@ -269,7 +269,7 @@ def evaluate(design: PathDesign, cfg, res, x_fresh: np.ndarray) -> List[dict]:
     """The rows (estimand, estimate, CI, truth, covered, claim) of one run of the path."""
     alpha = cfg.effects.alpha
     mods = res["modifiers"]
-    selected = _selected_neurons(mods)
+    selected = selected_neurons(mods)
     rows: List[dict] = []
 
     def add(estimand, kind, est=np.nan, lo=np.nan, hi=np.nan, p=np.nan, truth=np.nan, claim=np.nan):
@@ -350,7 +350,7 @@ def run_repetition(design: PathDesign, rep: int, seed: int = 0, modes: Sequence[
         for selector in selectors:
             start = time.perf_counter()
             res = run_path(cfg, units, neurons, selector)
-            selected = _selected_neurons(res["modifiers"])
+            selected = selected_neurons(res["modifiers"])
             rows = evaluate(design, cfg, res, x_fresh)
             secs = time.perf_counter() - start
             for r in rows:
