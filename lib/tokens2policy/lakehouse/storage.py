@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 _GLOB = re.compile(r"[*?\[{]")
@@ -291,6 +294,25 @@ def upload_dir(local_dir: str, location: str, spark=None) -> List[str]:
         fs, path = _fsspec(location)
         fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
     return [join(location, *f.split(os.sep)) for f in files]
+
+
+@contextmanager
+def staged_folder(location: str, spark=None, prefix: str = "t2p_") -> Iterator[str]:
+    """A local folder whose files end up in ``location``: the folder itself when ``location`` is local (created);
+    otherwise a temporary local folder, copied to ``location`` with :func:`upload_dir` when the block exits without
+    an error, then removed. For writers that need a local path (pandas ``to_csv``, matplotlib ``savefig``, MLflow's
+    ``log_artifact``) and a destination that may be ``hdfs://``, ``s3a://``, ``abfss://`` or ``dbfs:/``."""
+    if is_local(location):
+        folder = local_path(resolve(location))
+        os.makedirs(folder, exist_ok=True)
+        yield folder
+        return
+    folder = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield folder
+        upload_dir(folder, location, spark)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def child_dirs(location: str, spark=None) -> List[str]:

@@ -12,8 +12,9 @@ figures to the MLflow run.
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pandas as pd
 
@@ -31,8 +32,31 @@ def spark_schema():
     return table_spec(TABLE).schema()
 
 
-def _task_runner(tasks: List[Dict], run_id: str, study: str):
+def representation_dir(cfg) -> Path:
+    """The driver's local folder where designs 2 and 3 build and cache their representations (.npz, built with
+    numpy and torch): ``<data_dir>/validation`` when ``data_dir`` is local, else a local cache folder — the tasks
+    never read it, they get the files' bytes from the job (:func:`study_frame`)."""
+    if cfg.data_is_local:
+        return cfg.data_path / "validation"
+    return Path(tempfile.gettempdir()) / "t2p_validation_cache"
+
+
+def output_location(cfg) -> str:
+    """Where the summaries and figures go: ``validate.out_dir`` or ``<data_dir>/validation``, a local path or a URI
+    (written through a local staging folder, ``lakehouse.storage.staged_folder``)."""
+    from tokens2policy.lakehouse import storage
+
+    return storage.resolve(cfg.validate_.out_dir) if cfg.validate_.out_dir else storage.join(cfg.data_uri,
+                                                                                          "validation")
+
+
+def _task_runner(tasks: List[Dict], run_id: str, study: str, shipped: Optional[Dict] = None):
     def run_partition(batches):
+        if shipped:
+            from .text import ship_representation
+
+            for path, value in shipped.items():
+                ship_representation(path, value.value)
         try:
             from threadpoolctl import threadpool_limits
 
@@ -51,14 +75,25 @@ def _task_runner(tasks: List[Dict], run_id: str, study: str):
     return run_partition
 
 
-def study_frame(spark, tasks: List[Dict], run_id: str, study: str, tasks_per_partition: int = 1):
-    """The lazy Spark DataFrame of all result rows (one partition per ``tasks_per_partition`` tasks)."""
+def study_frame(spark, tasks: List[Dict], run_id: str, study: str, tasks_per_partition: int = 1,
+                representations: Optional[List[str]] = None):
+    """The lazy Spark DataFrame of all result rows (one partition per ``tasks_per_partition`` tasks).
+
+    ``representations``: the driver-local .npz files the tasks' designs name; their bytes are broadcast and the
+    tasks read those (executors need not see the driver's disk)."""
     n = len(tasks)
     if n == 0:
         raise ValueError("the validation study has no tasks: check validate.cells / n_values / repetitions")
+    shipped = None
+    if representations:
+        sc = spark.sparkContext
+        shipped = {}
+        for path in dict.fromkeys(str(p) for p in representations):
+            with open(path, "rb") as fh:
+                shipped[path] = sc.broadcast(fh.read())
     parts = max(1, math.ceil(n / int(tasks_per_partition)))
     ids = spark.range(0, n, 1, numPartitions=parts).withColumnRenamed("id", "task_id")
-    return ids.mapInPandas(_task_runner(tasks, run_id, study), schema=spark_schema())
+    return ids.mapInPandas(_task_runner(tasks, run_id, study, shipped), schema=spark_schema())
 
 
 def _headline_metrics(sel: pd.DataFrame, cov: pd.DataFrame) -> Dict[str, float]:
@@ -92,24 +127,26 @@ def main(ctx) -> dict:
     """Run the study on the cluster; append rows to ``validation_runs``; log summaries/figures to MLflow."""
     from pyspark.sql import functions as F
 
+    from tokens2policy.lakehouse import storage
     from tokens2policy.progress import spark_progress
 
     from . import plots
 
     spark, cfg = ctx.spark, ctx.config
     vcfg = cfg.validate_
-    out_dir = Path(vcfg.out_dir) if vcfg.out_dir else cfg.data_path / "validation"
+    destination = output_location(cfg)
+    rep_dir = representation_dir(cfg)
     text_rep = None
     if wants_text(vcfg):  # design 2: embed + SAE once on the driver; tasks read the stored codes
         from .text import build_text_representation
 
-        text_rep = str(build_text_representation(cfg, cfg.data_path / "validation", epochs=vcfg.text_epochs,
+        text_rep = str(build_text_representation(cfg, rep_dir, epochs=vcfg.text_epochs,
                                                  n_articles=vcfg.text_articles))
     driver_reps = None
     if vcfg.drivers:  # design 3: one dictionary per (corpus, variant), built once on the driver
         from .drivers import build_driver_representation
 
-        driver_reps = {(c, v): str(build_driver_representation(cfg, c, v, cfg.data_path / "validation", cfg.seed))
+        driver_reps = {(c, v): str(build_driver_representation(cfg, c, v, rep_dir, cfg.seed))
                        for c in vcfg.drivers_corpora for v in vcfg.drivers_variants}
     tasks = build_tasks(vcfg, cfg.seed, text_representation=text_rep, driver_representations=driver_reps)
     with ctx.clock.timed("study"):
@@ -120,36 +157,38 @@ def main(ctx) -> dict:
 
             ctx.log_dict(dict(representation_summary(text_rep), path=text_rep),
                          "validation/text_representation.json")
-        sdf = study_frame(spark, tasks, run_id, vcfg.size, vcfg.tasks_per_partition)
+        shipped = ([text_rep] if text_rep else []) + (list(driver_reps.values()) if driver_reps else [])
+        sdf = study_frame(spark, tasks, run_id, vcfg.size, vcfg.tasks_per_partition, representations=shipped)
         with spark_progress(spark, "validate: simulation study", note=f"{len(tasks)} repetitions"):
             ctx.write(TABLE, sdf, mode="append")
         rows = ctx.read(TABLE).where(F.col("run_id") == run_id).toPandas()
         sel, cov = summarize_selection(rows), summarize_coverage(rows)
         ctx.log_metrics(_headline_metrics(sel, cov))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sel.to_csv(out_dir / "validation_selection_summary.csv", index=False)
-        cov.to_csv(out_dir / "validation_coverage_summary.csv", index=False)
-        ctx.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
-        ctx.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
-        figures = plots.all_figures(sel, cov, out_dir, vcfg.alpha) if vcfg.figures else {}
-        if vcfg.drivers:
-            from .drivers import driver_figures, driver_metrics, summarize_drivers
+        with storage.staged_folder(destination, spark, prefix="t2p_validation_") as staged:
+            out_dir = Path(staged)
+            sel.to_csv(out_dir / "validation_selection_summary.csv", index=False)
+            cov.to_csv(out_dir / "validation_coverage_summary.csv", index=False)
+            ctx.log_artifact(str(out_dir / "validation_selection_summary.csv"), "validation")
+            ctx.log_artifact(str(out_dir / "validation_coverage_summary.csv"), "validation")
+            figures = plots.all_figures(sel, cov, out_dir, vcfg.alpha) if vcfg.figures else {}
+            if vcfg.drivers:
+                from .drivers import driver_figures, driver_metrics, summarize_drivers
 
-            drv = summarize_drivers(rows)
-            drv.to_csv(out_dir / "validation_drivers_summary.csv", index=False)
-            ctx.log_artifact(str(out_dir / "validation_drivers_summary.csv"), "validation")
-            ctx.log_metrics(driver_metrics(drv))
-            if vcfg.figures:
-                figures.update(driver_figures(drv, out_dir))
-        for path in figures.values():
-            ctx.log_artifact(str(path), "validation")
-        from .pipeline_path import run_in_study  # select -> effects -> policy as the stages run them
+                drv = summarize_drivers(rows)
+                drv.to_csv(out_dir / "validation_drivers_summary.csv", index=False)
+                ctx.log_artifact(str(out_dir / "validation_drivers_summary.csv"), "validation")
+                ctx.log_metrics(driver_metrics(drv))
+                if vcfg.figures:
+                    figures.update(driver_figures(drv, out_dir))
+            for path in figures.values():
+                ctx.log_artifact(str(path), "validation")
+            from .pipeline_path import run_in_study  # select -> effects -> policy as the stages run them
 
-        with spark_progress(spark, "validate: the pipeline's own path", note="select -> effects -> policy"):
-            path_metrics = run_in_study(spark, cfg, run_id, out_dir)
+            with spark_progress(spark, "validate: the pipeline's own path", note="select -> effects -> policy"):
+                path_metrics = run_in_study(spark, cfg, run_id, out_dir)
     return {
         "run_id": run_id, "study": vcfg.size, "tasks": len(tasks), "rows": int(len(rows)),
-        "out_dir": str(out_dir), "figures": sorted(figures),
+        "out_dir": destination, "figures": sorted(figures),
         "headline": {k: round(v, 4) for k, v in _headline_metrics(sel, cov).items()
                      if k.startswith(("fwer.", "iou_maxn")) and ("nexis_gcm" in k or "nexis_hc2" in k or "marginal" in k)},
         "pipeline_path": {k: round(v, 4) for k, v in path_metrics.items() if ".split.nexis." in k},
@@ -163,7 +202,7 @@ def summarize_runs(spark, cfg, run_ids: List[str], out_dir, figures: bool = True
     selection summary. Every run id must have rows; no run ids: every run in the table."""
     from pyspark.sql import functions as F
 
-    from tokens2policy.lakehouse import read_table
+    from tokens2policy.lakehouse import read_table, storage
 
     from . import plots
 
@@ -175,11 +214,10 @@ def summarize_runs(spark, cfg, run_ids: List[str], out_dir, figures: bool = True
         raise ValueError(f"no validation_runs rows for run id(s) {missing}")
     combined = combine_chunks([g.drop(columns=["run_id", "study", "task_id"]) for _, g in rows.groupby("run_id")])
     sel, cov = summarize_selection(combined), summarize_coverage(combined)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sel.to_csv(out / "validation_selection_summary.csv", index=False)
-    if figures:
-        plots.all_figures(sel, cov, out, cfg.validate_.alpha)
+    with storage.staged_folder(storage.resolve(out_dir), spark, prefix="t2p_validation_") as staged:
+        sel.to_csv(Path(staged) / "validation_selection_summary.csv", index=False)
+        if figures:
+            plots.all_figures(sel, cov, Path(staged), cfg.validate_.alpha)
     return sel
 
 

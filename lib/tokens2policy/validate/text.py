@@ -28,6 +28,7 @@ Two truths are scored (docs/validation.md, "Design 2"):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -168,15 +169,25 @@ def build_text_representation(cfg, out_dir, epochs: Optional[int] = None, n_arti
 
 
 _CACHE: Dict[str, dict] = {}
+_SHIPPED: Dict[str, bytes] = {}
+
+
+def ship_representation(path: str, data: bytes) -> None:
+    """Make the bytes of the .npz at ``path`` (a path on the driver) what :func:`load_representation` reads for that
+    path in this process: the validate job broadcasts each representation and its tasks register it here, so
+    executors that cannot see the driver's disk (any multi-node cluster, or a remote ``data_dir``) read the
+    driver's file."""
+    _SHIPPED[str(path)] = data
 
 
 def load_representation(path: str) -> dict:
-    """The stored representation (cached per process: executors read it once).
+    """The stored representation (cached per process: executors read it once; from the shipped bytes when the
+    validate job broadcast them, :func:`ship_representation`).
 
     Driver attributes: the stored ``attributes`` / ``attribute_names`` (documents x attributes 0/1; written by
     :mod:`tokens2policy.validate.drivers`), else one indicator per topic named by the topic."""
     if path not in _CACHE:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(io.BytesIO(_SHIPPED[path]) if path in _SHIPPED else path, allow_pickle=False)
         codes = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
         names = [str(s) for s in z["topic_names"]]
         topics = z["topics"].astype(str)
