@@ -9,6 +9,8 @@ covariates, clusters, folds — generated in Spark tasks, not on the driver), th
   ``stage_runs`` included: counted with a Spark job tag around the stage);
 * identify: ``rounds`` (distinct (phase, round) of the selection trace), ``jobs_per_round``, and any pass counts
   the identify stage reports in its summary (keys containing ``pass``);
+* ``cpu_seconds`` per stage: CPU time of the driver's Python process and of the JVM (threads included, Spark's
+  Python workers not) — on a shared machine a steadier measure of the work than the wall time;
 * ``peak_rss_mb``: the driver's Python process and the JVM (in local mode the JVM holds driver and executors), each
   the peak of a 0.2 s sampler over the stage (Spark's Python workers are not included);
 * selections: ``selected`` neurons, ``planted``, ``recovered`` (planted ∩ selected), ``proxies_selected`` and
@@ -49,6 +51,16 @@ def _rss_mb(pid) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _cpu_seconds(pid) -> float:
+    """User + system CPU seconds of a process so far (its threads included, its children not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
 
 
 class PeakRss:
@@ -139,10 +151,14 @@ def main(argv=None) -> dict:
         tag = f"bench-{stage}"
         sc.addJobTag(tag)
         t0 = time.perf_counter()
+        cpu0 = {k: _cpu_seconds(p) for k, p in pids.items()}
         with PeakRss(pids) as rss:
             res = run_stages(spark, cfg, [stage], force=[stage], echo=log)
         sc.removeJobTag(tag)
         out["seconds"][stage] = round(time.perf_counter() - t0, 2)
+        # CPU seconds of the driver's Python and of the JVM over the stage: less sensitive to other processes'
+        # load than the wall time (Spark's Python workers are not included)
+        out.setdefault("cpu_seconds", {})[stage] = {k: round(_cpu_seconds(p) - cpu0[k], 1) for k, p in pids.items()}
         out["spark_jobs"][stage] = tagged(tag)
         out["peak_rss_mb"][stage] = {k: round(v) for k, v in rss.peak.items()}
         summaries[stage] = res[-1] if res else {}

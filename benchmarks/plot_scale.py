@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/plot_scale.py docs/results/pipeline_scale.jsonl --out docs/figures/scale_time_vs_n.png
 
-One line per (stage, identify test; records labelled "before..." apart): every recorded run of that stage at its n (a run that reused generated data
+One line per (stage, identify test; records labelled "before..." apart; a record's ``series`` apart, hollow
+markers when it names the machine's load): every recorded run of that stage at its n (a run that reused generated data
 counts like any other). The slope of log(seconds) on log(n) over the points is printed (and drawn in the legend):
 1 is linear in n; below 1 means fixed costs still weigh at the small sizes.
 """
@@ -54,11 +55,15 @@ def main(argv=None):
         lines = [json.loads(x) for x in fh if x.strip() and not x.startswith("#")]
     data = series(lines)
     fig, ax = plt.subplots(figsize=(9.6, 4.6))
-    for (stage, test), pts in sorted(data.items()):
+    colors = plt.get_cmap("tab20").colors
+    markers = {"identify": "o", "effects": "s", "policy": "^"}
+    for i, ((stage, test), pts) in enumerate(sorted(data.items())):
         b = slope(pts)
         label = f"{stage}{' (' + test + ')' if test else ''}" + (f": slope {b:.2f}" if b is not None else "")
         print(json.dumps({"stage": stage, "test": test, "points": pts, "slope": b}))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        loaded = "load" in test  # a run on a loaded machine (its series says so): hollow markers
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker=markers.get(stage, "o"), color=colors[i % 20],
+                markerfacecolor="none" if loaded else colors[i % 20], label=label)
     ns = sorted({p[0] for pts in data.values() for p in pts})
     if len(ns) >= 2:  # a slope-1 guide through the smallest identify point
         ref = min((p for (s, _), pts in data.items() if s == "identify" for p in pts), default=None)

@@ -165,3 +165,66 @@ def test_facts_read_back_from_calibration_rows_give_the_same_line():
 
     assert facts["line"] == re.sub(r" \(t=[^)]*\)", "", line)
     assert coverage_facts(None) is None
+
+
+def _dense_residual_scan(resid, Z, folds, clusters=None):
+    """Straightforward reference of residual_scan: per feature, demean within folds, OLS slope of the residual,
+    HC1 (or CR1S) standard error from the dense n-vectors."""
+    n, m = Z.shape
+    K = np.unique(folds).size
+    out = []
+    for j in range(m):
+        z = Z[:, j].astype(float).copy()
+        for k in np.unique(folds):
+            z[folds == k] -= z[folds == k].mean()
+        szz = z @ z
+        if szz <= 1e-12:
+            out.append((np.nan, np.nan))
+            continue
+        b = z @ resid / szz
+        e = resid - b * z
+        if clusters is None:
+            var = n / (n - K - 1) * np.sum((z * e) ** 2) / szz ** 2
+        else:
+            G = np.unique(clusters).size
+            u = np.array([np.sum((z * e)[clusters == g]) for g in np.unique(clusters)])
+            var = G / (G - 1) * (n - 1) / (n - K - 1) * np.sum(u ** 2) / szz ** 2
+        out.append((b, np.sqrt(var)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_residual_scan_sparse_algebra_equals_the_dense_regressions(clustered):
+    import scipy.sparse as sp
+
+    from tokens2policy.effects.coverage import residual_scan
+
+    rng = np.random.default_rng(5)
+    n, m = 3000, 40
+    active = rng.random((n, m)) < rng.uniform(0.005, 0.6, m)  # from very sparse to mostly active columns
+    Z = np.where(active, rng.lognormal(0, 0.5, (n, m)), 0.0)
+    Z[:, 3] = 0.0  # never active: not tested
+    Z[:, 4] = rng.standard_normal(n)  # dense, signed
+    Z[:, 5] = np.where(rng.random(n) < 0.01, 1.0, 0.0)  # ~30 active: below min_active=40 below
+    folds = rng.permutation(np.arange(n) % 5)
+    resid = rng.standard_normal(n) + 0.4 * Z[:, 7]
+    for k in range(5):
+        resid[folds == k] -= resid[folds == k].mean()
+    clusters = rng.integers(0, 60, n) if clustered else None
+    ref = _dense_residual_scan(resid, Z, folds, clusters)
+    names = [f"f{j}" for j in range(m)]
+    for feats in (Z, sp.csc_matrix(Z), sp.csr_matrix(Z)):
+        got = residual_scan(resid, feats, folds, 5, clusters, 60 if clustered else 1, names=names, top=m)
+        got = got.set_index("feature")
+        tested = [f"f{j}" for j in range(m) if np.isfinite(ref[j, 0])]
+        assert sorted(got.index) == sorted(tested) and "f3" not in got.index
+        for j in range(m):
+            if np.isfinite(ref[j, 0]):
+                assert got.loc[f"f{j}", "estimate"] == pytest.approx(ref[j, 0], rel=1e-9, abs=1e-12)
+                assert got.loc[f"f{j}", "se"] == pytest.approx(ref[j, 1], rel=1e-9)
+                assert got.loc[f"f{j}", "n_active"] == int((Z[:, j] != 0).sum())
+        assert got.index[0] == "f7"  # the feature the residual loads on
+    few = residual_scan(resid, sp.csc_matrix(Z), folds, 5, clusters, 60 if clustered else 1, names=names, top=m,
+                        min_active=40)
+    counts = (Z != 0).sum(0)
+    assert counts[5] < 40 and set(few.feature) == {f"f{j}" for j in range(m) if counts[j] >= 40}

@@ -183,3 +183,30 @@ def test_input_validation_messages():
         DRLearner().fit(d["X"], d["t"] + 1, d["y"], d["folds"])
     with pytest.raises(ValueError, match="not fitted"):
         DRLearner().effect(d["Z"])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(4000, 30), (300, 12), (30, 40)])
+def test_gram_ridge_cv_equals_sklearn_ridge_cv(weighted, shape):
+    """The effects stage's ridge (one Gram eigendecomposition, O(n p) per alpha) chooses the alpha sklearn's
+    RidgeCV chooses and fits the same coefficients; designs with sparse activations, a constant column and
+    collinear columns, the nuisance grid of alphas."""
+    from sklearn.linear_model import RidgeCV
+
+    from tokens2policy.effects.ridge import GramRidgeCV
+
+    rng = np.random.default_rng(shape[0] + weighted)
+    n, p = shape
+    X = np.column_stack([rng.gamma(2.0, 180.0, n), (rng.random((n, p - 1)) < 0.1) * rng.lognormal(0, 0.5, (n, p - 1))])
+    X[:, 2] = 0.0
+    X[:, 3] = 2.0 * X[:, 4]
+    alphas = np.logspace(-3, 4, 15)
+    for signal in (0.0, 0.05, 1.0):  # pure noise (large alpha) to strong signal (small alpha)
+        y = signal * (X[:, 1] - 0.5 * X[:, 5] + 0.002 * X[:, 0]) + rng.standard_normal(n)
+        w = rng.uniform(0.05, 2.0, n) if weighted else None
+        ref = RidgeCV(alphas=alphas).fit(X, y, sample_weight=w)
+        got = GramRidgeCV(alphas=alphas).fit(X, y, sample_weight=w)
+        assert got.alpha_ == ref.alpha_
+        np.testing.assert_allclose(got.coef_, ref.coef_, rtol=1e-7, atol=1e-9 * np.abs(ref.coef_).max())
+        np.testing.assert_allclose(got.predict(X), ref.predict(X), rtol=1e-9, atol=1e-9)
+        assert got.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)

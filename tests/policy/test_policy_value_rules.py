@@ -94,3 +94,20 @@ def test_budget_rule_fills_the_budget_through_ties_deterministically_per_unit():
     assert budget_cutoff(cate, 0.0)[0] == np.inf and budget_assign(cate, np.inf, 0.0, ids).sum() == 0
     assert "probability 0.2222" in budget_rule_text(cutoff, share, 0.3)
     np.testing.assert_array_equal(budget_policy(cate, 0.3, unit_ids=ids, seed=3), treat)
+
+
+def test_tie_draw_cache_gives_the_hashed_draws_on_overlapping_subsets():
+    """The policy stage's TieDrawCache (each unit hashed once) gives budget_assign the draws hashing gives."""
+    from tokens2policy.policy.rules import TieDrawCache
+
+    rng = np.random.default_rng(4)
+    cate = rng.choice([0.1, 0.5, 2.0], size=600)
+    ids = np.array([f"u{i:04d}" for i in range(600)])
+    cache = TieDrawCache(ids, seed=7)
+    for rows in (rng.random(600) < 0.4, None, rng.permutation(600)[:250], rng.random(600) < 0.7):
+        sel = slice(None) if rows is None else rows
+        c, s = budget_cutoff(cate[sel], 0.3)
+        np.testing.assert_array_equal(budget_assign(cate[sel], c, s, ids[sel], seed=7, draws=cache.on(rows)),
+                                      budget_assign(cate[sel], c, s, ids[sel], seed=7))
+    hashed = ~np.isnan(cache._draw)
+    np.testing.assert_array_equal(cache._draw[hashed], tie_draws(ids[hashed], 7))

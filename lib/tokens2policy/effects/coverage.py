@@ -85,14 +85,19 @@ class _Fit:
 
 def _blp(phi, S, folds, n_folds, clusters=None, n_clusters=1, w=None) -> _Fit:
     """BLP of phi on the within-fold-demeaned columns of S, with frequency weights ``w`` (bootstrap counts)."""
-    n = phi.shape[0]
-    w = np.ones(n) if w is None else w
-    St = _demean(S, folds, n_folds, w)
-    pt = _demean(phi[:, None], folds, n_folds, w)[:, 0]
+    w = np.ones(phi.shape[0]) if w is None else w
+    return _blp_demeaned(_demean(phi[:, None], folds, n_folds, w)[:, 0], _demean(S, folds, n_folds, w), n_folds,
+                         clusters, n_clusters, w)
+
+
+def _blp_demeaned(pt, St, n_folds, clusters, n_clusters, w) -> _Fit:
+    """:func:`_blp` on the already demeaned ``pt`` and ``St`` (``_demean`` works column by column, so the
+    columns of one demeaned S serve the BLPs on any subset of them)."""
+    n = pt.shape[0]
     ntot = float(w.sum())
     A = (St * w[:, None]).T @ St
     keep = np.diag(A) > 1e-12 * max(1.0, ntot)
-    p = S.shape[1]
+    p = St.shape[1]
     beta, cov = np.zeros(p), np.zeros((p, p))
     resid = pt.copy()
     if keep.any():
@@ -198,9 +203,13 @@ def heterogeneity_coverage(phi, s_selected, s_full, folds=None, cluster=None, al
     S = np.column_stack([s_sel, s_full])
 
     def estimates(w=None):
-        sel = _blp(phi, S[:, :1], f, K, c, G, w)
-        full = _blp(phi, S[:, 1:], f, K, c, G, w)
-        joint = _blp(phi, S, f, K, c, G, w)
+        # one demeaning of phi and of both prediction columns serves the three BLPs (the same numbers as three
+        # separate _blp calls: _demean is column by column)
+        w = np.ones(n) if w is None else w
+        pt, St = _demean(phi[:, None], f, K, w)[:, 0], _demean(S, f, K, w)
+        sel = _blp_demeaned(pt, St[:, :1], K, c, G, w)
+        full = _blp_demeaned(pt, St[:, 1:], K, c, G, w)
+        joint = _blp_demeaned(pt, St, K, c, G, w)
         return sel, full, joint
 
     sel, full, joint = estimates()
@@ -251,10 +260,17 @@ def heterogeneity_coverage(phi, s_selected, s_full, folds=None, cluster=None, al
 
 
 def residual_scan(resid, features, folds, n_folds, clusters=None, n_clusters=1, names=None, top: int = 5,
-                  min_active: int = 0, chunk: int = 256) -> pd.DataFrame:
+                  min_active: int = 0) -> pd.DataFrame:
     """Each feature's slope in a regression of the residual heterogeneity on it alone (within folds), with HC1
     (CR1S) t and Bonferroni p over the tested features; the ``top`` features by |t| (columns: feature, estimate,
-    se, t, p_value, p_bonferroni, n_active, n_tested)."""
+    se, t, p_value, p_bonferroni, n_active, n_tested).
+
+    Sparse algebra, O(non-zeros + folds x features (+ clusters x features)) whatever the number of units: a
+    feature z demeaned within fold f is z - m_f, which on a unit where z is inactive is the fold constant -m_f.
+    So every sum over units that the regression needs (S_zz = sum z~^2, sum z~ r, the HC1 meat sum z~^2 e^2 with
+    e = r - b z~, the clusters' scores sum_g z~ e) is the sum as if z were inactive everywhere (per-fold sums of
+    1, r, r^2 times powers of m_f) plus a correction on the stored non-zeros — the same numbers as the dense
+    computation (tests/effects/test_effects_coverage.py checks it against one) without an n x features array."""
     import scipy.sparse as sp
 
     n = resid.shape[0]
@@ -262,29 +278,49 @@ def residual_scan(resid, features, folds, n_folds, clusters=None, n_clusters=1, 
     names = list(names) if names is not None else [str(j) for j in range(m)]
     if len(names) != m:
         raise ValueError(f"feature_names has {len(names)} entries for {m} features")
-    Fcsc = sp.csc_matrix(features) if sp.issparse(features) else None
-    rows = []
-    w = np.ones(n)
-    for lo in range(0, m, chunk):
-        hi = min(m, lo + chunk)
-        block = (Fcsc[:, lo:hi].toarray() if Fcsc is not None else np.asarray(features[:, lo:hi], float))
-        active = (block != 0).sum(0)
-        Zt = _demean(block.astype(float), folds, n_folds, w)
-        szz = (Zt ** 2).sum(0)
-        ok = (szz > 1e-12) & (active >= min_active)
-        b = np.where(ok, Zt.T @ resid / np.where(ok, szz, 1.0), 0.0)
-        e = resid[:, None] - Zt * b[None, :]
-        if clusters is None:
-            meat = ((Zt * e) ** 2).sum(0)
-            var = n / max(n - n_folds - 1, 1) * meat / np.where(ok, szz, 1.0) ** 2
-        else:
-            u = np.zeros((n_clusters, hi - lo))
-            np.add.at(u, clusters, Zt * e)
-            var = (n_clusters / max(n_clusters - 1, 1) * (n - 1) / max(n - n_folds - 1, 1)
-                   * (u ** 2).sum(0) / np.where(ok, szz, 1.0) ** 2)
-        se = np.sqrt(np.maximum(var, 0.0))
-        for j in np.nonzero(ok)[0]:
-            rows.append((names[lo + j], float(b[j]), float(se[j]), int(active[j])))
+    F = sp.csc_matrix(features, dtype=float, copy=True)
+    F.eliminate_zeros()
+    F.sort_indices()
+    i, z = F.indices, F.data                                                    # non-zeros column by column
+    j = np.repeat(np.arange(m), np.diff(F.indptr))
+    r = np.asarray(resid, float)
+    fold_n = np.bincount(folds, minlength=n_folds).astype(float)               # N_f
+    r1 = np.bincount(folds, weights=r, minlength=n_folds)                       # sum_f r
+    r2 = np.bincount(folds, weights=r * r, minlength=n_folds)                   # sum_f r^2
+    P = sp.csr_matrix((np.ones(n), (folds, np.arange(n))), shape=(n_folds, n))
+    M = np.asarray((P @ F).todense()) / np.maximum(fold_n, 1e-300)[:, None]    # (K, m) fold means m_f
+    active = np.bincount(j, minlength=m)
+    me = M[folds[i], j]                                                         # m_f of each non-zero
+    ze, re = z - me, r[i]                                                       # z~ and r there
+    col = lambda v: np.bincount(j, weights=v, minlength=m)  # noqa: E731 - sum over a column's non-zeros
+    szz = fold_n @ M ** 2 + col(ze ** 2 - me ** 2)
+    szr = -(r1 @ M) + col(ze * re + me * re)
+    ok = (szz > 1e-12) & (active >= min_active)
+    den = np.where(ok, szz, 1.0)
+    b = np.where(ok, szr / den, 0.0)
+    be = b[j]
+    if clusters is None:
+        # sum z~^2 (r - b z~)^2: at z = 0 it is m^2 (r + b m)^2 per unit
+        base = r2 @ M ** 2 + 2 * b * (r1 @ M ** 3) + b ** 2 * (fold_n @ M ** 4)
+        meat = base + col(ze ** 2 * (re - be * ze) ** 2 - me ** 2 * (re + be * me) ** 2)
+        var = n / max(n - n_folds - 1, 1) * meat / den ** 2
+    else:
+        # cluster scores u_g = sum_{i in g} z~ (r - b z~): at z = 0 each unit adds -m r - b m^2
+        cells = sp.csr_matrix((np.ones(n), (clusters, folds)), shape=(n_clusters, n_folds)).toarray()
+        rsum = sp.csr_matrix((r, (clusters, folds)), shape=(n_clusters, n_folds)).toarray()
+        fix = ze * re - be * ze ** 2 + me * re + be * me ** 2
+        g = clusters[i]
+        uu = np.empty(m)
+        step = max(1, (1 << 22) // max(n_clusters, 1))  # clusters x step scores at a time
+        for lo in range(0, m, step):
+            hi = min(m, lo + step)
+            a, e = F.indptr[lo], F.indptr[hi]
+            u = -(rsum @ M[:, lo:hi]) - b[lo:hi] * (cells @ M[:, lo:hi] ** 2)
+            u += sp.csr_matrix((fix[a:e], (g[a:e], j[a:e] - lo)), shape=(n_clusters, hi - lo)).toarray()
+            uu[lo:hi] = (u ** 2).sum(0)
+        var = n_clusters / max(n_clusters - 1, 1) * (n - 1) / max(n - n_folds - 1, 1) * uu / den ** 2
+    se = np.sqrt(np.maximum(var, 0.0))
+    rows = [(names[k], float(b[k]), float(se[k]), int(active[k])) for k in np.nonzero(ok)[0]]
     if not rows:
         return pd.DataFrame(columns=["feature", "estimate", "se", "t", "p_value", "p_bonferroni", "n_active",
                                      "n_tested"])

@@ -42,7 +42,7 @@ FINAL_STAGES = ("linear",) + REGRESSORS
 class NuisanceParams:
     """How one fold's nuisances are fitted.
 
-    model: outcome regression family — ``ridge`` (standardised RidgeCV), ``hgb``/``lgbm`` (sklearn's
+    model: outcome regression family — ``ridge`` (standardised RidgeCV: :class:`.ridge.GramRidgeCV`), ``hgb``/``lgbm`` (sklearn's
       LightGBM-style histogram gradient boosting), ``forest`` (random forest).
     propensity: ``None`` → treated share of the training folds (the randomization share); a float → that known
       constant; ``"model"`` → logistic regression on X (observational data or adaptive designs).
@@ -84,11 +84,12 @@ def nuisance_tasks(fold_ids: Sequence[int], nested: bool = True) -> List[Tuple[i
 def make_regressor(kind: str, seed: int):
     """A fresh sklearn regressor of the named family (all accept ``sample_weight``)."""
     if kind == "ridge":
-        from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+        from .ridge import GramRidgeCV
+
+        return make_pipeline(StandardScaler(), GramRidgeCV(alphas=np.logspace(-3, 4, 15)))
     if kind in ("hgb", "lgbm"):
         from sklearn.ensemble import HistGradientBoostingRegressor
 

@@ -36,7 +36,7 @@ from ..effects.final_stage import LinearFinalStage, find_final_stage
 from ..effects.gates import encode_modifiers
 from ..effects.job import cluster_ids, covariate_columns, load_experiment, modifier_frame
 from ..effects.ols import mean_with_se
-from .rules import budget_assign, budget_cutoff, budget_fired, budget_rule_text, threshold_policy
+from .rules import TieDrawCache, budget_assign, budget_cutoff, budget_fired, budget_rule_text, threshold_policy
 from .tree import PolicyTree
 from .value import compare_policies
 
@@ -81,13 +81,14 @@ def _nested_rewards(sub: pd.DataFrame, rows: np.ndarray, fold_pos: int, cost: fl
     return g - np.array([0.0, cost])
 
 
-def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kinds: List[str]):
+def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kinds: List[str], ties=None):
     """Deployable assignments (every unit) and cross-fitted assignments (estimation units; -1 elsewhere) of the
     three rules, the fitted deployable tree, the deployable budget rule ``(cutoff, tie_share)`` and the
     cross-fitted rules per fold (``{"tree": {k: PolicyTree}, "budget": {k: (cutoff, tie_share)}}``; the
     threshold rule's per-fold CATE is the effects learner's final stage without fold k).
 
-    Everything is learned on the estimation units (:func:`estimation_mask`)."""
+    Everything is learned on the estimation units (:func:`estimation_mask`). ``ties``: a
+    :class:`~.rules.TieDrawCache` of ``sub``'s units (made here when None)."""
     p = cfg.policy
     est = estimation_mask(sub)
     folds = sub["fold"].astype(int).to_numpy()
@@ -104,6 +105,7 @@ def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kind
     held = {name: np.full(len(sub), -1, dtype=int) for name in ("tree", "threshold", "budget")}
     fold_rules: Dict[str, Dict[int, object]] = {"tree": {}, "budget": {}}
     fold_ids = np.unique(folds[est])
+    ties = TieDrawCache(unit_ids, cfg.seed) if ties is None else ties
     for pos, k in enumerate(fold_ids):
         test = est & (folds == k)
         train = est & (folds != k)
@@ -111,12 +113,12 @@ def learn_policies(cfg, sub: pd.DataFrame, X: np.ndarray, names: List[str], kind
         held["tree"][test] = fold_tree.predict(X[test])
         held["threshold"][test] = threshold_policy(oof[test], p.cost)
         c_k, s_k = budget_cutoff(oof[test], p.budget)
-        held["budget"][test] = budget_assign(oof[test], c_k, s_k, unit_ids[test], cfg.seed)
+        held["budget"][test] = budget_assign(oof[test], c_k, s_k, unit_ids[test], cfg.seed, draws=ties.on(test))
         fold_rules["tree"][int(k)], fold_rules["budget"][int(k)] = fold_tree, (c_k, s_k)
     return {
         "tree": (tree.predict(X), held["tree"]),
         "threshold": (threshold_policy(cate, p.cost), held["threshold"]),
-        "budget": (budget_assign(cate, cutoff, tie_share, unit_ids, cfg.seed), held["budget"]),
+        "budget": (budget_assign(cate, cutoff, tie_share, unit_ids, cfg.seed, draws=ties.on()), held["budget"]),
     }, tree, (cutoff, tie_share), fold_rules
 
 
@@ -134,9 +136,10 @@ def cross_fitted_values(cfg, sub: pd.DataFrame, assignments, cluster=None) -> pd
                             alpha=p.alpha, folds=sub["fold"].astype(int).to_numpy()[est])
 
 
-def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster) -> pd.DataFrame:
+def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster, ties=None) -> pd.DataFrame:
     """``policy_rules`` rows: the tree's leaves (n and leaf effect on the estimation units) and the two CATE
-    rules, with the number of estimation units each treats."""
+    rules, with the number of estimation units each treats (``ties``: a :class:`~.rules.TieDrawCache` of
+    ``sub``'s units, or None)."""
     p = cfg.policy
     est = estimation_mask(sub)
     phi = (sub["dr_score1"] - sub["dr_score0"]).to_numpy()
@@ -154,7 +157,8 @@ def rule_rows(cfg, exp, outcome, sub, tree: PolicyTree, X, budget_fit, cluster) 
     rows.append(dict(policy="threshold", leaf_id=0, rule=f"IF cate > {p.cost:.4g} THEN treat ELSE control",
                      conditions=f"cate > {p.cost:.4g}", treat=1, action_name="treat",
                      n=int((sub["cate"][est] > p.cost).sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
-    treated = budget_assign(sub["cate"].to_numpy()[est], cutoff, tie_share, sub["unit_id"].to_numpy()[est], cfg.seed)
+    treated = budget_assign(sub["cate"].to_numpy()[est], cutoff, tie_share, sub["unit_id"].to_numpy()[est], cfg.seed,
+                            draws=None if ties is None else ties.on(est))
     rows.append(dict(policy="budget", leaf_id=0, rule=budget_rule_text(cutoff, tie_share, p.budget),
                      conditions=f"cate > {cutoff:.4g}, ties at {cutoff:.4g} with probability {tie_share:.4g}",
                      treat=1, action_name="treat", n=int(treated.sum()), leaf_effect=np.nan, leaf_effect_se=np.nan))
@@ -213,11 +217,12 @@ def outcome_policies(cfg, exp: str, outcome: str, pdf: pd.DataFrame, eff: pd.Dat
     est = estimation_mask(sub)
     if est.sum() < 10:
         raise ValueError(f"{exp}/{outcome}: only {int(est.sum())} estimation units in the effects table")
-    assignments, tree, budget_fit, fold_rules = learn_policies(cfg, sub, X, names, tkinds)
+    ties = TieDrawCache(sub["unit_id"].to_numpy(), cfg.seed)  # each unit's tie draw hashed once
+    assignments, tree, budget_fit, fold_rules = learn_policies(cfg, sub, X, names, tkinds, ties)
     value = cross_fitted_values(cfg, sub, assignments, cluster)
     value = value.assign(experiment_id=exp, outcome=outcome, learner=p.learner, cost=p.cost,
                          estimated_on=estimated_on(cfg.honesty))
-    return {"rules": rule_rows(cfg, exp, outcome, sub, tree, X, budget_fit, cluster), "value": value,
+    return {"rules": rule_rows(cfg, exp, outcome, sub, tree, X, budget_fit, cluster, ties), "value": value,
             "assignments": assignment_frame(cfg, exp, outcome, sub, assignments, tree, X, budget_fit),
             "sub": sub, "mods": mods, "values": values, "kinds": kinds, "tree": tree, "budget_fit": budget_fit,
             "X": X, "cluster": cluster, "learned": assignments, "fold_rules": fold_rules}
