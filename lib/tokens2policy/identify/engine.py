@@ -883,11 +883,14 @@ def nexis(y, t, z, w=None, alpha=0.05, test="gcm", adjust="FWER", rho=0.5, backw
     w : optional (n, mw) structured covariates, searched first (W-phase, in one Gate-1 family with z).
     alpha : level of Gate 1 and of the backward step.
     test : "gcm" (generalised covariance measure, model-free; the default, as in the identify stage), "linear"
-        (homoskedastic t), "hc2" (HC2 variance, Bell–McCaffrey df) or "cluster" (bias-corrected CR0,
-        Bell–McCaffrey df, needs ``cluster``).
+        (homoskedastic t; independent units: refused with ``cluster`` ids), "hc2" (HC2 variance, Bell–McCaffrey df;
+        not cluster-robust) or "cluster" (bias-corrected CR0, Bell–McCaffrey df, needs ``cluster``).
     adjust : Gate 1: "FWER" (Bonferroni over the remaining candidates), "FDR" (Benjamini–Hochberg) or None.
-    rho : Gate 2 (spectral gap): stop when the best |t| < rho · min |t| at addition of the selected; None = off.
-    backward : run backward elimination after each forward pass, to a fixed point (at most ``max_rounds``).
+    rho : Gate 2 (spectral gap): stop when the best |t| < rho · min |t| at addition of the selected, unless the
+        Gate-2 probe finds that adding the candidate makes a selected feature removable (a swap, see
+        :class:`Search`); None = off.
+    backward : backward elimination after each addition (the stepwise check) and after each forward pass, to a
+        fixed point (at most ``max_rounds`` rounds).
     nuisance : GCM learner of y and of the pseudo-outcome on Z_S: "spline" (additive regression spline ridge),
         "poly2" (degree-2 polynomial ridge) or "lgbm" (LightGBM).
     z_nuisance : GCM regression of each candidate on Z_S: "spline" / "poly2" (cross-fitted ridge on that basis,
