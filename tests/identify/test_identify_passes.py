@@ -46,6 +46,7 @@ class CountingSource(Source):
 
 def _tester(test, nuisance="spline", n_blocks=2):
     y, t, Z, cl, folds = planted_problem()
+    cl = cl if test == "cluster" else None   # the linear test refuses cluster ids; the others ignore them
     src, G, K, mw = _prepare(y, t, sp.csr_matrix(Z), None, cl, folds, test, "FWER", 0.05, 0.5, 5, 20, nuisance, 0,
                              n_blocks)
     src = CountingSource(src.blocks)
