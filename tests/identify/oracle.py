@@ -275,11 +275,56 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
     t_add = {}     # |t| at addition
     events = []
 
+    def given_rest(T):
+        """{j: (t, p)} for each j in T given T minus j; untestable given the rest: p = 1 (dropped)."""
+        pv = {}
+        for j in T:
+            rest = [s for s in T if s != j]
+            r = tests(rest, [j])[j]
+            pv[j] = r if isinstance(r, tuple) else (0.0, 1.0)
+        return pv
+
+    def backward_rule(T, pv):
+        """The features the backward rule drops from the set T now (FWER/None: the largest p above the
+        threshold, ties to the smallest id; FDR: those BH does not reject)."""
+        ps = np.array([pv[j][1] for j in T])
+        if adjust == "FDR":
+            keep = bh_reject(ps, alpha)
+            return [j for j, k in zip(list(T), keep) if not k]
+        thr = alpha / len(T) if adjust == "FWER" else alpha
+        worst_p = ps.max()
+        if worst_p > thr:
+            return [min(j for j, q in zip(T, ps) if q >= worst_p * (1 - TIE_RTOL))]
+        return []
+
+    def backward_pass(phase, rnd, check):
+        """Backward elimination to a fixed point; a check right after an addition that drops nothing records
+        ("backward", "keep", the feature with the largest p)."""
+        dropped = False
+        while S:
+            pv = given_rest(S)
+            drop = backward_rule(S, pv)
+            if not drop:
+                if check and not dropped:
+                    ps = [pv[j][1] for j in S]
+                    worst = min(j for j, q in zip(S, ps) if q >= max(ps) * (1 - TIE_RTOL))
+                    events.append((phase, rnd, "backward", "keep", worst, pv[worst][0], pv[worst][1]))
+                break
+            for j in drop:
+                S.remove(j)
+                del t_add[j]
+                events.append((phase, rnd, "backward", "drop", j, pv[j][0], pv[j][1]))
+            dropped = True
+        return dropped
+
     def run_phase(candidates, phase, deferred=0):
-        """``deferred``: neurons the W-phase does not test but counts in its Gate-1 family (one α per search)."""
+        """``deferred``: neurons the W-phase does not test but counts in its Gate-1 family (one α per search).
+        Stepwise: with backward on, each addition that leaves |S| >= 2 is followed by the backward rule (a drop
+        ends the round's forward part); Gate 2 stands unless the backward rule on S + [best] drops another."""
         converged = False
         for rnd in range(1, max_rounds + 1):
             # forward
+            dropped_in_forward = False
             while True:
                 if n - n_params(S) < 1:
                     events.append((phase, rnd, "forward", "stop_df", None))
@@ -306,38 +351,24 @@ def oracle_nexis(y, t, z, w=None, alpha=0.05, test="linear", adjust="FWER", rho=
                 best = min(j for j, a in zip(el, at) if a >= at.max() * (1 - TIE_RTOL))
                 tb = abs(res[best][0])
                 if rho is not None and S and tb < rho * min(t_add[s] for s in S):
-                    events.append((phase, rnd, "forward", "stop_gate2", best))
-                    break
+                    swap = False
+                    if backward:   # the Gate-2 probe
+                        T = S + [best]
+                        would = backward_rule(T, given_rest(T))
+                        swap = bool(would) and best not in would
+                    if not swap:
+                        events.append((phase, rnd, "forward", "stop_gate2", best))
+                        break
                 S.append(best)
                 t_add[best] = tb
                 events.append((phase, rnd, "forward", "add", best, res[best][0], res[best][1]))
-            # backward
-            dropped = False
-            while backward and S:
-                pv = {}
-                for j in S:
-                    rest = [s for s in S if s != j]
-                    r = tests(rest, [j])[j]
-                    pv[j] = r if isinstance(r, tuple) else (0.0, 1.0)   # untestable given the rest: dropped
-                ps = np.array([pv[j][1] for j in S])
-                if adjust == "FDR":
-                    keep = bh_reject(ps, alpha)
-                    drop = [j for j, k in zip(list(S), keep) if not k]
-                else:
-                    thr = alpha / len(S) if adjust == "FWER" else alpha
-                    worst_p = ps.max()
-                    if worst_p > thr:
-                        drop = [min(j for j, q in zip(S, ps) if q >= worst_p * (1 - TIE_RTOL))]
-                    else:
-                        drop = []
-                if not drop:
+                if backward and len(S) >= 2 and backward_pass(phase, rnd, check=True):
+                    dropped_in_forward = True
                     break
-                for j in drop:
-                    S.remove(j)
-                    del t_add[j]
-                    events.append((phase, rnd, "backward", "drop", j, pv[j][0], pv[j][1]))
-                dropped = True
-            if not dropped:
+            if dropped_in_forward:
+                continue
+            # backward
+            if not (backward and backward_pass(phase, rnd, check=False)):
                 converged = True
                 break
         return converged

@@ -41,7 +41,8 @@ def test_bad_options_raise(data):
                     (dict(test="cluster"), "cluster ids"), (dict(test="cluster", cluster=np.zeros(len(y))), "2 clusters"),
                     (dict(test="gcm", folds=np.zeros(len(y))), "2 folds"), (dict(nuisance="rf"), "nuisance"),
                     (dict(max_rounds=0), "max_rounds"), (dict(rho=-1), "rho"), (dict(test="hc1"), "hc2"),
-                    (dict(z_nuisance="rf"), "z_nuisance")]:
+                    (dict(z_nuisance="rf"), "z_nuisance"),
+                    (dict(test="linear", cluster=np.arange(len(y)) % 5), "independent units")]:
         with pytest.raises(ValueError, match=msg):
             nexis(y, t, Z, **kw)
 
@@ -112,3 +113,17 @@ def test_nan_in_covariates_and_list_input(data):
         nexis(y, t, Z, w=W)
     r = nexis(list(y), list(t), Z.tolist(), test="linear")   # plain lists are accepted like arrays
     assert r.selected.tolist() == nexis(y, t, Z, test="linear").selected.tolist() == [0]
+
+
+def test_the_stage_refuses_the_linear_test_on_clustered_units():
+    """As ``nexis(test="linear", cluster=...)``: the identify stage refuses identify.test=linear when units carry a
+    cluster column (the homoskedastic test's null FWER is 0.108 on clustered units, docs/validation.md); the
+    cluster-robust test, hc2 and the GCM run."""
+    from tokens2policy.config import IdentifyConfig
+    from tokens2policy.identify.job import _validate_spark_options
+
+    with pytest.raises(ValueError, match="independent units"):
+        _validate_spark_options(IdentifyConfig(test="linear"), True, True)
+    _validate_spark_options(IdentifyConfig(test="linear"), True, False)
+    for test in ("cluster", "hc2", "gcm"):
+        _validate_spark_options(IdentifyConfig(test=test), True, True)

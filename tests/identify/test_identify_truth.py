@@ -191,3 +191,46 @@ def test_w_phase_null_fwer_many_draws():
     R, alpha = 600, 0.05
     fwer = _w_null_fwer(R)
     assert fwer <= alpha + 3.09 * np.sqrt(alpha * (1 - alpha) / R), fwer
+
+
+# draws of the finding-4 design (seeds of simulate_calibration) in which the search before the Gate-2 probe ended
+# with the proxy z_j alone: z_j entered first on its stronger marginal signal, and Gate 2 stopped z_s
+GATE2_PROXY_SEEDS = (4, 5, 11, 20, 31)
+
+
+@pytest.mark.parametrize("seed", GATE2_PROXY_SEEDS)
+def test_gate2_probe_swaps_the_proxy_for_the_modifier(seed):
+    """Issue 13, the nonlinear null of finding 4: τ = 2·1{z_s > 1}, z_j = 1{z_s > 1} + noise, so H0(z_j | {z_s})
+    holds but z_j has the stronger marginal signal. Without the probe the search ended with {z_j} (Gate 2 stopped
+    z_s: its |t| given {z_j} was below ρ · |t| of z_j at addition) — a family-wise error. The probe evaluates
+    {z_j, z_s} with the backward rule, which drops z_j: z_s is added (reason gate2_probe) and z_j dropped."""
+    from tokens2policy.validate.designs import CalibrationDesign, simulate_calibration
+
+    s = simulate_calibration(CalibrationDesign(kind="nonlinear", n=4000, m=10), seed)
+    r = nexis(s.y, s.t, s.z, seed=seed)
+    assert r.selected.tolist() == [0]
+    steps = [(x["step"], x["action"], x["feature"]) for x in r.trace if x["action"] in ("add", "drop", "stop_gate2")]
+    assert steps[:3] == [("forward", "add", 1), ("forward", "add", 0), ("backward", "drop", 1)]
+    add0 = next(x for x in r.trace if x["action"] == "add" and x["feature"] == 0)
+    assert add0["reason"] == "gate2_probe" and add0["probe_drop"] == [1]
+    assert abs(add0["t"]) < 0.5 * add0["gate2_ref"]              # Gate 2 alone would have stopped here
+    assert add0["probe_p"][1] > add0["probe_threshold"] >= add0["probe_p"][0]
+    # without backward elimination there is nothing to swap: Gate 2 stands and the proxy stays
+    nb = nexis(s.y, s.t, s.z, seed=seed, backward=False)
+    assert nb.selected.tolist() == [1]
+    assert [x["feature"] for x in nb.trace if x["action"] == "stop_gate2"] == [0]
+
+
+def test_a_probe_that_drops_nothing_leaves_gate2_standing():
+    """test_gate2_stops_at_the_spectral_gap's design: z_2 is a weak true modifier, Gate 2 stops it, and the probe
+    on {z_0, z_1, z_2} drops nothing (every one carries signal given the others): the stop stands, with the probe's
+    p-values recorded."""
+    rng = np.random.default_rng(4)
+    n, m = 4000, 20
+    Z = rng.normal(size=(n, m))
+    t = (rng.random(n) < 0.5).astype(float)
+    y = t * (1.0 * Z[:, 0] + 0.9 * Z[:, 1] + 0.12 * Z[:, 2]) + rng.normal(size=n)
+    r = nexis(y, t, Z, rho=0.5, test="linear")
+    stop = [x for x in r.trace if x["action"] == "stop_gate2"]
+    assert r.selected.tolist() == [0, 1] and stop and stop[0]["probe"] == "gate2_stands"
+    assert max(stop[0]["probe_p"].values()) <= stop[0]["probe_threshold"]

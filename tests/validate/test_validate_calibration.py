@@ -86,7 +86,8 @@ def test_ci_sized_calibration_designs_hold_the_fwer_bound():
     """The CI-sized calibration study (the ``ci`` preset's designs, 100 null draws each): every test option that
     is valid on a design keeps its family-wise error (a selection outside the truth; on ``covariates`` a selected W
     counts) within alpha + Monte-Carlo tolerance, and the W-phase + joint search spend one alpha. The bound has
-    power: the GCM before issue 13 (poly2 nuisance, linear in-sample Z residual) exceeds it on the nonlinear null."""
+    power: the GCM before issue 13 (poly2 nuisance, linear in-sample Z residual) exceeds it on the nonlinear null.
+    The default on the nonlinear null is asserted at the issue's size (slow test below)."""
     methods = sorted({m for ms in HOLDS.values() for m in ms})
     s = _ci_study(list(HOLDS), methods)
     bound = fwer_bound(R_CI)
@@ -100,6 +101,31 @@ def test_ci_sized_calibration_designs_hold_the_fwer_bound():
     assert checked == 23
     old = _ci_study(["nonlinear"], ["nexis_gcm_poly2_linz"]).loc[("cal-nonlinear", "nexis_gcm_poly2_linz")]
     assert old["any_false"] > bound
+
+
+def test_the_linear_test_is_refused_on_clustered_units():
+    """The homoskedastic `linear` test is invalid under clustered units (its null FWER was 0.108 on the clusters
+    design): ``nexis`` refuses it with cluster ids, and the study records no row for it there — a refused cell,
+    not a number — while it still runs where there are no clusters."""
+    cfg = _cfg("calibration=[clusters,dense]", "calibration_repetitions=2", "calibration_methods=[nexis_linear,nexis_hc2]")
+    rows = run_in_memory(build_tasks(cfg.validate_, 0))
+    got = rows.groupby("design")["method"].agg(lambda x: sorted(set(x))).to_dict()
+    assert got == {"cal-clusters": ["nexis_hc2"], "cal-dense": ["nexis_hc2", "nexis_linear"]}
+
+
+@pytest.mark.slow
+def test_the_default_holds_the_fwer_bound_on_the_nonlinear_null():
+    """Issue 13, finding 4, at the issue's size (n = 4000, m = 10; the ``full`` preset), 100 draws: the default
+    (GCM, spline nuisances, ρ = 0.5, backward on — the stepwise search with the Gate-2 probe) keeps the whole
+    search's FWER within alpha + z_0.999·MC-SE. Before the probe it was 0.158 at 500 draws (docs/validation.md).
+    The ci size (n = 1000) is not asserted: there z_s is often not detectable given the proxy z_j (the search
+    stops at Gate 1 with {z_j} in ≈ 28 of 100 draws) — a power limit of any search that keeps a marginally
+    significant proxy until its modifier is found, not an α spent twice."""
+    cfg = _cfg("size=full", "text=false", "coverage=false", "pipeline_path_repetitions=0", "calibration=[nonlinear]",
+               "calibration_repetitions=100", "calibration_methods=[nexis_gcm]")
+    s = summarize_selection(run_in_memory(build_tasks(cfg.validate_, 0))).set_index(["design", "method"])
+    r = s.loc[("cal-nonlinear", "nexis_gcm")]
+    assert r["reps"] == 100 and r["any_false"] <= fwer_bound(100), r["any_false"]
 
 
 def test_planted_modifier_adds_exactly_its_effect_and_keeps_the_null_seeds():

@@ -614,6 +614,11 @@ def _validate(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max
         if w.shape[0] != n:
             raise ValueError(f"w must have {n} rows, got {w.shape[0]}")
     codes, G = None, 0
+    if test == "linear" and cluster is not None:
+        raise ValueError("test='linear' assumes independent units, but cluster ids were given: its homoskedastic "
+                         "variance ignores within-cluster correlation (null FWER 0.108 at alpha 0.05 on clustered "
+                         "units, docs/validation.md); use test='cluster' (cluster-robust), or pass no cluster ids "
+                         "to assert that the units are independent")
     if test == "cluster":
         if cluster is None:
             raise ValueError("test='cluster' needs cluster ids")
@@ -676,7 +681,27 @@ def _prepare(y, t, z, w, cluster, folds, test, adjust, alpha, rho, n_folds, max_
 
 # ============================================================================================== search
 class Search:
-    """Forward (Gate 1 + Gate 2) / backward selection to a fixed point, recording every decision."""
+    """Stepwise forward (Gate 1 + Gate 2) / backward selection to a fixed point, recording every decision.
+
+    A round: forward steps until Gate 1 or Gate 2 stops (or an addition makes a selected feature removable), then
+    backward elimination. With ``backward`` on, every addition that leaves |S| >= 2 is followed at once by the
+    backward rule on the new set (one batched given-rest pass, :meth:`given_rest`): a selected feature that
+    carries no signal once the new one is in (a proxy that entered first on its stronger marginal signal) is
+    dropped before the next forward step, so no further candidate is ever tested given a set that still holds
+    it; a drop ends the round. A check that drops nothing is recorded as ``keep`` (the largest p given the rest).
+
+    Gate-2 probe: when Gate 2 would stop at a candidate c that passed Gate 1 given S, the backward rule is
+    evaluated on S ∪ {c} (the same pass the addition would cost); if it drops some s ≠ c, Gate 2 does not stand:
+    c is added (trace ``reason: gate2_probe``) and s dropped — a swap. Otherwise Gate 2 stands (``stop_gate2``
+    with the probe's p-values).
+
+    Why neither spends α: every addition is still a Gate-1 rejection (Bonferroni / BH over the candidates given
+    S), c included — Gate 2 is a stopping rule on top of Gate 1 that can only withhold additions, and the probe
+    lifts it only for a candidate Gate 1 admitted; the checks only remove features. Under the global null the
+    search is unchanged (the first addition is its only possible error; the checks and Gate 2 act after it).
+    The check after each addition removes a source of error instead: forward steps given a set holding a
+    removable proxy, whose Bonferroni family is one more chance of a false addition (docs/validation.md,
+    "Calibration designs"). Termination: a drop ends the round and rounds are bounded by ``max_rounds``."""
 
     def __init__(self, tester: Tester, mw, alpha, adjust, rho, backward, max_rounds, on_decision=None):
         self.T, self.mw = tester, mw
@@ -686,7 +711,7 @@ class Search:
         self.t_add: Dict[int, float] = {}
         self.added_in: Dict[int, tuple] = {}
         self.trace: List[Dict[str, Any]] = []
-        self._rest_cache = None  # (S, given_rest(S)) of the latest set
+        self._rest_cache: Dict[tuple, Any] = {}  # given_rest of the latest two sets (the probe's and S)
 
     def _rec(self, phase, rnd, step, action, feature=None, **kw):
         r = {"phase": phase, "round": rnd, "step": step, "action": action, "feature": feature,
@@ -698,13 +723,15 @@ class Search:
             self.on_decision(r, list(self.S))
 
     def _forward_step(self, candidates, phase, rnd, deferred=0):
-        """One forward step over ``candidates``. ``deferred``: candidates of the same Gate-1 family that this phase
-        does not test (the neurons, during the W-phase): they enlarge the family, see :meth:`run_phase`."""
+        """One forward step over ``candidates``: "add", "stop", or "dropped" (an addition after which the backward
+        check dropped a feature: the round's forward part ends). ``deferred``: candidates of the same Gate-1
+        family that this phase does not test (the neurons, during the W-phase): they enlarge the family, see
+        :meth:`run_phase`."""
         S = self.S
         n = self.T.n
         if n - self.T.n_params(len(S)) < 1:
             self._rec(phase, rnd, "forward", "stop_df", reason=f"n={int(n)} leaves no residual df with |S|={len(S)}")
-            return False
+            return "stop"
         inS = np.zeros(self.T.M if hasattr(self.T, "M") else len(self.T.s1), bool)
         inS[S] = True
         J = candidates[~inS[candidates]]
@@ -724,7 +751,7 @@ class Search:
             base["n_not_tested"] = int(sum(len(ids) for ids in untrusted.values()))
         if R == 0:
             self._rec(phase, rnd, "forward", "stop_empty", **base)
-            return False
+            return "stop"
         if self.adjust == "FWER":
             thr = self.alpha / (R + deferred)
             elig = pt <= thr
@@ -739,44 +766,80 @@ class Search:
             i = int(np.argmin(pt))
             self._rec(phase, rnd, "forward", "stop_gate1", best_feature=int(Jt[i]), t=float(tt[i]), p=float(pt[i]),
                       threshold=float(thr), n_eligible=0, **base)
-            return False
+            return "stop"
         best = _pick(Jt[elig], at[elig])
         i = int(np.nonzero(Jt == best)[0][0])
         ref = min(self.t_add[s] for s in S) if S else None
         gate = dict(t=float(tt[i]), p=float(pt[i]), threshold=float(thr), n_eligible=int(elig.sum()),
                     gate2_ref=ref, rho=self.rho, **base)
         if self.rho is not None and ref is not None and at[i] < self.rho * ref:
-            self._rec(phase, rnd, "forward", "stop_gate2", best, **gate)
-            return False
+            swap, probe = self._probe(best)
+            if not swap:
+                self._rec(phase, rnd, "forward", "stop_gate2", best, **gate, **probe)
+                return "stop"
+            gate.update(reason="gate2_probe", **probe)
         S.append(best)
         self.t_add[best] = float(at[i])
         self.added_in[best] = (phase, rnd)
         self._rec(phase, rnd, "forward", "add", best, **gate)
-        return True
+        if self.backward and len(S) >= 2 and self._backward(phase, rnd, check=True):
+            return "dropped"
+        return "add"
+
+    def _backward_drops(self, S, res):
+        """The backward rule on the set ``S`` given its given-rest tests ``res``: (the features it drops now, the
+        threshold). FWER: the one with the largest p if that p > α/|S|; FDR: those Benjamini–Hochberg does not
+        reject; None: the largest p if > α."""
+        S = np.array(S)
+        ps = np.array([res[int(j)][1] for j in S])
+        if self.adjust == "FDR":
+            return [int(j) for j in S[~bh_reject(ps, self.alpha)]], self.alpha
+        thr = self.alpha / len(S) if self.adjust == "FWER" else self.alpha
+        return ([_pick(S, ps)] if ps.max() > thr else []), thr
+
+    def _probe(self, c):
+        """Gate-2 probe of candidate ``c``: the backward rule on S ∪ {c} (one batched given-rest pass, kept for the
+        check after the addition). Returns (True when it drops some s ≠ c and keeps c: Gate 2 does not stand;
+        the probe's trace fields). Without backward elimination there is nothing to swap: Gate 2 stands."""
+        if not self.backward:
+            return False, {}
+        T = list(self.S) + [int(c)]
+        res = self._given_rest_of(T)
+        drop, thr = self._backward_drops(T, res)
+        info = dict(probe_threshold=float(thr), probe_p={int(j): float(res[j][1]) for j in T})
+        if not drop or c in drop:
+            return False, dict(probe="gate2_stands", **info)
+        return True, dict(probe="swap", probe_drop=[int(j) for j in drop], **info)
 
     def given_rest(self):
         """(t, p, testable, reason) of each selected feature given all the others; an untestable one has p = 1
         (so backward elimination drops it, with the reason recorded). The |S| tests share their passes
-        (``Tester.each_given_rest``); the result for a set is kept, so the final report after a backward step that
-        dropped nothing costs no pass."""
-        key = tuple(self.S)
-        if self._rest_cache is None or self._rest_cache[0] != key:
-            self._rest_cache = (key, self.T.each_given_rest(self.S))
-        return dict(self._rest_cache[1])
+        (``Tester.each_given_rest``); the results of the latest two sets are kept, so a backward step after a
+        check (or a probe) of the same set, and the final report, cost no pass."""
+        return self._given_rest_of(self.S)
 
-    def _backward(self, phase, rnd):
+    def _given_rest_of(self, S):
+        key = tuple(S)
+        if key not in self._rest_cache:
+            if len(self._rest_cache) >= 2:
+                self._rest_cache.pop(next(iter(self._rest_cache)))
+            self._rest_cache[key] = self.T.each_given_rest(list(S))
+        return dict(self._rest_cache[key])
+
+    def _backward(self, phase, rnd, check=False):
+        """Backward elimination to a fixed point; True when it dropped a feature. ``check``: the check right after
+        an addition, recorded as ``keep`` (the feature with the largest p) when it drops nothing."""
         dropped = False
         while self.S:
             res = self.given_rest()
-            S = np.array(self.S)
-            ps = np.array([res[j][1] for j in self.S])
-            if self.adjust == "FDR":
-                drop = [int(j) for j in S[~bh_reject(ps, self.alpha)]]
-                thr = self.alpha
-            else:
-                thr = self.alpha / len(S) if self.adjust == "FWER" else self.alpha
-                drop = [_pick(S, ps)] if ps.max() > thr else []
+            S = list(self.S)
+            drop, thr = self._backward_drops(S, res)
             if not drop:
+                if check and not dropped:
+                    ps = np.array([res[j][1] for j in S])
+                    j = _pick(np.array(S), ps)
+                    self._rec(phase, rnd, "backward", "keep", j, t=res[j][0], p=res[j][1], threshold=float(thr),
+                              set_size=int(len(S)))
                 break
             for j in drop:
                 self.S.remove(j)
@@ -788,7 +851,7 @@ class Search:
         return dropped
 
     def run_phase(self, candidates, phase, deferred=0):
-        """Forward/backward rounds over ``candidates`` to a fixed point.
+        """Forward/backward rounds over ``candidates`` to a fixed point (a round with no drop).
 
         One α for the whole search: the W-phase tests only the covariates, but its Gate 1 counts the ``deferred``
         neurons of the joint search in its family (Bonferroni α/(R + deferred); BH with the untested ones at p = 1).
@@ -797,8 +860,10 @@ class Search:
         own (tests/identify/test_identify_truth.py::test_w_phase_spends_no_extra_alpha)."""
         candidates = np.asarray(candidates, dtype=np.int64)
         for rnd in range(1, self.max_rounds + 1):
-            while self._forward_step(candidates, phase, rnd, deferred):
+            while (status := self._forward_step(candidates, phase, rnd, deferred)) == "add":
                 pass
+            if status == "dropped":
+                continue
             if not (self.backward and self._backward(phase, rnd)):
                 return True
         self._rec(phase, self.max_rounds, "backward", "max_rounds")
@@ -818,11 +883,14 @@ def nexis(y, t, z, w=None, alpha=0.05, test="gcm", adjust="FWER", rho=0.5, backw
     w : optional (n, mw) structured covariates, searched first (W-phase, in one Gate-1 family with z).
     alpha : level of Gate 1 and of the backward step.
     test : "gcm" (generalised covariance measure, model-free; the default, as in the identify stage), "linear"
-        (homoskedastic t), "hc2" (HC2 variance, Bell–McCaffrey df) or "cluster" (bias-corrected CR0,
-        Bell–McCaffrey df, needs ``cluster``).
+        (homoskedastic t; independent units: refused with ``cluster`` ids), "hc2" (HC2 variance, Bell–McCaffrey df;
+        not cluster-robust) or "cluster" (bias-corrected CR0, Bell–McCaffrey df, needs ``cluster``).
     adjust : Gate 1: "FWER" (Bonferroni over the remaining candidates), "FDR" (Benjamini–Hochberg) or None.
-    rho : Gate 2 (spectral gap): stop when the best |t| < rho · min |t| at addition of the selected; None = off.
-    backward : run backward elimination after each forward pass, to a fixed point (at most ``max_rounds``).
+    rho : Gate 2 (spectral gap): stop when the best |t| < rho · min |t| at addition of the selected, unless the
+        Gate-2 probe finds that adding the candidate makes a selected feature removable (a swap, see
+        :class:`Search`); None = off.
+    backward : backward elimination after each addition (the stepwise check) and after each forward pass, to a
+        fixed point (at most ``max_rounds`` rounds).
     nuisance : GCM learner of y and of the pseudo-outcome on Z_S: "spline" (additive regression spline ridge),
         "poly2" (degree-2 polynomial ridge) or "lgbm" (LightGBM).
     z_nuisance : GCM regression of each candidate on Z_S: "spline" / "poly2" (cross-fitted ridge on that basis,

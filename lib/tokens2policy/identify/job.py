@@ -311,6 +311,10 @@ def _validate_spark_options(ic, has_fold, has_cluster):
         raise ValueError("identify.test=gcm needs the stored 'fold' column in units")
     if ic.test == "cluster" and not has_cluster:
         raise ValueError("identify.test=cluster needs a 'cluster' column in units")
+    if ic.test == "linear" and has_cluster:  # as nexis(test="linear", cluster=...): refused, not silently invalid
+        raise ValueError("identify.test=linear assumes independent units, but units has a 'cluster' column "
+                         "(source.cluster_col): use identify.test=cluster (cluster-robust) or gcm, or ingest "
+                         "without source.cluster_col to assert that the units are independent")
 
 
 def run(spark, cfg) -> dict:
