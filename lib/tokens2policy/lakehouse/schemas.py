@@ -311,7 +311,7 @@ _TABLES: Tuple[TableSpec, ...] = (
         C("phase", "string", "search phase"),
         C("round", "int", "round"),
         C("step", "string", "step"),
-        C("action", "string", "skip/add/stop_gate1/stop_gate2/stop_empty/stop_df/drop/max_rounds/selected"),
+        C("action", "string", "skip/add/stop_gate1/stop_gate2/stop_empty/stop_df/drop/keep/max_rounds/selected"),
         C("kind", "string", "`Z` / `W` (null for a step about no feature)"),
         C("feature", "string", "neuron index or covariate name"),
         C("t", "double", "test statistic"),
