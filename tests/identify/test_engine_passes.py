@@ -1,7 +1,7 @@
 """The streaming kernels of the in-memory engine (issue 16, "the engine at the memory-bandwidth limit") against
 straightforward numpy on the same data: sparse cross-products from the rows of the feature alone, the sparse
-moments' chunked squares / counts / explicit-zero handling, the dense row pass cut in parts on threads, counts
-capped at ``min_active``, and the closed-form 2 x 2 inverse. Speed is measured in benchmarks/bench_identify.py
+moments' chunked squares / counts / explicit-zero handling, the dense row pass's non-zero counts capped at
+``min_active``, and the closed-form 2 x 2 inverse. Speed is measured in benchmarks/bench_identify.py
 (docs/benchmarks.md), not here.
 """
 from __future__ import annotations
@@ -100,44 +100,22 @@ def test_capped_counts_tell_the_rare_columns_exactly_over_any_partition():
         Z[:, j] = 0.0
         Z[rng.choice(n, k, replace=False), j] = rng.normal(size=k)
     exact = np.count_nonzero(Z, axis=0)
-    for parts in (1, 2, 3):
-        old = stats.DENSE_PARTS, stats.DENSE_PART_ROWS
-        stats.DENSE_PARTS, stats.DENSE_PART_ROWS = parts, 10
-        try:
-            got = dense_row_pass(Z, np.zeros((n, 0)), with_nnz=20)["nnz"]
-        finally:
-            stats.DENSE_PARTS, stats.DENSE_PART_ROWS = old
-        below = exact < 20
-        assert got[below].tolist() == exact[below].tolist()
-        assert (got[~below] >= 20).all() and (got <= exact).all()
+    below = exact < 20
+    for rows in (slice(0, n), slice(0, 1000), slice(1000, n)):
+        got = dense_row_pass(Z[rows], np.zeros((len(range(n)[rows]), 0)), with_nnz=20)["nnz"]
+        ex = np.count_nonzero(Z[rows], axis=0)
+        assert got[ex < 20].tolist() == ex[ex < 20].tolist()
+        assert (got[ex >= 20] >= 20).all() and (got <= ex).all()
+    parts = [dense_row_pass(Z[r], np.zeros((len(range(n)[r]), 0)), with_nnz=20)["nnz"]
+             for r in (slice(0, 1000), slice(1000, n))]
+    total = parts[0] + parts[1]
+    assert total[below].tolist() == exact[below].tolist() and (total[~below] >= 20).all()
     y, t = rng.normal(size=n), (rng.random(n) < 0.5).astype(float)
     dense = nexis(y, t, Z, test="linear", min_active=20, _n_blocks=3)
     csr = nexis(y, t, sp.csr_matrix(Z), test="linear", min_active=20)
     assert dense.skipped == csr.skipped
     assert dense.skipped[3] == "constant"  # all zero
     assert {g for g, r in dense.skipped.items() if r == "rare"} == {4, 5}
-
-
-def test_dense_row_pass_in_parts_on_threads_is_the_same_sum():
-    """The parts are fixed (DENSE_PARTS), so one thread or two give bitwise the same sums; both equal the plain
-    products to rounding."""
-    rng = np.random.default_rng(6)
-    n, m = 5000, 300
-    Z = np.where(rng.random((n, m)) < 0.5, rng.normal(size=(n, m)), 0.0)
-    V = rng.normal(size=(n, 4))
-    old = stats._threads
-    try:
-        stats._threads = 1
-        one = dense_row_pass(Z, V, with_nnz=True, with_range=True)
-        stats._threads = 2
-        two = dense_row_pass(Z, V, with_nnz=True, with_range=True)
-    finally:
-        stats._threads = old
-    for k in one:
-        np.testing.assert_array_equal(one[k], two[k])
-    np.testing.assert_allclose(one["lin"], V.T @ Z, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(one["sq"], V[:, :2].T @ (Z * Z), rtol=1e-12, atol=1e-12)
-    assert one["nnz"].tolist() == np.count_nonzero(Z, axis=0).tolist()
 
 
 def test_closed_form_2x2_inverse():

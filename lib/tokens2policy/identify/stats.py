@@ -133,62 +133,7 @@ SPARSE_CHUNK = 1 << 20
 ROW_SUBSET_SHARE = 0.25
 
 
-# dense Z: the row pass is cut into this many contiguous parts (summed in order, so the sums do not depend on how
-# many threads run them) when each has at least DENSE_PART_ROWS rows; the parts run on as many threads as BLAS uses
-DENSE_PARTS = 2
-DENSE_PART_ROWS = 1024
-_threads = None
-
-
-def blas_threads():
-    """Threads of the BLAS numpy uses (1 if unknown), read once per process: the thread budget of the dense row
-    pass, so that it runs on the cores a BLAS product (the unit it is measured in) would use."""
-    global _threads
-    if _threads is None:
-        try:
-            from threadpoolctl import threadpool_info
-
-            _threads = max([1] + [int(i.get("num_threads") or 1) for i in threadpool_info()
-                                  if i.get("user_api") == "blas"])
-        except Exception:  # threadpoolctl missing or failing: one thread
-            _threads = 1
-    return _threads
-
-
 def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
-    """One pass over a dense n x m Z (``DENSE_PARTS`` row ranges, on up to ``blas_threads()`` threads; see
-    ``_dense_rows``): ``lin`` V'Z, ``sq``, ``nnz``, ``min_nz`` / ``max_nz`` as described there."""
-    n = Z.shape[0]
-    parts = DENSE_PARTS if n >= DENSE_PARTS * DENSE_PART_ROWS else 1
-    if parts == 1:
-        return _dense_rows(Z, V, with_nnz, with_range, Vsq)
-    V = np.asarray(V, dtype=float).reshape(n, -1)
-    Vsq = None if Vsq is None else np.asarray(Vsq, dtype=float).reshape(n, -1)
-    if Vsq is None and V.shape[1] == 4:
-        Vsq = V[:, :2]
-    edges = np.linspace(0, n, parts + 1).astype(int)
-    cuts = list(zip(edges[:-1], edges[1:]))
-
-    def part(c):
-        lo, hi = c
-        return _dense_rows(Z[lo:hi], V[lo:hi], with_nnz, with_range, None if Vsq is None else Vsq[lo:hi],
-                           sq_default=False)
-
-    threads = min(parts, blas_threads())
-    if threads > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as ex:  # NumPy and BLAS release the GIL for the block arithmetic
-            outs = list(ex.map(part, cuts))
-    else:
-        outs = [part(c) for c in cuts]
-    total = None
-    for o in outs:
-        total = combine(total, o)
-    return total
-
-
-def _dense_rows(Z, V, with_nnz=False, with_range=False, Vsq=None, sq_default=True):
     """One pass over a dense n x m Z in row blocks small enough to stay in cache, every sum from the same block:
     ``lin`` V'Z (k x m), ``sq`` Vsq'(Z∘Z) (Vsq defaults to V's first two columns when V has 4 — the moments —
     else none), ``nnz`` non-zeros per column, ``min_nz`` / ``max_nz`` the range of each column's non-zero values.
@@ -204,7 +149,7 @@ def _dense_rows(Z, V, with_nnz=False, with_range=False, Vsq=None, sq_default=Tru
     n, m = Z.shape
     r = max(1, DENSE_ROW_CELLS // max(1, m))
     Vt = np.ascontiguousarray(np.asarray(V, dtype=float).T)
-    if Vsq is None and Vt.shape[0] == 4 and sq_default:
+    if Vsq is None and Vt.shape[0] == 4:
         Vsq = Vt[:2].T
     Vsqt = None if Vsq is None else np.ascontiguousarray(np.asarray(Vsq, dtype=float).reshape(n, -1).T)
     out = {"lin": np.zeros((Vt.shape[0], m))}
