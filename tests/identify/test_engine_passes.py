@@ -111,6 +111,16 @@ def test_capped_counts_tell_the_rare_columns_exactly_over_any_partition():
     total = parts[0] + parts[1]
     assert total[below].tolist() == exact[below].tolist() and (total[~below] >= 20).all()
     y, t = rng.normal(size=n), (rng.random(n) < 0.5).astype(float)
+    old = stats.SPARSE_CHUNK
+    try:
+        stats.SPARSE_CHUNK = 500  # sparse Z: counting stops once every column has 20 (here: never, 3-5 are rare)
+        got = Block(y, t, None, sp.csr_matrix(Z)).moments(with_nnz=20, with_range=False)["nnz"]
+        assert got.tolist() == exact.tolist()
+        full = np.delete(Z, [3, 4, 5, 6, 7], axis=1)  # every column non-zero in every row: stops after a chunk
+        got = Block(y, t, None, sp.csr_matrix(full)).moments(with_nnz=20, with_range=False)["nnz"]
+        assert (got >= 20).all() and (got < n).all()
+    finally:
+        stats.SPARSE_CHUNK = old
     dense = nexis(y, t, Z, test="linear", min_active=20, _n_blocks=3)
     csr = nexis(y, t, sp.csr_matrix(Z), test="linear", min_active=20)
     assert dense.skipped == csr.skipped

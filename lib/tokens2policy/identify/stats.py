@@ -338,9 +338,10 @@ class Block:
         B = [Wsq.T @ V4[:, :2]]
         nnz = [(self.W != 0).sum(0).astype(float)]
         if self.sparse:
-            counts = self._squared(with_counts=True)  # squares, non-zero counts, explicit zeros: one read
+            cap = True if with_nnz is True or isinstance(with_nnz, (bool, np.bool_)) else max(1, int(with_nnz))
+            counts = self._squared(with_counts=cap)  # squares, non-zero counts, explicit zeros: one read
             if counts is None:  # explicit zeros (now removed): their squares and counts again
-                counts = self._squared(with_counts=True)
+                counts = self._squared(with_counts=cap)
             Zr = self._zr
             A.append(np.asarray(Zr.T @ V4))
             B.append(np.asarray(self._zsq.T @ V4[:, :2]))
@@ -362,21 +363,25 @@ class Block:
     def _squared(self, with_counts=False):
         """Sparse Z's element-wise squares (the CSR matrix Z∘Z, kept) and with ``with_counts`` the non-zeros per
         column, computed chunk by chunk (``SPARSE_CHUNK``) so that each chunk of values and indices is read from
-        memory once for the squares, the zero test and the counts. Returns None after removing explicit zeros
-        when it finds any (a stored 0 is not a non-zero: counts and ranges must not see it); call it again."""
+        memory once for the squares, the zero test and the counts. ``with_counts`` an int k (not True): counting
+        stops once every column has k non-zeros (exact below k, as ``dense_row_pass``). Returns None after
+        removing explicit zeros when it finds any (a stored 0 is not a non-zero: counts and ranges must not see
+        it); call it again."""
         Zr = self._zr
         if self._zsq is not None and not with_counts:
             return self._zsq
         d, ind, m = Zr.data, Zr.indices, Zr.shape[1]
         sq = np.empty_like(d)
         counts = np.zeros(m, dtype=np.int64) if with_counts else None
-        zeros = 0
+        zeros, counting = 0, True
         for lo in range(0, len(d), SPARSE_CHUNK):
             hi = lo + SPARSE_CHUNK
             np.multiply(d[lo:hi], d[lo:hi], out=sq[lo:hi])
             if with_counts:
                 zeros += len(d[lo:hi]) - np.count_nonzero(d[lo:hi])
-                counts += np.bincount(ind[lo:hi], minlength=m)
+                if counting:
+                    counts += np.bincount(ind[lo:hi], minlength=m)
+                    counting = with_counts is True or bool(counts.size and counts.min() < with_counts)
         if zeros:
             self._drop_explicit_zeros()
             return None
