@@ -297,7 +297,7 @@ class Block:
         V = np.asarray(V, dtype=float).reshape(self.n, -1)
         if self.n and V.shape[1]:
             nz = V[:, 0] != 0
-            for c in range(1, V.shape[1]):  # (V.any(axis=1) reduces along the short axis: 10x slower)
+            for c in range(1, V.shape[1]):  # (V.any(axis=1) reduces along the short axis: much slower)
                 nz |= V[:, c] != 0
             rows = np.flatnonzero(nz)
             if len(rows) <= ROW_SUBSET_SHARE * self.n:
