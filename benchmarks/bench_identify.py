@@ -7,7 +7,11 @@ Same-run ratios; the oracle runs where it can (dense cases). Not a test: numbers
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_identify.py --case gcm
 
 Each case prints one JSON line, with ``engine_passes``: the engine's time in units of one pass, the time of
-``Z.T @ v`` over the same Z in the same process (``pass_s``), against ``target_passes`` = 2·(3 + |S|) (issue 16). Peak memory is the process's max RSS (data generation included), so run one
+``Z.T @ v`` over the same Z in the same process (``pass_s``), against ``target_passes`` = 2·(3 + |S|) (issue 16).
+On a shared machine both drift with the neighbours' memory traffic, so the engine runs ``--repeats`` times with
+the pass timed before and after: ``engine_s`` and ``pass_s`` are medians, ``stat_passes`` the engine's own
+per-statistic times (moments, cross, ...) of the median run in the same unit, ``loadavg`` the 1-minute load
+average at the start and the end. Peak memory is the process's max RSS (data generation included), so run one
 case per process when the memory number matters.
 """
 from __future__ import annotations
@@ -82,7 +86,7 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_case(case, oracle, seed, n_override=None, m_override=None):
+def run_case(case, oracle, seed, n_override=None, m_override=None, repeats=3):
     from oracle import oracle_nexis
 
     rec = {"case": case}
@@ -103,11 +107,21 @@ def run_case(case, oracle, seed, n_override=None, m_override=None):
         raise SystemExit(f"unknown case {case}")
     rec.update(n=n, m=m, nnz=int(Z.nnz) if sp.issparse(Z) else n * m, test=kw["test"],
                data_gb=round((Z.data.nbytes + Z.indices.nbytes) / 1e9 if sp.issparse(Z) else Z.nbytes / 1e9, 3))
-    one_pass = pass_seconds(Z)
-    res, secs = timed(lambda: nexis(y, t, Z, **kw))
+    load0 = os.getloadavg()[0]
+    pass_times = [pass_seconds(Z)]
+    runs = []
+    for _ in range(max(1, repeats)):
+        runs.append(timed(lambda: nexis(y, t, Z, **kw)))
+        pass_times.append(pass_seconds(Z))
+    runs.sort(key=lambda r: r[1])
+    res, secs = runs[len(runs) // 2]
+    one_pass = float(np.median(pass_times))
     S = len(res.selected)
-    rec.update(engine_s=round(secs, 3), pass_s=round(one_pass, 4), engine_passes=round(secs / one_pass, 1),
-               target_passes=2 * (3 + S), reduces=res.passes.get("passes"),
+    rec.update(engine_s=round(secs, 3), engine_s_all=[round(r[1], 3) for r in runs], pass_s=round(one_pass, 4),
+               pass_s_range=[round(min(pass_times), 4), round(max(pass_times), 4)],
+               engine_passes=round(secs / one_pass, 1), target_passes=2 * (3 + S),
+               stat_passes={k: [c, round(v / one_pass, 1)] for k, (c, v) in res.passes.get("pass_by_stat", {}).items()},
+               loadavg=[round(load0, 2), round(os.getloadavg()[0], 2)], reduces=res.passes.get("passes"),
                selected=res.selected.tolist(), planted=sorted(planted),
                recovered=sorted(set(res.selected.tolist()) & planted))
     if oracle:
@@ -126,8 +140,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=None, help="override n (dense/gcm)")
     ap.add_argument("--m", type=int, default=None, help="override m (dense/gcm)")
+    ap.add_argument("--repeats", type=int, default=3, help="engine runs (median reported)")
     a = ap.parse_args()
-    print(json.dumps(run_case(a.case, not a.no_oracle, a.seed, a.n, a.m)), flush=True)
+    print(json.dumps(run_case(a.case, not a.no_oracle, a.seed, a.n, a.m, a.repeats)), flush=True)
 
 
 if __name__ == "__main__":

@@ -127,12 +127,22 @@ def combine(a, b):
 FEW_COLUMNS = 8
 # dense Z: rows per block of the single-pass sums (``dense_row_pass``), a block of about 512 KiB of float64
 DENSE_ROW_CELLS = 1 << 16
+# sparse Z: non-zeros per chunk of the element-wise work of the moments (squares, counts): a chunk (8 MiB of values,
+# 4 MiB of int32 indices) is read from memory once and stays in cache for every operation on it
+SPARSE_CHUNK = 1 << 20
+# F'V reads only the rows where V has a non-zero (a sparse feature's cross-products: its ~nnz/m rows, not all n)
+# when they are at most this share of the rows
+ROW_SUBSET_SHARE = 0.25
 
 
 def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
     """One pass over a dense n x m Z in row blocks small enough to stay in cache, every sum from the same block:
     ``lin`` V'Z (k x m), ``sq`` Vsq'(Z∘Z) (Vsq defaults to V's first two columns when V has 4 — the moments —
     else none), ``nnz`` non-zeros per column, ``min_nz`` / ``max_nz`` the range of each column's non-zero values.
+    ``with_nnz``: True counts exactly; an int k >= 1 counts a column only until it reaches k (``nnz`` is exact below
+    k and >= k otherwise: what finding the columns with fewer than k non-zeros needs, ``min_active``), so a column
+    of a dense code stops being counted after its first k non-zero rows instead of costing a comparison and an add
+    per cell of the pass.
 
     NumPy's Z.T @ V with a narrow V (and einsum for the squares, a strided column walk for the ranges) streams Z
     from memory several times; here Z travels once, whatever is asked (bench_identify.py reports the time in
@@ -147,19 +157,26 @@ def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
     out = {"lin": np.zeros((Vt.shape[0], m))}
     if Vsqt is not None:
         out["sq"] = np.zeros((Vsqt.shape[0], m))
+    cap = None if with_nnz is True or isinstance(with_nnz, (bool, np.bool_)) else int(with_nnz)
     if with_nnz:
         out["nnz"] = np.zeros(m)
+        counting = np.arange(m)  # capped counts: the columns still below the cap
     if with_range:
         out["min_nz"], out["max_nz"] = np.full(m, np.inf), np.full(m, -np.inf)
+    sqb = np.empty((r, m)) if Vsqt is not None else None
     for lo in range(0, n, r):
         Zb = Z[lo:lo + r]
         if Vt.shape[0]:
             out["lin"] += Vt[:, lo:lo + r] @ Zb
         if Vsqt is not None:
-            out["sq"] += Vsqt[:, lo:lo + r] @ (Zb * Zb)
-        if with_nnz or with_range:
+            out["sq"] += Vsqt[:, lo:lo + r] @ np.multiply(Zb, Zb, out=sqb[:len(Zb)])
+        if with_nnz and cap is not None and len(counting):
+            part = Zb if len(counting) == m else Zb[:, counting]
+            out["nnz"][counting] += np.count_nonzero(part, axis=0)
+            counting = counting[out["nnz"][counting] < cap]
+        if (with_nnz and cap is None) or with_range:
             nz = Zb != 0
-            if with_nnz:
+            if with_nnz and cap is None:
                 out["nnz"] += nz.sum(0)
             if with_range:
                 with np.errstate(invalid="ignore"):
@@ -205,14 +222,19 @@ class Block:
         self._zc = self._zsq = self._zone = None
         if sp.issparse(Z):
             Zr = sp.csr_matrix(Z, dtype=float)
-            dirty = not Zr.has_canonical_format or (Zr.data == 0).any()
-            if dirty:  # never change the caller's matrix
-                Zr = Zr.copy() if Zr.data is getattr(Z, "data", None) else Zr
+            if not Zr.has_canonical_format:  # duplicates summed on a copy: never change the caller's matrix
+                Zr = Zr.copy()  # (csr_matrix(Z, dtype=float) may share Z's arrays without being Z's .data)
                 Zr.sum_duplicates()
-                Zr.eliminate_zeros()
+            # explicit zeros are found (and then removed) by ``moments``, the first statistic of every pass plan
+            # and the only one they change (non-zero counts and ranges), in its pass over the values
             self._zr, self._zd = Zr, None
         else:
             self._zr, self._zd = None, np.asarray(Z, dtype=float)
+
+    def _drop_explicit_zeros(self):
+        Zr = self._zr.copy()
+        Zr.eliminate_zeros()
+        self._zr, self._zc, self._zsq = Zr, None, None
 
     def many(self, requests):
         """[statistic of each request]: ``requests`` a list of (method name, *args) — several statistics from one
@@ -241,10 +263,21 @@ class Block:
     def columns(self, S):
         """Dense n x |S| matrix of the global columns S (O(n |S|), Z never densified as a whole)."""
         S = np.asarray(S, dtype=np.int64).ravel()
+        if self.sparse and self._zc is None and len(S) <= FEW_COLUMNS:
+            # a few columns from the row form: one scan of the column indices each (about a third of a pass)
+            out = np.empty((self.n, len(S)))
+            Zr = self._zr
+            for c, g in enumerate(S):
+                if g < self.mw:
+                    out[:, c] = self.W[:, g]
+                    continue
+                pos = np.flatnonzero(Zr.indices == g - self.mw)
+                out[:, c] = 0.0
+                out[np.searchsorted(Zr.indptr, pos, side="right") - 1, c] = Zr.data[pos]
+            return out
         if self.mw == 0 or (len(S) and S.min() >= self.mw):  # Z columns only: one slice
-            if self.sparse:  # a few columns from the rows (one scan) unless the column form exists already
-                Zs = self._zr if self._zc is None and len(S) <= FEW_COLUMNS else self.Z
-                return Zs[:, S - self.mw].toarray()
+            if self.sparse:
+                return self.Z[:, S - self.mw].toarray()
             return self.Z[:, S - self.mw]
         out = np.empty((self.n, len(S)))
         for c, g in enumerate(S):
@@ -261,16 +294,30 @@ class Block:
 
     def rmatvec(self, V, square=False):
         """F'V (or (F∘F)'V): M x k for an n x k dense V, in O(nnz · k); dense Z is read once, in cache-sized row
-        blocks, for all k columns (``dense_row_pass``)."""
+        blocks, for all k columns (``dense_row_pass``). Only the rows where V has a non-zero are read when they are
+        few (``ROW_SUBSET_SHARE``): a sparse feature's cross-products F'x_s, F'(t x_s) touch its own rows alone."""
         V = np.asarray(V, dtype=float).reshape(self.n, -1)
+        if self.n and V.shape[1]:
+            nz = V[:, 0] != 0
+            for c in range(1, V.shape[1]):  # (V.any(axis=1) reduces along the short axis: much slower)
+                nz |= V[:, c] != 0
+            rows = np.flatnonzero(nz)
+            if len(rows) <= ROW_SUBSET_SHARE * self.n:
+                sub = Block.__new__(Block)
+                sub.y = sub.t = None
+                sub.W, sub.n, sub.mw, sub.M = self.W[rows], len(rows), self.mw, self.M
+                sub._zr, sub._zd = (self._zr[rows], None) if self.sparse else (None, self._zd[rows])
+                sub._zc = sub._zsq = None
+                return sub._rmatvec_all(V[rows], square)
+        return self._rmatvec_all(V, square)
+
+    def _rmatvec_all(self, V, square):
         Wp = self.W * self.W if square else self.W
         top = Wp.T @ V
         if self.sparse:
             Z = self._zr
             if square:
-                if self._zsq is None:
-                    self._zsq = sp.csr_matrix((Z.data ** 2, Z.indices, Z.indptr), shape=Z.shape)
-                Z = self._zsq
+                Z = self._squared()
             bottom = np.asarray(Z.T @ V)
         elif square:
             bottom = dense_row_pass(self.Z, np.zeros((self.n, 0)), False, False, V)["sq"].T
@@ -293,10 +340,14 @@ class Block:
         B = [Wsq.T @ V4[:, :2]]
         nnz = [(self.W != 0).sum(0).astype(float)]
         if self.sparse:
+            cap = True if with_nnz is True or isinstance(with_nnz, (bool, np.bool_)) else max(1, int(with_nnz))
+            counts = self._squared(with_counts=cap)  # squares, non-zero counts, explicit zeros: one read
+            if counts is None:  # explicit zeros (now removed): their squares and counts again
+                counts = self._squared(with_counts=cap)
             Zr = self._zr
             A.append(np.asarray(Zr.T @ V4))
-            B.append(self.rmatvec(V4[:, :2], square=True)[self.mw:])
-            nnz.append(np.bincount(Zr.indices, minlength=Zr.shape[1]).astype(float))  # explicit zeros removed
+            B.append(np.asarray(self._zsq.T @ V4[:, :2]))
+            nnz.append(counts)
             lo, hi = self.nonzero_range() if with_range else (None, None)
         else:
             d = dense_row_pass(self.Z, V4, with_nnz, with_range)
@@ -310,6 +361,34 @@ class Block:
         if with_range:
             out.update(min_nz=lo, max_nz=hi)
         return out
+
+    def _squared(self, with_counts=False):
+        """Sparse Z's element-wise squares (the CSR matrix Z∘Z, kept) and with ``with_counts`` the non-zeros per
+        column, computed chunk by chunk (``SPARSE_CHUNK``) so that each chunk of values and indices is read from
+        memory once for the squares, the zero test and the counts. ``with_counts`` an int k (not True): counting
+        stops once every column has k non-zeros (exact below k, as ``dense_row_pass``). Returns None after
+        removing explicit zeros when it finds any (a stored 0 is not a non-zero: counts and ranges must not see
+        it); call it again."""
+        Zr = self._zr
+        if self._zsq is not None and not with_counts:
+            return self._zsq
+        d, ind, m = Zr.data, Zr.indices, Zr.shape[1]
+        sq = np.empty_like(d)
+        counts = np.zeros(m, dtype=np.int64) if with_counts else None
+        zeros, counting = 0, True
+        for lo in range(0, len(d), SPARSE_CHUNK):
+            hi = lo + SPARSE_CHUNK
+            np.multiply(d[lo:hi], d[lo:hi], out=sq[lo:hi])
+            if with_counts:
+                zeros += len(d[lo:hi]) - np.count_nonzero(d[lo:hi])
+                if counting:
+                    counts += np.bincount(ind[lo:hi], minlength=m)
+                    counting = with_counts is True or bool(counts.size and counts.min() < with_counts)
+        if zeros:
+            self._drop_explicit_zeros()
+            return None
+        self._zsq = sp.csr_matrix((sq, ind, Zr.indptr), shape=Zr.shape)
+        return counts.astype(float) if with_counts else self._zsq
 
     def nonzero_range(self, dense_z=None):
         """(min, max) of each column's non-zero values (+inf / -inf for a column without any): the range of the
