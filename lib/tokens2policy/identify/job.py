@@ -310,9 +310,9 @@ def _validate_spark_options(ic, has_fold, has_cluster):
     if ic.test == "gcm" and not has_fold:
         raise ValueError("identify.test=gcm needs the stored 'fold' column in units")
     if ic.test == "cluster" and not has_cluster:
-        raise ValueError("identify.test=cluster needs a 'cluster' column in units")
+        raise ValueError("identify.test=cluster needs cluster ids in units (ingest with source.cluster_col)")
     if ic.test == "linear" and has_cluster:  # as nexis(test="linear", cluster=...): refused, not silently invalid
-        raise ValueError("identify.test=linear assumes independent units, but units has a 'cluster' column "
+        raise ValueError("identify.test=linear assumes independent units, but units carry cluster ids "
                          "(source.cluster_col): use identify.test=cluster (cluster-robust) or gcm, or ingest "
                          "without source.cluster_col to assert that the units are independent")
 
@@ -334,7 +334,9 @@ def main(ctx) -> dict:
     ic = cfg.identify
     units = ctx.read("units")
     neurons = ctx.read("neurons")
-    has_fold, has_cluster = "fold" in units.columns, "cluster" in units.columns
+    # ingest always writes the cluster column (null without source.cluster_col): clustered means a non-null id
+    has_fold = "fold" in units.columns
+    has_cluster = "cluster" in units.columns and bool(units.where(F.col("cluster").isNotNull()).limit(1).take(1))
     _validate_spark_options(ic, has_fold, has_cluster)
     outcomes = list(ctx.units.outcomes)
     covariates = list(ctx.units.numeric_covariates) if ic.use_covariates else []
