@@ -99,12 +99,18 @@ def test_fdr_selects_more_than_fwer_with_many_weak_modifiers():
     assert np.mean([j < 12 for j in fd.selected]) >= 0.8   # false discovery proportion <= 0.2
 
 
-def test_gate2_stops_at_the_spectral_gap():
+def _spectral_gap_design():
+    """Two strong true modifiers (z_0, z_1) and a weak one (z_2) among 20 Gaussian columns, n = 4000."""
     rng = np.random.default_rng(4)
     n, m = 4000, 20
     Z = rng.normal(size=(n, m))
     t = (rng.random(n) < 0.5).astype(float)
     y = t * (1.0 * Z[:, 0] + 0.9 * Z[:, 1] + 0.12 * Z[:, 2]) + rng.normal(size=n)
+    return y, t, Z
+
+
+def test_gate2_stops_at_the_spectral_gap():
+    y, t, Z = _spectral_gap_design()
     strict = nexis(y, t, Z, rho=0.5, test="linear")
     loose = nexis(y, t, Z, rho=None, test="linear")
     assert strict.selected.tolist() == [0, 1]
@@ -225,11 +231,7 @@ def test_a_probe_that_drops_nothing_leaves_gate2_standing():
     """test_gate2_stops_at_the_spectral_gap's design: z_2 is a weak true modifier, Gate 2 stops it, and the probe
     on {z_0, z_1, z_2} drops nothing (every one carries signal given the others): the stop stands, with the probe's
     p-values recorded."""
-    rng = np.random.default_rng(4)
-    n, m = 4000, 20
-    Z = rng.normal(size=(n, m))
-    t = (rng.random(n) < 0.5).astype(float)
-    y = t * (1.0 * Z[:, 0] + 0.9 * Z[:, 1] + 0.12 * Z[:, 2]) + rng.normal(size=n)
+    y, t, Z = _spectral_gap_design()
     r = nexis(y, t, Z, rho=0.5, test="linear")
     stop = [x for x in r.trace if x["action"] == "stop_gate2"]
     assert r.selected.tolist() == [0, 1] and stop and stop[0]["probe"] == "gate2_stands"
