@@ -1,4 +1,5 @@
-"""Embedding runtimes on the demo corpus: torch (the reference) vs ONNX Runtime fp32 vs ONNX Runtime int8.
+"""Embedding runtimes on the demo corpus: torch fp32 (the reference) vs torch bf16 autocast vs ONNX Runtime fp32
+vs ONNX Runtime int8.
 
 On the distinct texts of the demo (the 2,225 BBC News articles, 2,127 distinct texts, all over 128 tokens, so
 every forward pass is a full 128-token window — as in the demo's embed stage):
@@ -18,6 +19,7 @@ every forward pass is a full 128-token window — as in the demo's embed stage):
 
     .venv/bin/python benchmarks/bench_embed_runtime.py                      # quality + NEXIS + in-process speed
     .venv/bin/python benchmarks/bench_embed_runtime.py --spark --repeats 3
+    .venv/bin/python benchmarks/bench_embed_runtime.py --runtimes torch,torch_bf16 --spark   # embed.precision
 
 Prints one JSON document. ONNX exports are cached (``embed.cache_dir`` default); the first run pays for them.
 """
@@ -38,8 +40,8 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 import numpy as np
 
-RUNTIMES = {"torch": {"runtime": "torch"}, "onnx": {"runtime": "onnx"},
-            "onnx_int8": {"runtime": "onnx", "quantize": "int8"}}
+RUNTIMES = {"torch": {"runtime": "torch", "precision": "fp32"}, "torch_bf16": {"runtime": "torch", "precision": "bf16"},
+            "onnx": {"runtime": "onnx"}, "onnx_int8": {"runtime": "onnx", "quantize": "int8"}}
 
 
 def _log(msg):

@@ -56,6 +56,39 @@ QUANTIZATIONS = ("none", "int8")
 AUTO_CPU_RUNTIME = "torch"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX tiles or AVX512-BF16), where torch's oneDNN
+    kernels run bf16 products several times faster than fp32; elsewhere bf16 is emulated and slower."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(bool(p()) for p in probes if p is not None)
+    except Exception:  # an older torch without the probes: stay on fp32
+        return False
+
+
+def _checked_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"embed.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def effective_precision(precision: str = "auto", device: str = "cpu") -> str:
+    """The torch arithmetic for ``embed.precision`` on ``device``: ``"fp16"`` (the model in half precision — a
+    GPU's default), ``"bf16"`` (bf16 autocast: matrix products in bf16, accumulation, softmax and layer norms in
+    fp32) or ``"fp32"``. ``auto`` is fp16 on a GPU, bf16 on a CPU with bf16 matrix units
+    (:func:`cpu_has_bf16_units`), fp32 elsewhere."""
+    if _checked_precision(precision) != "auto":
+        return precision
+    if str(device).startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_has_bf16_units() else "fp32"
+
+
 def effective_runtime(runtime: str = "auto", quantize: str = "none", device: str = "cpu") -> str:
     """``"torch"`` or ``"onnx"`` for the requested ``embed.runtime``/``embed.quantize`` on ``device``.
 
@@ -148,6 +181,7 @@ class ModelSpec:
     states_per_unit: int = 64
     runtime: str = "auto"
     quantize: str = "none"
+    precision: str = "auto"
     cache_dir: Optional[str] = None
     tracking_uri: Optional[str] = None
     registry_uri: Optional[str] = None
@@ -157,9 +191,10 @@ class ModelSpec:
     def model_hash(self) -> str:
         """Identifies the *vector function*: the model files plus every setting that changes a vector.
 
-        Device, batching and the runtime are not part of it (they change vectors only at floating-point noise
-        level); int8 quantization is (``quantize`` enters the payload only when set, so the hashes of unquantized
-        vectors stay what they were before the setting existed).
+        Device, batching, the runtime and the torch precision are not part of it (they change vectors only at
+        floating-point noise level: bf16 autocast keeps the demo corpus's vectors at cosine ≥ 0.9999 to fp32,
+        tests/embed/test_precision.py); int8 quantization is (``quantize`` enters the payload only when set, so the
+        hashes of unquantized vectors stay what they were before the setting existed).
         """
         loader = self.loader if isinstance(self.loader, str) else getattr(self.loader, "__qualname__", "callable")
         payload = {
@@ -295,6 +330,11 @@ def resolve_model(embed_cfg, spark=None, tracking_uri: Optional[str] = None, reg
         raise ValueError(f"embed.token_sample_rate must be in [0, 1], got {embed_cfg.token_sample_rate}")
     runtime, quantize = getattr(embed_cfg, "runtime", "auto"), getattr(embed_cfg, "quantize", "none")
     effective_runtime(runtime, quantize)  # one-line errors for impossible combinations, before any work
+    precision = getattr(embed_cfg, "precision", "auto")
+    _checked_precision(precision)  # workers resolve "auto" (torch is not imported here: an ONNX worker needs none)
+    if precision != "auto" and (runtime == "onnx" or quantize != "none"):
+        raise ValueError(f"embed.precision={precision} sets torch's arithmetic; ONNX Runtime runs fp32 "
+                         "(or embed.quantize=int8): leave embed.precision=auto with embed.runtime=onnx")
     if (runtime == "onnx" or quantize != "none") and embed_cfg.device == "cuda":
         raise ValueError("embed.runtime=onnx runs on the CPU (onnxruntime's CPU provider); use embed.runtime=torch "
                          "or auto with embed.device=cuda")
@@ -322,6 +362,7 @@ def resolve_model(embed_cfg, spark=None, tracking_uri: Optional[str] = None, reg
         states_per_unit=embed_cfg.token_states_per_unit,
         runtime=runtime,
         quantize=quantize,
+        precision=precision,
         cache_dir=getattr(embed_cfg, "cache_dir", None),
         tracking_uri=tracking_uri,
         registry_uri=registry_uri,
@@ -420,7 +461,10 @@ class TorchTextEncoder:
     runtime = "torch"
     quantize = "none"
 
-    def __init__(self, st_model):
+    def __init__(self, st_model, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.precision = precision
         self.st_model = st_model.eval()
         self.tokenizer = HFTokenizer(st_model.tokenizer)
         config = getattr(getattr(st_model[0], "auto_model", None), "config", None)
@@ -440,7 +484,10 @@ class TorchTextEncoder:
                     "attention_mask": torch.from_numpy(mask).to(self.device)}
         if self.uses_token_type_ids:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-        with torch.inference_mode():
+        # bf16: autocast runs the linear layers' products in bf16 (AMX / AVX512-BF16 on a CPU) and keeps softmax,
+        # layer norms and the pooling sums in fp32; fp16 is a model already converted by .half()
+        autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with torch.inference_mode(), autocast:
             out = self.st_model(features)
         vecs = out["sentence_embedding"].float().cpu().numpy()
         if want is None or not any(want):
@@ -482,6 +529,7 @@ class TextEmbeddingModel(EmbeddingModel):
             encoder = TorchTextEncoder(encoder)
         self.encoder = encoder
         self.runtime = encoder.runtime
+        self.precision = getattr(encoder, "precision", "fp32")
         self.st_model = getattr(encoder, "st_model", None)
         self.tokenizer = encoder.tokenizer
         self.max_tokens = int(min(max_tokens, encoder.max_positions))
@@ -516,9 +564,10 @@ class TextEmbeddingModel(EmbeddingModel):
             torch.set_num_threads(int(spec.cpu_threads))
         st = load_sentence_transformer(spec.source, device=device, tracking_uri=spec.tracking_uri,
                                        registry_uri=spec.registry_uri)
-        if device.startswith("cuda"):
+        precision = effective_precision(spec.precision, device)
+        if precision == "fp16":
             st = st.half()
-        return cls(st, **settings)
+        return cls(TorchTextEncoder(st, precision), **settings)
 
     def _with_specials(self, ids: List[int]) -> List[int]:
         return self.prefix + ids + self.suffix

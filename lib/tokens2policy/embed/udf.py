@@ -54,6 +54,7 @@ def get_model(spec: ModelSpec, load_log: Optional[str] = None) -> EmbeddingModel
                 "model_hash": spec.model_hash,
                 "device": str(getattr(model, "device", "?")),
                 "runtime": str(getattr(model, "runtime", "?")),
+                "precision": str(getattr(model, "precision", "?")),
                 "seconds": round(time.perf_counter() - started, 3),
                 "load_count": LOAD_COUNT,
             }
