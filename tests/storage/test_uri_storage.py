@@ -129,3 +129,26 @@ def test_source_fingerprint_on_uris_and_globs(spark, tmp_path):
     df.write.format("delta").save(delta)
     cfg = load_config(None, [f"data_dir={tmp_path / 'data'}", "source.kind=delta", f"source.path={delta}"])
     assert source_fingerprint(spark, cfg) == "delta@0"
+
+
+def test_delta_version_from_the_log_listing_equals_deltas_history(spark, tmp_path):
+    """``storage.delta_version`` (one glob of ``_delta_log``) against Delta's own ``history(1)``, through the JVM
+    and without it, after commits of several kinds and a checkpoint (whose files must not count as commits)."""
+    from delta.tables import DeltaTable
+
+    loc = (tmp_path / "t").as_uri()
+    assert storage.delta_version(loc, spark) is None and storage.delta_version(loc) is None
+    df = spark.createDataFrame([Row(k=i, v=float(i)) for i in range(5)])
+    df.write.format("delta").save(loc)
+    for _ in range(11):  # past Delta's checkpoint interval (10): 00000000000000000010.checkpoint.parquet appears
+        df.write.format("delta").mode("append").save(loc)
+    DeltaTable.forPath(spark, loc).update("k = 1", {"v": "v + 1"})
+    DeltaTable.forPath(spark, loc).delete("k = 2")
+    names = os.listdir(tmp_path / "t" / "_delta_log")
+    assert any("checkpoint" in n for n in names) and any(n.endswith(".crc") for n in names)
+    expected = DeltaTable.forPath(spark, loc).history(1).first()["version"]
+    assert expected == 13
+    assert storage.delta_version(loc, spark) == storage.delta_version(str(tmp_path / "t")) == expected
+    # a directory with a log folder but no commit yet is no table
+    (tmp_path / "empty" / "_delta_log").mkdir(parents=True)
+    assert storage.delta_version(str(tmp_path / "empty"), spark) is None

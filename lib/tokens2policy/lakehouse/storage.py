@@ -156,6 +156,32 @@ def exists(location: str, spark=None) -> bool:
     return bool(fs.exists(path))
 
 
+COMMIT_FILE_GLOB = "?" * 20 + ".json"  # a Delta commit: the version as 20 digits (not checkpoints, not .crc)
+
+
+def delta_version(location: str, spark=None) -> Optional[int]:
+    """The latest committed version of the Delta table at path ``location``, or None when it has no commit.
+
+    Read off the table's ``_delta_log`` listing (one glob for the commit files, ``<20 digits>.json``): a commit file
+    becomes visible atomically when its commit succeeds, and Delta's log clean-up never removes the newest one, so
+    the largest name is the latest version — what ``DeltaTable.history(1)`` returns, without planning and running a
+    Spark job (≈ 20 ms instead of 0.3–4 s; the stage runner asks this for every input and output of every stage).
+    """
+    jfs = _via_jvm(spark, location)
+    if jfs is not None:
+        path, fs, jvm = jfs
+        found = fs.globStatus(jvm.org.apache.hadoop.fs.Path(path, "_delta_log/" + COMMIT_FILE_GLOB))
+        names = [st.getPath().getName() for st in found] if found is not None else []
+    elif is_local(location):
+        log = os.path.join(local_path(location), "_delta_log")
+        names = os.listdir(log) if os.path.isdir(log) else []
+    else:
+        fs, path = _fsspec(location)
+        names = [os.path.basename(str(n)) for n in fs.glob(path.rstrip("/") + "/_delta_log/" + COMMIT_FILE_GLOB)]
+    versions = [int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit()]
+    return max(versions) if versions else None
+
+
 def _hidden(name: str) -> bool:
     """Spark's file sources skip names starting with ``_`` or ``.`` (``_SUCCESS``, ``.crc``, ``_delta_log``)."""
     return name.startswith("_") or name.startswith(".")

@@ -54,8 +54,9 @@ def table_exists(spark: SparkSession, config: Config, name: str) -> bool:
     loc = table_location(config, name)
     if _is_catalog(config):
         return spark.catalog.tableExists(loc)
-    # the log directory first: isDeltaTable on a missing path walks up its parents looking for a table
-    return storage.exists(storage.join(loc, "_delta_log"), spark) and DeltaTable.isDeltaTable(spark, loc)
+    # a path table exists once its log holds a commit (isDeltaTable would plan a snapshot, and on a missing path
+    # walk up its parents looking for a table)
+    return storage.delta_version(loc, spark) is not None
 
 
 def delta_table(spark: SparkSession, config: Config, name: str) -> DeltaTable:
@@ -190,6 +191,8 @@ def table_version(spark: SparkSession, config: Config, name: str) -> Optional[in
     ctx = _stage_context(config)
     if ctx is not None:
         return ctx.version(name)
+    if not _is_catalog(config):
+        return storage.delta_version(table_location(config, name), spark)
     if not table_exists(spark, config, name):
         return None
     return int(delta_table(spark, config, name).history(1).select("version").first()[0])
