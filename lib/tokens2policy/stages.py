@@ -275,10 +275,12 @@ def _delta_version(spark, location: str, by_name: bool) -> Optional[int]:
     """The latest Delta version of a table (by path or name), or None when it is not a Delta table."""
     from delta.tables import DeltaTable
 
+    from tokens2policy.lakehouse import storage
+
     try:
-        if not by_name and not DeltaTable.isDeltaTable(spark, location):
-            return None
-        table = DeltaTable.forName(spark, location) if by_name else DeltaTable.forPath(spark, location)
+        if not by_name:
+            return storage.delta_version(location, spark)
+        table = DeltaTable.forName(spark, location)
         return int(table.history(1).select("version").first()[0])
     except Exception:  # not Delta (a view, a Hive/JDBC table), or no such table: the caller reads it as rows
         return None
@@ -465,9 +467,12 @@ def run_stages(
             fn = (resolve or stage_function)(stage.name)
             forced = force_all or stage.name in force
             versions = pinned_versions(spark, config, stage)
+            # history holds every stage's latest success: a stage missing there never succeeded (stale_reason
+            # would look it up in stage_runs again, one Spark query per such stage)
             reason = (f"forced (--force {'all' if force_all else stage.name})" if forced
-                      else stale_reason(spark, config, stage, history.get(stage.name), versions)
-                      if skip_up_to_date else "skip rule off")
+                      else "skip rule off" if not skip_up_to_date
+                      else "never ran successfully" if stage.name not in history
+                      else stale_reason(spark, config, stage, history[stage.name], versions))
             if reason is None:
                 echo(f"[t2p] {stage.name}: up to date (inputs, config and outputs unchanged) — skipped; "
                      f"--force {stage.name} reruns")
@@ -479,8 +484,8 @@ def run_stages(
                 if table_version(spark, config, RUNS_TABLE) != runs_version:
                     history = last_successes(spark, config)
                     versions = pinned_versions(spark, config, stage)
-                    if skip_up_to_date and not forced and is_up_to_date(spark, config, stage,
-                                                                        history.get(stage.name), versions):
+                    if (skip_up_to_date and not forced and stage.name in history
+                            and is_up_to_date(spark, config, stage, history[stage.name], versions)):
                         echo(f"[t2p] {stage.name}: up to date (another pipeline ran it) — skipped")
                         results.append({"stage": stage.name, "skipped": True})
                         continue
