@@ -105,9 +105,9 @@ def stage_run(
         mlflow.log_dict(cfg, "config.json")
         flat: Dict[str, str] = {}
         _flatten("", {k: cfg[k] for k in ("data_dir", "seed", stage) if k in cfg}, flat)
-        mlflow.log_params(flat)
-        for table, version in (inputs or {}).items():
-            mlflow.log_param(f"input_version.{table}", "none" if version is None else int(version))
+        flat.update({f"input_version.{table}": "none" if version is None else str(int(version))
+                     for table, version in (inputs or {}).items()})
+        mlflow.log_params(flat)  # one batch (one store transaction), not one call per input table
         yield run
 
 
