@@ -39,6 +39,35 @@ def test_a_held_lock_refuses_a_second_taker_with_one_line_naming_the_holder(spar
     assert RunLock(spark, cfg).holder() is None, "released: the row is gone"
 
 
+def test_a_creator_that_finds_the_table_made_meanwhile_writes_no_second_lease(spark, make_cfg, monkeypatch):
+    """The lock table is created holding its first taker's lease. A second creator that saw no table, then writes
+    after the first one committed, must be refused by Delta (errorifexists) and take the normal path — an
+    appended second lease row would leave only the hosts' clocks to decide who holds the lock."""
+    import tokens2policy.lakehouse.tables as tables
+
+    cfg = make_cfg()
+    first = RunLock(spark, cfg, command="first", lease_seconds=60).acquire()
+    try:
+        assert [r.owner for r in first._rows()] == [first.owner]
+        real_exists, calls = tables.table_exists, []
+
+        def not_yet_once(spark_, config, name):  # the second creator looked just before the first one committed
+            calls.append(name)
+            return False if len(calls) == 1 else real_exists(spark_, config, name)
+
+        second = RunLock(spark, cfg, command="second", wait_seconds=0, lease_seconds=60)
+        monkeypatch.setattr(tables, "table_exists", not_yet_once)
+        with pytest.raises(LockHeldError, match=r"\(first\)"):
+            second._ensure_table()
+            second.acquire()
+        monkeypatch.setattr(tables, "table_exists", real_exists)
+        assert len(calls) >= 2, "the refused write was retried as a conflict, not raised"
+        assert read_table(spark, cfg, "run_lock").count() == 1
+        assert [r.owner for r in second._rows()] == [first.owner]
+    finally:
+        first.release()
+
+
 def test_stale_leases_are_taken_over(spark, make_cfg):
     cfg = make_cfg()
     # a holder that stopped renewing (hung, cut off): its lease expires

@@ -1,8 +1,8 @@
 """One writing pipeline per lakehouse: a lease committed to the ``run_lock`` Delta table.
 
-The table holds one row per lock (created free, never deleted). A pipeline takes the lease with one Delta UPDATE
-whose condition is "the row is free, or still exactly the stale lease I saw": Delta's optimistic concurrency lets
-only one of two concurrent takers commit (the other's commit conflicts and it reads again), and a taker whose UPDATE
+The table holds one row per lock (created holding the first taker's lease, never deleted). A pipeline takes the
+lease with one Delta UPDATE whose condition is "the row is free, or still exactly the stale lease I saw": Delta's
+optimistic concurrency lets only one of two concurrent takers commit (the other's commit conflicts and it reads again), and a taker whose UPDATE
 matched nothing reads back who won. A background thread renews the lease every third of ``runner.lease_seconds``;
 a pipeline that stops renewing (killed, hung, cut off) loses it when ``expires_at`` passes, and a lease held by a
 process that no longer exists on this host is stale at once. Release frees the row (owner null).
@@ -88,7 +88,7 @@ def _is_conflict(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
     return any(k in text for k in ("ConcurrentAppend", "ConcurrentDelete", "ConcurrentWrite", "ConcurrentTransaction",
                                     "DELTA_CONCURRENT", "MetadataChanged", "ProtocolChanged", "FileAlreadyExists",
-                                    "already exists"))
+                                    "already exists", "DELTA_PATH_EXISTS", "TABLE_OR_VIEW_ALREADY_EXISTS"))
 
 
 class RunLock:
@@ -146,17 +146,27 @@ class RunLock:
 
     # -- writing --------------------------------------------------------------------------------------------
     def _ensure_table(self) -> None:
-        """Create the table with the lock's free row. Two creators at once: one commit conflicts (it looks again)
-        or both append a free row — harmless, as every UPDATE below changes all the lock's rows together."""
+        """Create the table with the lock's row already holding our lease (one commit, no UPDATE after it).
+
+        The write is ``errorifexists``: Delta refuses it when the table exists at the transaction's start, and two
+        creators racing for version 0 conflict at commit (the second sees a concurrent metadata change), so
+        exactly one creator's row is ever written — the others find the table and take the normal path (they may
+        not simply append theirs: two lease rows would leave nothing but clocks to decide between them)."""
         from tokens2policy.lakehouse.schemas import table_spec
         from tokens2policy.lakehouse.tables import table_exists, write_table
 
-        free = self.spark.createDataFrame([(LOCK_NAME,) + (None,) * 7], table_spec(LOCK_TABLE).schema())
+        schema = table_spec(LOCK_TABLE).schema()
+        now = time.time()
+        ts = _dt.datetime.fromtimestamp
+        row = {"lock": LOCK_NAME, "owner": self.owner, "host": self.host, "pid": int(self.pid),
+               "command": self.command, "acquired_at": ts(now), "renewed_at": ts(now),
+               "expires_at": ts(now + self.lease_seconds)}
+        ours = self.spark.createDataFrame([tuple(row[f.name] for f in schema.fields)], schema)
         for _ in range(20):
             if table_exists(self.spark, self.config, LOCK_TABLE):
                 return
             try:
-                write_table(free, self.config, LOCK_TABLE, mode="append")
+                write_table(ours, self.config, LOCK_TABLE, mode="errorifexists")
                 return
             except Exception as exc:  # noqa: BLE001 - a concurrent creator; look again
                 if not _is_conflict(exc):
@@ -201,9 +211,13 @@ class RunLock:
             self._break_owner = rows[0].owner
         while True:
             if rows is None:
-                self._ensure_table()
-                rows = []
+                self._ensure_table()  # with our lease in it, unless another pipeline created it first
+                rows = self._rows() or []
             lease = rows[0] if rows else None
+            if lease is not None and lease.owner == self.owner and not is_stale(lease, host=self.host):
+                self.held = True  # the table was created holding our lease
+                self._start_renewing()
+                return self
             if self._may_take(lease):
                 if lease is not None and lease.owner != self.owner:
                     why = "breaking (runner.break_lock=true)" if not is_stale(lease, host=self.host) else \
