@@ -461,7 +461,8 @@ def main(ctx) -> dict:
         labels = neuron_label_map(spark, cfg)
         for exp in exps:
             clock = ctx.new_clock(str(exp))
-            joined, pdf = load_experiment(spark, cfg, units, neurons, exp)
+            # the unit texts are not read here (effects use outcomes, covariates, folds and codes): not collected
+            joined, pdf = load_experiment(spark, cfg, units.drop("text"), neurons, exp)
             clock.lap("load")
             mods_all = mods_every[mods_every["experiment_id"] == exp]
             spec = nuisance_spec(cfg, pdf, mods_all, covariates)

@@ -281,7 +281,7 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
     if rc.kind != "sae" or rc.backend == "local":
         # one process trains on everything anyway: collect the vectors (Arrow) instead of staging a copy, in a
         # fixed order (Spark's partition order is not one), so a rerun trains on the same sequence
-        pdf = train_df.orderBy(*TRAINING_ORDER).select("vector").toPandas()
+        pdf = _sorted_frame(train_df.select(*TRAINING_ORDER, "vector"), TRAINING_ORDER)[["vector"]]
         if pdf.empty:
             raise ValueError("no training vectors for represent.train_on=" + rc.train_on)
         source = np.stack(pdf["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
@@ -300,6 +300,16 @@ def _fit(spark, cfg: Config, train_df, on_epoch=None, n_latents=None):
                        matryoshka=nested_prefixes(rc.matryoshka, n_latents))
     return train_distributed(source, params, backend=rc.backend, num_processes=rc.num_processes,
                              use_gpu=rc.use_gpu, spark=spark, on_epoch=on_epoch)
+
+
+def _sorted_frame(df, keys):
+    """``df.orderBy(*keys).toPandas()`` with the sort done on the driver: Spark's global sort samples its input in
+    an extra job (recomputing the joins and scans upstream) and shuffles the wide rows, which a driver-side sort of
+    the collected frame avoids. Same row order: Spark orders strings by UTF-8 bytes, i.e. by code point, as Python
+    does, integers numerically, nulls first in ascending order (``na_position="first"``); the keys used here
+    identify a row, so there are no ties whose order could differ."""
+    pdf = df.toPandas()
+    return pdf.sort_values(list(keys), kind="stable", na_position="first").reset_index(drop=True)
 
 
 def _sample_fraction(n: int, cap: int) -> float:
@@ -322,8 +332,8 @@ def _labels(spark, cfg: Config, rep, neurons, model_hash: str, n_units: int):
     units = read_table(spark, cfg, "units").select("experiment_id", "unit_id", "text")
     emb = read_table(spark, cfg, "embeddings").where(F.col("model_hash") == model_hash).select(
         "experiment_id", "unit_id", "vector")
-    rows = (keyed.join(units, ["experiment_id", "unit_id"]).join(emb, ["experiment_id", "unit_id"])
-            .orderBy("experiment_id", "unit_id").toPandas())
+    rows = _sorted_frame(keyed.join(units, ["experiment_id", "unit_id"]).join(emb, ["experiment_id", "unit_id"]),
+                         ("experiment_id", "unit_id"))
     if rows.empty:
         return []
     x = np.stack(rows["vector"].map(lambda v: np.asarray(v, dtype=np.float32)).to_numpy())
@@ -407,7 +417,8 @@ def main(ctx) -> dict:
             agg = codes.agg(F.count("*").alias("n"), F.sum("sse").alias("sse"), F.sum("sq").alias("sq")).collect()[0]
         n_units = int(agg["n"])
         # FVE needs the centred total sum of squares: sum ||x||^2 - n ||mean||^2 (mean by a Spark aggregate)
-        dim = len(emb.select("vector").first()["vector"])
+        # the vectors' width is the fitted model's input width (encode_frame above checked every vector against it)
+        dim = int(getattr(rep, "n_features_in_", 0) or 0) or len(emb.select("vector").first()["vector"])
         sums = emb.select([F.sum(F.col("vector")[i]).alias(f"s{i}") for i in range(dim)]).collect()[0]
         mean = np.array([sums[f"s{i}"] for i in range(dim)], dtype=np.float64) / max(n_units, 1)
         sst = float(agg["sq"]) - n_units * float(mean @ mean)
@@ -438,8 +449,12 @@ def main(ctx) -> dict:
                          F.when(F.col("n_active") > 0, F.col("sum_value") / F.col("n_active"))
                          .otherwise(F.lit(0.0)).alias("mean_activation_when_active"))
                  .orderBy("neuron"))
-        ctx.write("neuron_stats", stats, mode="overwrite", overwrite_schema=True)
-        n_dead = stats.where(F.col("n_active") == 0).count()
+        # one row per neuron: computed once (one pass over the codes), written from the driver and counted there,
+        # instead of a write and a count that each recomputed the explode and aggregation over every unit's code
+        stat_rows = stats.collect()
+        ctx.write("neuron_stats", spark.createDataFrame(stat_rows, stats.schema), mode="overwrite",
+                  overwrite_schema=True)
+        n_dead = sum(1 for r in stat_rows if r["n_active"] == 0)
 
         metrics = {
             "normalized_mse": float(agg["sse"]) / float(agg["sq"]) if agg["sq"] else float("nan"),
