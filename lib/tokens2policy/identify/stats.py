@@ -27,6 +27,11 @@ import scipy.sparse as sp
 
 # cells per column chunk of the robust (HC2 / cluster) path: its n x chunk temporaries stay cache-resident
 DENSE_CHUNK = 1 << 17
+# hc2 on sparse Z: the rows where a conditioning feature is non-zero are evaluated cell by cell, the others in closed
+# form (Block._hc2) — unless those rows are more than this share of the block (then every cell, as for dense Z)
+ROBUST_ROW_SHARE = 0.5
+# hc2 on sparse Z: stored entries of the candidates' columns per chunk of the closed form's one-by-one part
+ENTRY_CHUNK = 1 << 21
 # a row whose leverage in the full regression exceeds 1 - LEVERAGE_TOL makes HC2's e_i²/(1 - h_i) a 0/0: the
 # candidate is not tested (trace reason "leverage") — its coefficient rests on that one row
 LEVERAGE_TOL = 1e-6
@@ -187,6 +192,59 @@ def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
 
 def _rowdot(A, B):
     return np.einsum("ij,ij->i", A, B)
+
+
+def _hc2_terms(A1, B1, yres, hD, beta, br, raw=False):
+    """Per-row terms of the hc2 sums from the residualized [x_j, t x_j] = (A1, B1) of each (row, candidate) entry
+    (1-d arrays; ``beta``, ``br`` the candidate's rows of beta and bread): A = a²/(1 - h) (0 where the leverage is
+    ≈ 1), and A e², A²(1 - 2h), the three X̃'AX̃ terms, A·A1, A·B1, A, the leverage flag. ``raw``: also E (e_i
+    without ỹ_i, for rows where ỹ enters through its sums) and A."""
+    E = yres - A1 * beta[:, 0] - B1 * beta[:, 1]
+    a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]
+    h = hD + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
+    bad = h > 1.0 - LEVERAGE_TOL
+    with np.errstate(divide="ignore", invalid="ignore"):
+        A = np.where(bad, 0.0, a * a / (1.0 - h))
+    AA1, AB1 = A * A1, A * B1
+    out = {"a2h": A * A * (1.0 - 2.0 * h), "xax0": AA1 * A1, "xax1": AA1 * B1, "xax2": AB1 * B1,
+           "sA1": AA1, "sB1": AB1, "sA": A, "bad": bad.astype(float)}
+    if raw:
+        out.update(A=A, E=E)
+    else:
+        out["meat"] = A * E * E
+    return out
+
+
+def _hc2_cells(out, pos, cols, t, D, yres, v, hD, pi, beta, bread):
+    """Adds to ``out`` the hc2 sums (``Block.robust``) of the candidates at positions ``pos`` over the rows given,
+    evaluating every (row, candidate) cell: ``cols(c)`` the candidates' columns on these rows (rows x |c|), D, ỹ,
+    v, h_D the rows' design, residual outcome, arm basis and leverage. Column chunks of DENSE_CHUNK cells."""
+    n = len(t)
+    arms = [np.nonzero(t == a)[0] for a in (0, 1)]
+    vv = [(v[r][:, :, None] * v[r][:, None, :]).reshape(len(r), -1) for r in arms]
+    step = max(1, DENSE_CHUNK // max(1, n))
+    for lo in range(0, len(pos), step):
+        c = pos[lo:lo + step]
+        X = cols(c)                                              # n x |c|
+        A1 = X - D @ pi[c, :, 0].T                               # residualized x_j
+        B1 = t[:, None] * X - D @ pi[c, :, 1].T                  # residualized t x_j
+        E = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]    # full-regression residual
+        br = bread[c]
+        a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]                  # γ̂_j = Σ a_i y_i
+        h = hD[:, None] + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
+        bad = h > 1.0 - LEVERAGE_TOL
+        out["n_lev"][c] += bad.sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            A = np.where(bad, 0.0, a * a / (1.0 - h))
+        out["meat"][c] += np.einsum("ij,ij->j", A, E * E)
+        out["a2h"][c] += np.einsum("ij,ij->j", A * A, 1.0 - 2.0 * h)
+        AA1, AB1 = A * A1, A * B1
+        out["XAX"][c] += np.column_stack([np.einsum("ij,ij->j", AA1, A1), np.einsum("ij,ij->j", AA1, B1),
+                                          np.einsum("ij,ij->j", AB1, B1)])
+        for arm, r in enumerate(arms):
+            out["XAV"][c, 0, arm] += AA1[r].T @ v[r]
+            out["XAV"][c, 1, arm] += AB1[r].T @ v[r]
+            out["VAV"][c, arm] += (vv[arm].T @ A[r]).T
 
 
 class Block:
@@ -461,17 +519,14 @@ class Block:
         D = np.column_stack([np.ones(self.n), t, XS, t[:, None] * XS])
         yres = self.y - D @ dy
         v, hD = self.arm_basis(S, linv)
+        if kind == "hc2":
+            return self._hc2(J, XS, D, yres, v, hD, pi, beta, bread, linv)
         kk = k + 1
         arms = [np.nonzero(t == a)[0] for a in (0, 1)]
-        if kind == "hc2":
-            out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
-                   "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk)), "n_lev": np.zeros(nJ)}
-            vv = [(v[r][:, :, None] * v[r][:, None, :]).reshape(len(r), -1) for r in arms]
-        else:
-            d = 2 * kk + 2
-            out = {"meat": np.zeros(nJ), "a4": np.zeros(nJ), "a2u2": np.zeros(nJ), "UU": np.zeros((nJ, d, d))}
-            codes, inv = np.unique(self.codes, return_inverse=True)
-            onehot = sp.csr_matrix((np.ones(self.n), (inv, np.arange(self.n))), shape=(len(codes), self.n))
+        d = 2 * kk + 2
+        out = {"meat": np.zeros(nJ), "a4": np.zeros(nJ), "a2u2": np.zeros(nJ), "UU": np.zeros((nJ, d, d))}
+        codes, inv = np.unique(self.codes, return_inverse=True)
+        onehot = sp.csr_matrix((np.ones(self.n), (inv, np.arange(self.n))), shape=(len(codes), self.n))
         step = max(1, DENSE_CHUNK // max(1, self.n))
         for lo in range(0, nJ, step):
             c = np.arange(lo, min(nJ, lo + step))
@@ -481,34 +536,119 @@ class Block:
             E = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]    # full-regression residual
             br = bread[c]
             a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]                  # γ̂_j = Σ a_i y_i
-            if kind == "hc2":
-                h = hD[:, None] + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
-                bad = h > 1.0 - LEVERAGE_TOL
-                out["n_lev"][c] += bad.sum(0)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    A = np.where(bad, 0.0, a * a / (1.0 - h))
-                out["meat"][c] += np.einsum("ij,ij->j", A, E * E)
-                out["a2h"][c] += np.einsum("ij,ij->j", A * A, 1.0 - 2.0 * h)
-                AA1, AB1 = A * A1, A * B1
-                out["XAX"][c] += np.column_stack([np.einsum("ij,ij->j", AA1, A1), np.einsum("ij,ij->j", AA1, B1),
-                                                  np.einsum("ij,ij->j", AB1, B1)])
-                for arm, r in enumerate(arms):
-                    out["XAV"][c, 0, arm] += AA1[r].T @ v[r]
-                    out["XAV"][c, 1, arm] += AB1[r].T @ v[r]
-                    out["VAV"][c, arm] += (vv[arm].T @ A[r]).T
-            else:
-                out["meat"][c] += ((onehot @ (a * E)) ** 2).sum(0)
-                a2g = onehot @ (a * a)                                # |a_g|²
-                out["a4"][c] += (a2g * a2g).sum(0)
-                U = np.empty((onehot.shape[0], len(c), 2 * kk + 2))
-                for arm, r in enumerate(arms):
-                    U[:, :, arm * kk:(arm + 1) * kk] = np.stack(
-                        [onehot[:, r] @ (a[r] * v[r, l:l + 1]) for l in range(kk)], axis=2)
-                XA = np.stack([onehot @ (a * A1), onehot @ (a * B1)], axis=2)          # X̃_g'a_g
-                U[:, :, 2 * kk:] = np.einsum("gjb,jba->gja", XA, chol_bread[c])          # L'X̃_g'a_g
-                out["a2u2"][c] += (a2g * np.einsum("gjd,gjd->gj", U, U)).sum(0)
-                out["UU"][c] += np.einsum("gjd,gje->jde", U, U)
+            out["meat"][c] += ((onehot @ (a * E)) ** 2).sum(0)
+            a2g = onehot @ (a * a)                                # |a_g|²
+            out["a4"][c] += (a2g * a2g).sum(0)
+            U = np.empty((onehot.shape[0], len(c), 2 * kk + 2))
+            for arm, r in enumerate(arms):
+                U[:, :, arm * kk:(arm + 1) * kk] = np.stack(
+                    [onehot[:, r] @ (a[r] * v[r, l:l + 1]) for l in range(kk)], axis=2)
+            XA = np.stack([onehot @ (a * A1), onehot @ (a * B1)], axis=2)          # X̃_g'a_g
+            U[:, :, 2 * kk:] = np.einsum("gjb,jba->gja", XA, chol_bread[c])          # L'X̃_g'a_g
+            out["a2u2"][c] += (a2g * np.einsum("gjd,gjd->gj", U, U)).sum(0)
+            out["UU"][c] += np.einsum("gjd,gje->jde", U, U)
         return out
+
+    def _hc2(self, J, XS, D, yres, v, hD, pi, beta, bread, linv):
+        """The hc2 sums of ``robust``. Dense Z, covariate candidates, or conditioning features non-zero on more
+        than ROBUST_ROW_SHARE of the rows: every (row, candidate) cell (``_hc2_cells``). Otherwise (sparse Z), the
+        rows split in two, the sums exact on both (the same terms, added in another order):
+
+        * rows where some feature of S is non-zero (R_S): every cell, as above, on those rows only;
+        * the others, where D_i = [1, t_i, 0, 0] and so v_i = L_a⁻¹e₁ is one vector per arm: on a row where x_j is
+          0 as well, x̃_ij = -(π_j,0 + t_i π_j,1) and with it a_i, h_i, A_i are constants per (candidate, arm), and
+          e_i = ỹ_i + c_j,a; each sum is then that constant times the arm's row count, Σ ỹ or Σ ỹ² over these
+          rows. The rows where x_j is stored (its CSC entries outside R_S, explicit zeros included) are evaluated
+          one by one and their count and Σ ỹ, Σ ỹ² taken out of the constant rows' totals.
+
+        Cost O(nnz(Z_J) + |R_S| · |J| + n · (|S| + 1)) instead of O(n · |J|); the SAE-like codes' R_S is the few
+        per cent of rows where one of the selected neurons fires."""
+        nJ, kk, n = len(J), v.shape[1], self.n
+        out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
+               "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk)), "n_lev": np.zeros(nJ)}
+        t = self.t
+        on_rs = (XS != 0).any(1) if XS.shape[1] else np.zeros(n, bool)
+        rs = np.flatnonzero(on_rs)
+        pos = np.arange(nJ)
+        if not self.sparse or len(rs) > ROBUST_ROW_SHARE * n:
+            _hc2_cells(out, pos, lambda c: self.columns(J[c]), t, D, yres, v, hD, pi, beta, bread)
+            return out
+        zpos = np.flatnonzero(J >= self.mw)
+        wpos = np.flatnonzero(J < self.mw)
+        if len(wpos):  # dense covariate candidates: every cell
+            _hc2_cells(out, wpos, lambda c: self.columns(J[c]), t, D, yres, v, hD, pi, beta, bread)
+        if len(rs) and len(zpos):
+            sub = Block(self.y[rs], t[rs], None, self._zr[rs])
+            sub.Z  # the column form once (a few columns at a time would each scan the row form)
+            _hc2_cells(out, zpos, lambda c: sub.columns(J[c] - self.mw), t[rs], D[rs], yres[rs], v[rs], hD[rs],
+                       pi, beta, bread)
+        if len(zpos):
+            self._hc2_constant_rows(out, zpos, J, ~on_rs, yres, linv, pi, beta, bread)
+        return out
+
+    def _hc2_constant_rows(self, out, pos, J, base, yres, linv, pi, beta, bread):
+        """``_hc2``'s sums over the rows ``base`` (no feature of S non-zero) for the candidates J[pos] (neurons)."""
+        t = self.t
+        v0 = [np.asarray(linv[a], float)[:, 0] for a in (0, 1)]           # v_i on these rows, per arm
+        hD0 = np.array([v0[0] @ v0[0], v0[1] @ v0[1]])
+        arm_of = np.where(t == 1, 1, np.where(t == 0, 0, -1))
+        N0, Sy0, Syy0 = np.zeros(2), np.zeros(2), np.zeros(2)
+        for a in (0, 1):
+            r = base & (arm_of == a)
+            N0[a], Sy0[a], Syy0[a] = r.sum(), yres[r].sum(), yres[r] @ yres[r]
+        Zc = self.Z
+        indptr = Zc.indptr
+        jz = J[pos] - self.mw
+        nnz_c = indptr[jz + 1] - indptr[jz]
+        ends = np.cumsum(nnz_c)
+        lo = 0
+        while lo < len(pos):  # candidate chunks of about ENTRY_CHUNK stored entries
+            hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + ENTRY_CHUNK, side="right")))
+            hi = min(hi, len(pos))
+            c = pos[lo:hi]
+            cnt = nnz_c[lo:hi]
+            owner = np.repeat(np.arange(len(c)), cnt)
+            first = np.cumsum(cnt) - cnt
+            offs = np.arange(int(cnt.sum())) - np.repeat(first - indptr[jz[lo:hi]], cnt)
+            rows = Zc.indices[offs]
+            keep = base[rows] & (arm_of[rows] >= 0)
+            owner, rows, x = owner[keep], rows[keep], Zc.data[offs][keep]
+            arm = arm_of[rows]
+            key = 2 * owner + arm
+            ci = c[owner]
+            # the stored entries, one by one (the rows' D_i = [1, a, 0, 0], so D_i π_j = π_j,0 + a π_j,1)
+            s = _hc2_terms(x - pi[ci, 0, 0] - arm * pi[ci, 1, 0], arm * x - pi[ci, 0, 1] - arm * pi[ci, 1, 1],
+                           yres[rows], hD0[arm], beta[ci], bread[ci])
+            nk = 2 * len(c)
+            ent = {name: np.bincount(key, weights=val, minlength=nk).reshape(len(c), 2) for name, val in s.items()}
+            cnt_a = np.bincount(key, minlength=nk).reshape(len(c), 2).astype(float)
+            sy_a = np.bincount(key, weights=yres[rows], minlength=nk).reshape(len(c), 2)
+            syy_a = np.bincount(key, weights=yres[rows] ** 2, minlength=nk).reshape(len(c), 2)
+            # the constant rows: x_j = 0, per (candidate, arm)
+            a_ = np.array([0.0, 1.0])[None, :]
+            cc = np.repeat(c, 2)
+            const = _hc2_terms(-(pi[c, 0, 0][:, None] + a_ * pi[c, 1, 0][:, None]).ravel(),
+                               -(pi[c, 0, 1][:, None] + a_ * pi[c, 1, 1][:, None]).ravel(),
+                               0.0, np.tile(hD0, len(c)), beta[cc], bread[cc], raw=True)
+            N = N0[None, :] - cnt_a
+            Sy = Sy0[None, :] - sy_a
+            Syy = Syy0[None, :] - syy_a
+            A = const["A"].reshape(-1, 2)
+            ce = const["E"].reshape(-1, 2)                        # e_i = ỹ_i + ce on these rows
+            tot = {"meat": A * (Syy + 2.0 * ce * Sy + ce * ce * N)}
+            for name in ("a2h", "xax0", "xax1", "xax2", "sA1", "sB1", "sA", "bad"):
+                tot[name] = N * const[name].reshape(-1, 2)
+            for name in tot:
+                tot[name] = tot[name] + ent[name]
+            out["meat"][c] += tot["meat"].sum(1)
+            out["a2h"][c] += tot["a2h"].sum(1)
+            out["n_lev"][c] += tot["bad"].sum(1)
+            out["XAX"][c] += np.stack([tot["xax0"].sum(1), tot["xax1"].sum(1), tot["xax2"].sum(1)], 1)
+            for a in (0, 1):
+                out["XAV"][c, 0, a] += tot["sA1"][:, a, None] * v0[a]
+                out["XAV"][c, 1, a] += tot["sB1"][:, a, None] * v0[a]
+                out["VAV"][c, a] += tot["sA"][:, a, None] * np.outer(v0[a], v0[a]).ravel()
+            lo = hi
 
     # ------------------------------------------------------------------ GCM statistics
     def cross_hist(self, S, lo, hi):
