@@ -233,3 +233,74 @@ def test_nexis_hc2_unchanged_against_the_dense_reference(monkeypatch, blocks):
         for key in ("p", "t"):
             if key in a and a[key] is not None and np.isfinite(a[key]):
                 assert a[key] == pytest.approx(b[key], rel=RTOL, abs=1e-300), (a, b)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_series_moments_equal_the_polynomial_summed_row_by_row(k):
+    """``_series_sums`` (moment tensors of v up to degree 6, contracted per candidate) equals ``_series_terms``
+    (the first-order series of each row's terms) summed over the rows: the same polynomial, another order."""
+    rng = np.random.default_rng(40 + k)
+    n, nJ, kk, p = 300, 7, k + 1, 2 + 2 * k
+    V = rng.normal(size=(n, kk)) / np.sqrt(n)
+    w = 1.0 / (1.0 - rng.uniform(0, 0.3, n))
+    yres = rng.normal(size=n)
+    pi = rng.normal(size=(nJ, p, 2))
+    beta = rng.normal(size=(nJ, 2))
+    M = rng.normal(size=(nJ, 2, 2))
+    bread = np.einsum("jab,jcb->jac", M, M) + 0.1 * np.eye(2)
+    linv = [np.linalg.inv(np.linalg.cholesky(np.cov(rng.normal(size=(kk, 3 * kk))) + np.eye(kk))) for _ in (0, 1)]
+    for a in (0, 1):
+        out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
+               "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk))}
+        pos = np.arange(nJ)
+        stats._series_sums(out, pos, a, V, w, yres, pi, beta, bread, linv)
+        U = stats._arm_u(pos, a, pi, linv)
+        for j in range(nJ):
+            z = V @ U[j]
+            tr = stats._series_terms(z[:, 0], z[:, 1], yres, w, np.repeat(beta[j:j + 1], n, 0),
+                                     np.repeat(bread[j:j + 1], n, 0))
+            ref = {"meat": tr["meat"].sum(), "a2h": tr["a2h"].sum(),
+                   "XAX": np.array([tr["xax0"].sum(), tr["xax1"].sum(), tr["xax2"].sum()]),
+                   "XAV": np.stack([tr["sA1"] @ V, tr["sB1"] @ V]),
+                   "VAV": ((V[:, :, None] * V[:, None, :]).reshape(n, -1).T @ tr["sA"])}
+            for name, r in ref.items():
+                g = out[name][j] if name not in ("XAV", "VAV") else out[name][j][:, a] if name == "XAV" \
+                    else out[name][j][a]
+                np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12 * np.abs(r).max(), err_msg=name)
+            other = 1 - a
+            assert not out["XAV"][j][:, other].any() and not out["VAV"][j][other].any()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_series_error_within_its_certified_bound(monkeypatch, k):
+    """Every candidate on the series (threshold lifted): each sum within 10ρ_j²/(1 - ρ_j)² of the every-cell
+    reference, ρ_j the certification's bound (the dropped terms are ≤ 3ρ² of each term; XAV / VAV / the cross
+    term of XAX are measured against the largest entry of their candidate). So at the default SERIES_RHO = 1e-6
+    the series moves a sum by at most ~1e-11 of its scale."""
+    n, m = 6000, 80
+    Z, t, y, rng = _sae_codes(n, m, 5, 20 + k)
+    Zd = Z.toarray()
+    order = np.argsort(-(Zd != 0).sum(0))
+    S = [int(s) for s in order[10:10 + k]]
+    J = _both_arms(Zd, t, [j for j in range(m) if j not in S])
+    args = _plan(Zd, y, t, S, J)
+    ref = _robust_dense_reference(Block(y, t, None, Zd), S, J, *args)
+    rhos = []
+    real = stats._series_rho
+    monkeypatch.setattr(stats, "_series_rho", lambda *a: (rhos.append(real(*a)), rhos[-1])[1])
+    monkeypatch.setattr(stats, "SERIES_RHO", np.inf)
+    got = Block(y, t, None, Z).robust(S, J, *args, "hc2")
+    assert len(rhos) == 1 and np.isfinite(rhos[0]).all()
+    rho = rhos[0]
+    assert rho.max() > 1e-5                                     # the series' error is visible in this design
+    bound = 10 * rho ** 2 / (1 - rho) ** 2 + 1e-11
+    np.testing.assert_array_equal(got["n_lev"], ref["n_lev"])
+    for name in ("meat", "a2h", "XAX", "XAV", "VAV"):
+        scale = np.abs(ref[name]).reshape(len(J), -1).max(1)
+        err = np.abs(got[name] - ref[name]).reshape(len(J), -1).max(1)
+        assert np.all(err <= bound * scale), (name, float((err / scale / bound).max()))
+    # a threshold of 1e-4 (100x the default): the candidates under it on the series, the others cell by cell —
+    # the sums within 1e-9 of the reference all the same
+    assert 0 < (rho <= 1e-4).sum() < len(J)
+    monkeypatch.setattr(stats, "SERIES_RHO", 1e-4)
+    _assert_same(Block(y, t, None, Z).robust(S, J, *args, "hc2"), ref)

@@ -251,15 +251,21 @@ def _arm_u(pos, a, pi, linv):
 
 
 def _series_certified(pos, t, XS, hD, pi, bread):
-    """Which candidates J[pos] may use the series on these rows (``XS`` their X_S, ``hD`` their leverages): a bound
-    ρ_j ≥ max_i w_i q_i over the rows, at most SERIES_RHO. On the rows of arm a whose non-zero features of S are the
+    """Which candidates J[pos] may use the series on these rows: ``_series_rho`` at most SERIES_RHO."""
+    rho = _series_rho(pos, t, XS, hD, pi, bread)
+    return np.isfinite(rho) & (rho <= SERIES_RHO)
+
+
+def _series_rho(pos, t, XS, hD, pi, bread):
+    """For each candidate J[pos], a bound ρ_j ≥ max_i w_i q_i over these rows (``XS`` their X_S, ``hD`` their
+    leverages); +inf where the series is not offered. On the rows of arm a whose non-zero features of S are the
     set P, z_i = θ_0 + Σ_{s∈P} x_is θ_s (θ_j,a: D π_j's coefficients on [1, x_S] in arm a) is linear in x_P, which
     lies in the box of those rows' per-feature ranges, and q = z'Bz (B = bread_j) is convex: its maximum over the box is
-    at one of the 2^|P| corners. ρ_j = max over arms and sets P of max_i w_i · max_corners q. None when a row has
+    at one of the 2^|P| corners. ρ_j = max over arms and sets P of max_i w_i · max_corners q; +inf when a row has
     h_D > 1/2 or |S| + 1 > SERIES_MAX_KK."""
     n, k = XS.shape
     if k + 1 > SERIES_MAX_KK or not n or hD.max() > 0.5:
-        return np.zeros(len(pos), bool)
+        return np.full(len(pos), np.inf)
     import itertools
     br = bread[pos]
     nz = XS != 0
@@ -281,7 +287,7 @@ def _series_certified(pos, t, XS, hD, pi, bread):
             z = theta[:, None, 0, :] + np.einsum("cs,jsb->jcb", corners, theta[:, 1:, :])
             q = np.einsum("jcb,jbe,jce->jc", z, br, z).max(1)
             rho = np.maximum(rho, w[rows].max() * q)
-    return np.isfinite(rho) & (rho <= SERIES_RHO)
+    return rho
 
 
 def _monomial_tables(kk, d):
