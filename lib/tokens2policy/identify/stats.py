@@ -12,7 +12,9 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 * ``cross(S)``           O(nnz · |S|): F'x_s and F'(t x_s), the cross-products a newly selected feature adds.
 * ``robust(...)``        HC2 / cluster variance sums and their Bell–McCaffrey degrees-of-freedom terms given
                          per-candidate coefficients: O(n · |J| · p) as a few matrix products and column sums over
-                         cache-sized chunks of candidates (sparse columns are read densely one chunk at a time).
+                         cache-sized chunks of candidates (sparse columns are read densely one chunk at a time);
+                         hc2 on sparse Z O(nnz(Z_J) + n · poly(|S|)) plus the cells of the rows where a selected
+                         feature fires for the candidates whose series bound is not met (``Block._hc2``).
 * ``cross_hist(S)``      ``cross(S)`` plus the histograms of X_S' non-zero values (the spline knots).
 * ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the basis ridge nuisances per fold (spline or poly2) and the
                          GCM sums, with each candidate residualized linearly or by a cross-fitted basis ridge.
