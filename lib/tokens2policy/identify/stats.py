@@ -12,7 +12,9 @@ Costs (n rows, M = mw + m candidate columns, nnz non-zeros of Z):
 * ``cross(S)``           O(nnz · |S|): F'x_s and F'(t x_s), the cross-products a newly selected feature adds.
 * ``robust(...)``        HC2 / cluster variance sums and their Bell–McCaffrey degrees-of-freedom terms given
                          per-candidate coefficients: O(n · |J| · p) as a few matrix products and column sums over
-                         cache-sized chunks of candidates (sparse columns are read densely one chunk at a time).
+                         cache-sized chunks of candidates (sparse columns are read densely one chunk at a time);
+                         hc2 on sparse Z O(nnz(Z_J) + n · poly(|S|)) plus the cells of the rows where a selected
+                         feature fires for the candidates whose series bound is not met (``Block._hc2``).
 * ``cross_hist(S)``      ``cross(S)`` plus the histograms of X_S' non-zero values (the spline knots).
 * ``fold_grams`` / ``gcm_residual`` / ``gcm_sums``   the basis ridge nuisances per fold (spline or poly2) and the
                          GCM sums, with each candidate residualized linearly or by a cross-fitted basis ridge.
@@ -27,6 +29,21 @@ import scipy.sparse as sp
 
 # cells per column chunk of the robust (HC2 / cluster) path: its n x chunk temporaries stay cache-resident
 DENSE_CHUNK = 1 << 17
+# hc2 on sparse Z: the rows where a conditioning feature is non-zero are evaluated cell by cell, the others in closed
+# form (Block._hc2) — unless those rows are more than this share of the block (then every cell, as for dense Z)
+ROBUST_ROW_SHARE = 0.5
+# hc2 on sparse Z: stored entries of the candidates' columns per chunk of the closed form's one-by-one part
+ENTRY_CHUNK = 1 << 21
+# hc2 on sparse Z, rows where a selected feature is non-zero: 1/(1 - h_i) = w_i Σ_k (w_i q_i)^k (w_i = 1/(1 - h_D,i),
+# q_i the candidate's share of the leverage) summed to first order by moments of v_i up to degree 6, for a candidate
+# whose certified bound ρ ≥ max_i w_i q_i is at most SERIES_RHO (the dropped terms are ≤ 3ρ²/(1 - ρ)² of each
+# sum's scale: ≤ 3e-12 here); otherwise, or for |S| + 1 > SERIES_MAX_KK, those rows are evaluated cell by cell
+SERIES_RHO = 1e-6
+SERIES_MAX_KK = 8
+# ... the bound is taken over R_S without its rows of the largest h_D, this share of R_S, evaluated cell by cell
+SERIES_TAIL = 1 / 64
+# entries per chunk of the series' exact correction on the candidates' stored entries (n_ent x (|S|+1)² temporaries)
+SERIES_ENTRY_CHUNK = 1 << 17
 # a row whose leverage in the full regression exceeds 1 - LEVERAGE_TOL makes HC2's e_i²/(1 - h_i) a 0/0: the
 # candidate is not tested (trace reason "leverage") — its coefficient rests on that one row
 LEVERAGE_TOL = 1e-6
@@ -187,6 +204,193 @@ def dense_row_pass(Z, V, with_nnz=False, with_range=False, Vsq=None):
 
 def _rowdot(A, B):
     return np.einsum("ij,ij->i", A, B)
+
+
+def _hc2_terms(A1, B1, yres, hD, beta, br, raw=False):
+    """Per-row terms of the hc2 sums from the residualized [x_j, t x_j] = (A1, B1) of each (row, candidate) entry
+    (1-d arrays; ``beta``, ``br`` the candidate's rows of beta and bread): A = a²/(1 - h) (0 where the leverage is
+    ≈ 1), and A e², A²(1 - 2h), the three X̃'AX̃ terms, A·A1, A·B1, A, the leverage flag. ``raw``: also E (e_i
+    without ỹ_i, for rows where ỹ enters through its sums) and A."""
+    E = yres - A1 * beta[:, 0] - B1 * beta[:, 1]
+    a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]
+    h = hD + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
+    bad = h > 1.0 - LEVERAGE_TOL
+    with np.errstate(divide="ignore", invalid="ignore"):
+        A = np.where(bad, 0.0, a * a / (1.0 - h))
+    AA1, AB1 = A * A1, A * B1
+    out = {"a2h": A * A * (1.0 - 2.0 * h), "xax0": AA1 * A1, "xax1": AA1 * B1, "xax2": AB1 * B1,
+           "sA1": AA1, "sB1": AB1, "sA": A, "bad": bad.astype(float)}
+    if raw:
+        out.update(A=A, E=E)
+    else:
+        out["meat"] = A * E * E
+    return out
+
+
+def _series_terms(z0, z1, yres, w, beta, br):
+    """The first-order series of ``_hc2_terms`` on a row where x_j = 0 (x̃ = -z, z = D_iπ_j), per entry: the
+    polynomial in z that ``_series_sums`` sums by moments (no leverage flag: certified rows have h < 1/2 + ρ)."""
+    s = z0 * br[:, 1, 0] + z1 * br[:, 1, 1]
+    q = z0 * z0 * br[:, 0, 0] + 2 * z0 * z1 * br[:, 0, 1] + z1 * z1 * br[:, 1, 1]
+    E = yres + z0 * beta[:, 0] + z1 * beta[:, 1]
+    s2 = s * s
+    A = s2 * (w + w * w * q)
+    Az0, Az1 = A * z0, A * z1
+    return {"meat": A * E * E, "a2h": s2 * s2 * ((2 * w - w * w) + q * (2 * w * w - 2 * w * w * w)),
+            "xax0": Az0 * z0, "xax1": Az0 * z1, "xax2": Az1 * z1, "sA1": -Az0, "sB1": -Az1, "sA": A}
+
+
+def _arm_u(pos, a, pi, linv):
+    """U_j,a (|pos| x (k+1) x 2): D_iπ_j = v_i'U_j,a on the rows of arm a (v_i = L_a⁻¹[1, x_S,i], D_i = [1, a, x_S,
+    a x_S]; π's rows in D's order)."""
+    p = pi.shape[1]
+    k = (p - 2) // 2
+    ic = np.r_[0, 2:2 + k]
+    it = np.r_[1, 2 + k:2 + 2 * k]
+    theta = pi[pos][:, ic, :] + a * pi[pos][:, it, :]          # coefficients on [1, x_S] in arm a
+    L = np.linalg.inv(np.asarray(linv[a], float))
+    return np.einsum("lk,jlb->jkb", L, theta)                    # L'θ
+
+
+def _series_certified(pos, t, XS, hD, pi, bread):
+    """Which candidates J[pos] may use the series on these rows: ``_series_rho`` at most SERIES_RHO."""
+    rho = _series_rho(pos, t, XS, hD, pi, bread)
+    return np.isfinite(rho) & (rho <= SERIES_RHO)
+
+
+def _series_rho(pos, t, XS, hD, pi, bread):
+    """For each candidate J[pos], a bound ρ_j ≥ max_i w_i q_i over these rows (``XS`` their X_S, ``hD`` their
+    leverages); +inf where the series is not offered. On the rows of arm a whose non-zero features of S are the
+    set P, z_i = θ_0 + Σ_{s∈P} x_is θ_s (θ_j,a: D π_j's coefficients on [1, x_S] in arm a) is linear in x_P, which
+    lies in the box of those rows' per-feature ranges, and q = z'Bz (B = bread_j) is convex: its maximum over the box is
+    at one of the 2^|P| corners. ρ_j = max over arms and sets P of max_i w_i · max_corners q; +inf when a row has
+    h_D > 1/2 or |S| + 1 > SERIES_MAX_KK."""
+    n, k = XS.shape
+    if k + 1 > SERIES_MAX_KK or not n or hD.max() > 0.5:
+        return np.full(len(pos), np.inf)
+    import itertools
+    br = bread[pos]
+    nz = XS != 0
+    code = nz.astype(np.int64) @ (1 << np.arange(k))
+    w = 1.0 / (1.0 - hD)
+    ic, it = np.r_[0, 2:2 + k], np.r_[1, 2 + k:2 + 2 * k]
+    rho = np.zeros(len(pos))
+    for a in (0, 1):
+        theta = pi[pos][:, ic, :] + a * pi[pos][:, it, :]           # (|pos|, k + 1, 2)
+        arm = t == a
+        for pat in np.unique(code[arm]):
+            rows = arm & (code == pat)
+            P = [s_ for s_ in range(k) if pat >> s_ & 1]
+            X = XS[rows][:, P]
+            lo, hi = X.min(0), X.max(0)
+            corners = np.zeros((1 << len(P), k))
+            for ci, bits in enumerate(itertools.product((0, 1), repeat=len(P))):
+                corners[ci, P] = np.where(np.array(bits, bool), hi, lo)
+            z = theta[:, None, 0, :] + np.einsum("cs,jsb->jcb", corners, theta[:, 1:, :])
+            q = np.einsum("jcb,jbe,jce->jc", z, br, z).max(1)
+            rho = np.maximum(rho, w[rows].max() * q)
+    return rho
+
+
+def _monomial_tables(kk, d):
+    """Degree-d monomials of kk variables (sorted index tuples) and, for every full index (i_1..i_d), its
+    monomial's number (a kk^d array)."""
+    import itertools
+    combos = list(itertools.combinations_with_replacement(range(kk), d))
+    number = {cmb: i for i, cmb in enumerate(combos)}
+    full = np.array([number[tuple(sorted(ix))] for ix in itertools.product(range(kk), repeat=d)], dtype=np.int64)
+    return combos, full
+
+
+def _moment_tensors(V, weights):
+    """Full symmetric tensors Σ_i c_i v_i^⊗d ((kk,)*d) for each (name, c, d) in ``weights`` (d ≤ 6), each from one
+    product of the rows' monomials of degrees ⌈d/2⌉ and ⌊d/2⌋ (|rows| x C(kk+2, 3) at most)."""
+    n, kk = V.shape
+    mono, full = {1: V}, {1: np.arange(kk)}
+    for d in (2, 3):
+        combos, full[d] = _monomial_tables(kk, d)
+        prev = {cmb: i for i, cmb in enumerate(_monomial_tables(kk, d - 1)[0])}
+        left = np.array([prev[cmb[:-1]] for cmb in combos], dtype=np.int64)
+        right = np.array([cmb[-1] for cmb in combos], dtype=np.int64)
+        mono[d] = mono[d - 1][:, left] * V[:, right]
+    out = {}
+    for name, c, d in weights:
+        d1, d2 = (d + 1) // 2, d // 2
+        G = (mono[d1] * c[:, None]).T @ mono[d2]
+        out[name] = G[full[d1][:, None], full[d2][None, :]].reshape((kk,) * d)
+    return out
+
+
+def _series_sums(out, pos, a, V, w, yres, pi, beta, bread, linv):
+    """Adds the series sums (``_series_terms`` summed over the rows) of arm a's rows V (v_i), w_i, ỹ_i to ``out``
+    for the candidates J[pos], from the rows' moment tensors of v weighted by w ỹ², w ỹ, w, w² ỹ², w² ỹ, w², 2w - w²,
+    2w² - 2w³ (degrees 2..6), each contracted per candidate with δ = U b (s = δ'v, b = bread_j[1]), Q = U B U'
+    (q = v'Qv, B = bread_j), γ = U β_j (z'β_j = γ'v) and U itself (z = U'v)."""
+    kk = V.shape[1]
+    w2 = w * w
+    T = _moment_tensors(V, [("m2", w * yres * yres, 2), ("m3", w * yres, 3), ("m4", w, 4),
+                            ("n4", w2 * yres * yres, 4), ("n5", w2 * yres, 5), ("n6", w2, 6),
+                            ("a4", 2 * w - w2, 4), ("a6", 2 * w2 - 2 * w2 * w, 6)])
+    e = np.einsum
+    step = max(1, (1 << 22) // kk ** 5)
+    for lo in range(0, len(pos), step):
+        c = pos[lo:lo + step]
+        nc = len(c)
+        U = _arm_u(c, a, pi, linv)                                   # (nc, kk, 2)
+        br = bread[c]
+        dl = e("jkb,jb->jk", U, br[:, 1, :])                         # δ
+        gm = e("jkb,jb->jk", U, beta[c])                             # γ
+        Q = e("jkb,jbc,jlc->jkl", U, br, U).reshape(nc, kk * kk)     # U B U'
+
+        def first(name, vec=dl):                                     # the shared tensor's first axis with a vector
+            return vec @ T[name].reshape(kk, -1)
+
+        def by(X, vec):                                              # next axis with a per-candidate vector
+            return e("jk,jkx->jx", vec, X.reshape(nc, vec.shape[1], -1))
+        ss = {name: by(first(name), dl) for name in T}                # s² factor: (nc, kk^(d-2))
+        v6 = by(ss["n6"], Q)                                         # Σ w² s² q v v'   (nc, kk²)
+        v4 = ss["m4"]                                                # Σ w s² v v'
+        vav = v4 + v6
+        xav = e("jkl,jkb->jbl", vav.reshape(nc, kk, kk), U)          # Σ A z_b v
+        xax = e("jbl,jlc->jbc", xav, U)                              # Σ A z_b z_c
+        out["VAV"][c, a] += vav
+        out["XAV"][c, :, a] -= xav
+        out["XAX"][c] += np.stack([xax[:, 0, 0], xax[:, 0, 1], xax[:, 1, 1]], 1)
+        out["meat"][c] += (ss["m2"][:, 0] + 2 * by(ss["m3"], gm)[:, 0] + by(by(v4, gm), gm)[:, 0]
+                           + by(ss["n4"], Q)[:, 0] + 2 * by(by(ss["n5"], Q), gm)[:, 0] + by(by(v6, gm), gm)[:, 0])
+        out["a2h"][c] += by(by(ss["a4"], dl), dl)[:, 0] + by(by(by(ss["a6"], dl), dl), Q)[:, 0]
+
+
+def _hc2_cells(out, pos, cols, t, D, yres, v, hD, pi, beta, bread):
+    """Adds to ``out`` the hc2 sums (``Block.robust``) of the candidates at positions ``pos`` over the rows given,
+    evaluating every (row, candidate) cell: ``cols(c)`` the candidates' columns on these rows (rows x |c|), D, ỹ,
+    v, h_D the rows' design, residual outcome, arm basis and leverage. Column chunks of DENSE_CHUNK cells."""
+    n = len(t)
+    arms = [np.nonzero(t == a)[0] for a in (0, 1)]
+    vv = [(v[r][:, :, None] * v[r][:, None, :]).reshape(len(r), -1) for r in arms]
+    step = max(1, DENSE_CHUNK // max(1, n))
+    for lo in range(0, len(pos), step):
+        c = pos[lo:lo + step]
+        X = cols(c)                                              # n x |c|
+        A1 = X - D @ pi[c, :, 0].T                               # residualized x_j
+        B1 = t[:, None] * X - D @ pi[c, :, 1].T                  # residualized t x_j
+        E = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]    # full-regression residual
+        br = bread[c]
+        a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]                  # γ̂_j = Σ a_i y_i
+        h = hD[:, None] + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
+        bad = h > 1.0 - LEVERAGE_TOL
+        out["n_lev"][c] += bad.sum(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            A = np.where(bad, 0.0, a * a / (1.0 - h))
+        out["meat"][c] += np.einsum("ij,ij->j", A, E * E)
+        out["a2h"][c] += np.einsum("ij,ij->j", A * A, 1.0 - 2.0 * h)
+        AA1, AB1 = A * A1, A * B1
+        out["XAX"][c] += np.column_stack([np.einsum("ij,ij->j", AA1, A1), np.einsum("ij,ij->j", AA1, B1),
+                                          np.einsum("ij,ij->j", AB1, B1)])
+        for arm, r in enumerate(arms):
+            out["XAV"][c, 0, arm] += AA1[r].T @ v[r]
+            out["XAV"][c, 1, arm] += AB1[r].T @ v[r]
+            out["VAV"][c, arm] += (vv[arm].T @ A[r]).T
 
 
 class Block:
@@ -461,17 +665,14 @@ class Block:
         D = np.column_stack([np.ones(self.n), t, XS, t[:, None] * XS])
         yres = self.y - D @ dy
         v, hD = self.arm_basis(S, linv)
+        if kind == "hc2":
+            return self._hc2(J, XS, D, yres, v, hD, pi, beta, bread, linv)
         kk = k + 1
         arms = [np.nonzero(t == a)[0] for a in (0, 1)]
-        if kind == "hc2":
-            out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
-                   "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk)), "n_lev": np.zeros(nJ)}
-            vv = [(v[r][:, :, None] * v[r][:, None, :]).reshape(len(r), -1) for r in arms]
-        else:
-            d = 2 * kk + 2
-            out = {"meat": np.zeros(nJ), "a4": np.zeros(nJ), "a2u2": np.zeros(nJ), "UU": np.zeros((nJ, d, d))}
-            codes, inv = np.unique(self.codes, return_inverse=True)
-            onehot = sp.csr_matrix((np.ones(self.n), (inv, np.arange(self.n))), shape=(len(codes), self.n))
+        d = 2 * kk + 2
+        out = {"meat": np.zeros(nJ), "a4": np.zeros(nJ), "a2u2": np.zeros(nJ), "UU": np.zeros((nJ, d, d))}
+        codes, inv = np.unique(self.codes, return_inverse=True)
+        onehot = sp.csr_matrix((np.ones(self.n), (inv, np.arange(self.n))), shape=(len(codes), self.n))
         step = max(1, DENSE_CHUNK // max(1, self.n))
         for lo in range(0, nJ, step):
             c = np.arange(lo, min(nJ, lo + step))
@@ -481,34 +682,205 @@ class Block:
             E = yres[:, None] - A1 * beta[c, 0] - B1 * beta[c, 1]    # full-regression residual
             br = bread[c]
             a = A1 * br[:, 1, 0] + B1 * br[:, 1, 1]                  # γ̂_j = Σ a_i y_i
-            if kind == "hc2":
-                h = hD[:, None] + A1 * A1 * br[:, 0, 0] + 2 * A1 * B1 * br[:, 0, 1] + B1 * B1 * br[:, 1, 1]
-                bad = h > 1.0 - LEVERAGE_TOL
-                out["n_lev"][c] += bad.sum(0)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    A = np.where(bad, 0.0, a * a / (1.0 - h))
-                out["meat"][c] += np.einsum("ij,ij->j", A, E * E)
-                out["a2h"][c] += np.einsum("ij,ij->j", A * A, 1.0 - 2.0 * h)
-                AA1, AB1 = A * A1, A * B1
-                out["XAX"][c] += np.column_stack([np.einsum("ij,ij->j", AA1, A1), np.einsum("ij,ij->j", AA1, B1),
-                                                  np.einsum("ij,ij->j", AB1, B1)])
-                for arm, r in enumerate(arms):
-                    out["XAV"][c, 0, arm] += AA1[r].T @ v[r]
-                    out["XAV"][c, 1, arm] += AB1[r].T @ v[r]
-                    out["VAV"][c, arm] += (vv[arm].T @ A[r]).T
-            else:
-                out["meat"][c] += ((onehot @ (a * E)) ** 2).sum(0)
-                a2g = onehot @ (a * a)                                # |a_g|²
-                out["a4"][c] += (a2g * a2g).sum(0)
-                U = np.empty((onehot.shape[0], len(c), 2 * kk + 2))
-                for arm, r in enumerate(arms):
-                    U[:, :, arm * kk:(arm + 1) * kk] = np.stack(
-                        [onehot[:, r] @ (a[r] * v[r, l:l + 1]) for l in range(kk)], axis=2)
-                XA = np.stack([onehot @ (a * A1), onehot @ (a * B1)], axis=2)          # X̃_g'a_g
-                U[:, :, 2 * kk:] = np.einsum("gjb,jba->gja", XA, chol_bread[c])          # L'X̃_g'a_g
-                out["a2u2"][c] += (a2g * np.einsum("gjd,gjd->gj", U, U)).sum(0)
-                out["UU"][c] += np.einsum("gjd,gje->jde", U, U)
+            out["meat"][c] += ((onehot @ (a * E)) ** 2).sum(0)
+            a2g = onehot @ (a * a)                                # |a_g|²
+            out["a4"][c] += (a2g * a2g).sum(0)
+            U = np.empty((onehot.shape[0], len(c), 2 * kk + 2))
+            for arm, r in enumerate(arms):
+                U[:, :, arm * kk:(arm + 1) * kk] = np.stack(
+                    [onehot[:, r] @ (a[r] * v[r, l:l + 1]) for l in range(kk)], axis=2)
+            XA = np.stack([onehot @ (a * A1), onehot @ (a * B1)], axis=2)          # X̃_g'a_g
+            U[:, :, 2 * kk:] = np.einsum("gjb,jba->gja", XA, chol_bread[c])          # L'X̃_g'a_g
+            out["a2u2"][c] += (a2g * np.einsum("gjd,gjd->gj", U, U)).sum(0)
+            out["UU"][c] += np.einsum("gjd,gje->jde", U, U)
         return out
+
+    def _hc2(self, J, XS, D, yres, v, hD, pi, beta, bread, linv):
+        """The hc2 sums of ``robust``. Dense Z, covariate candidates, or conditioning features non-zero on more
+        than ROBUST_ROW_SHARE of the rows: every (row, candidate) cell (``_hc2_cells``). Otherwise (sparse Z), the
+        rows split in two, the sums exact on both (the same terms, added in another order):
+
+        * rows where some feature of S is non-zero (R_S): every cell, as above, on those rows only;
+        * the others, where D_i = [1, t_i, 0, 0] and so v_i = L_a⁻¹e₁ is one vector per arm: on a row where x_j is
+          0 as well, x̃_ij = -(π_j,0 + t_i π_j,1) and with it a_i, h_i, A_i are constants per (candidate, arm), and
+          e_i = ỹ_i + c_j,a; each sum is then that constant times the arm's row count, Σ ỹ or Σ ỹ² over these
+          rows. The rows where x_j is stored (its CSC entries outside R_S, explicit zeros included) are evaluated
+          one by one and their count and Σ ỹ, Σ ỹ² taken out of the constant rows' totals.
+
+        Cost O(nnz(Z_J) + |R_S| · |J| + n · (|S| + 1)) instead of O(n · |J|); the SAE-like codes' R_S is the few
+        per cent of rows where one of the selected neurons fires."""
+        nJ, kk, n = len(J), v.shape[1], self.n
+        out = {"meat": np.zeros(nJ), "a2h": np.zeros(nJ), "XAX": np.zeros((nJ, 3)),
+               "XAV": np.zeros((nJ, 2, 2, kk)), "VAV": np.zeros((nJ, 2, kk * kk)), "n_lev": np.zeros(nJ)}
+        t = self.t
+        on_rs = (XS != 0).any(1) if XS.shape[1] else np.zeros(n, bool)
+        rs = np.flatnonzero(on_rs)
+        pos = np.arange(nJ)
+        if not self.sparse or len(rs) > ROBUST_ROW_SHARE * n:
+            _hc2_cells(out, pos, lambda c: self.columns(J[c]), t, D, yres, v, hD, pi, beta, bread)
+            return out
+        zpos = np.flatnonzero(J >= self.mw)
+        wpos = np.flatnonzero(J < self.mw)
+        if len(wpos):  # dense covariate candidates: every cell
+            _hc2_cells(out, wpos, lambda c: self.columns(J[c]), t, D, yres, v, hD, pi, beta, bread)
+        if len(rs) and len(zpos):
+            # R_S's rows of the largest h_D (a SERIES_TAIL share) are evaluated cell by cell for every candidate, the
+            # others by the series for the candidates whose bound over them is met (cell by cell for the rest)
+            order = np.argsort(hD[rs], kind="stable")
+            cut = len(rs) - int(np.ceil(SERIES_TAIL * len(rs)))
+            tail, body = np.sort(rs[order[cut:]]), np.sort(rs[order[:cut]])
+            cert = _series_certified(zpos, t[body], XS[body], hD[body], pi, bread)
+
+            def cells(rows, cand):
+                sub = Block(self.y[rows], t[rows], None, self._zr[rows])
+                sub.Z  # the column form once (a few columns at a time would each scan the row form)
+                _hc2_cells(out, cand, lambda c: sub.columns(J[c] - self.mw), t[rows], D[rows], yres[rows], v[rows],
+                           hD[rows], pi, beta, bread)
+            if (~cert).any():
+                cells(rs, zpos[~cert])
+            if cert.any():
+                cells(tail, zpos[cert])
+                in_body = np.zeros(n, bool)
+                in_body[body] = True
+                self._hc2_series(out, zpos[cert], J, body, in_body, D, yres, v, hD, pi, beta, bread, linv)
+        if len(zpos):
+            self._hc2_constant_rows(out, zpos, J, ~on_rs, yres, linv, pi, beta, bread)
+        return out
+
+    def _candidate_entries(self, pos, J, chunk):
+        """Chunks (c, owner, rows, x) of the stored entries of the neuron candidates J[pos] (CSC), about ``chunk``
+        entries each: c the chunk's positions, owner each entry's index into c."""
+        Zc = self.Z
+        indptr = Zc.indptr
+        jz = J[pos] - self.mw
+        nnz_c = indptr[jz + 1] - indptr[jz]
+        ends = np.cumsum(nnz_c)
+        lo = 0
+        while lo < len(pos):
+            hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + chunk, side="right")))
+            hi = min(hi, len(pos))
+            cnt = nnz_c[lo:hi]
+            owner = np.repeat(np.arange(hi - lo), cnt)
+            first = np.cumsum(cnt) - cnt
+            offs = np.arange(int(cnt.sum())) - np.repeat(first - indptr[jz[lo:hi]], cnt)
+            yield pos[lo:hi], owner, Zc.indices[offs], Zc.data[offs]
+            lo = hi
+
+    def _hc2_series(self, out, pos, J, rs, on_rs, D, yres, v, hD, pi, beta, bread, linv):
+        """``_hc2``'s sums over the rows R_S (``rs``: a selected feature non-zero) for the certified candidates
+        J[pos] (``_series_certified``). On a row where x_j = 0, x̃_ij = -z_i with z_i = D_iπ_j = U_j,a'v_i linear in
+        v_i, and A_i = s_i² w_i/(1 - w_i q_i) (s_i = z_i'bread_j[1], q_i = z_i'bread_j z_i): its first-order series
+        s²(w + w²q) — and A²(1 - 2h) = s⁴[2w/(1 - u) - w²/(1 - u)²] (u = wq) to first order, s⁴[(2w - w²) +
+        q(2w² - 2w³)] — are polynomials of degree ≤ 6 in v_i, so their sums over all of R_S are the arms' weighted
+        moment tensors of v contracted with U_j (``_series_sums``). On the candidate's stored entries in R_S the
+        exact terms replace the polynomial ones (added, and the polynomial's value there subtracted)."""
+        t = self.t
+        kk = v.shape[1]
+        arm_of = np.where(t == 1, 1, np.where(t == 0, 0, -1))
+        w = 1.0 / (1.0 - hD)
+        for a in (0, 1):
+            r = rs[arm_of[rs] == a]
+            if len(r):
+                _series_sums(out, pos, a, v[r], w[r], yres[r], pi, beta, bread, linv)
+        for c, owner, rows, x in self._candidate_entries(pos, J, SERIES_ENTRY_CHUNK):
+            keep = on_rs[rows] & (arm_of[rows] >= 0)
+            owner, rows, x = owner[keep], rows[keep], x[keep]
+            if not len(rows):
+                continue
+            ci = c[owner]
+            arm = arm_of[rows]
+            Dr = D[rows]
+            z0 = np.einsum("ip,ip->i", Dr, pi[ci, :, 0])
+            z1 = np.einsum("ip,ip->i", Dr, pi[ci, :, 1])
+            ex = _hc2_terms(x - z0, arm * x - z1, yres[rows], hD[rows], beta[ci], bread[ci])
+            tr = _series_terms(z0, z1, yres[rows], w[rows], beta[ci], bread[ci])
+            nc = len(c)
+            for name, key in (("meat", "meat"), ("a2h", "a2h"), ("n_lev", "bad")):
+                out[name][c] += np.bincount(owner, weights=ex[key] - tr.get(key, 0.0), minlength=nc)
+            out["XAX"][c] += np.stack([np.bincount(owner, weights=ex[k_] - tr[k_], minlength=nc)
+                                       for k_ in ("xax0", "xax1", "xax2")], 1)
+            key = 2 * owner + arm
+            n_ent = len(rows)
+            vr = v[rows]
+
+            def per_key(weights, F):
+                sel = sp.csr_matrix((weights, (key, np.arange(n_ent))), shape=(2 * nc, n_ent))
+                return np.asarray(sel @ F).reshape(nc, 2, F.shape[1])
+            out["XAV"][c, 0] += per_key(ex["sA1"] - tr["sA1"], vr)
+            out["XAV"][c, 1] += per_key(ex["sB1"] - tr["sB1"], vr)
+            out["VAV"][c] += per_key(ex["sA"] - tr["sA"], (vr[:, :, None] * vr[:, None, :]).reshape(n_ent, -1))
+
+    def _hc2_constant_rows(self, out, pos, J, base, yres, linv, pi, beta, bread):
+        """``_hc2``'s sums over the rows ``base`` (no feature of S non-zero) for the candidates J[pos] (neurons)."""
+        t = self.t
+        v0 = [np.asarray(linv[a], float)[:, 0] for a in (0, 1)]           # v_i on these rows, per arm
+        hD0 = np.array([v0[0] @ v0[0], v0[1] @ v0[1]])
+        arm_of = np.where(t == 1, 1, np.where(t == 0, 0, -1))
+        N0, Sy0, Syy0 = np.zeros(2), np.zeros(2), np.zeros(2)
+        for a in (0, 1):
+            r = base & (arm_of == a)
+            N0[a], Sy0[a], Syy0[a] = r.sum(), yres[r].sum(), yres[r] @ yres[r]
+        for c, owner, rows, x in self._candidate_entries(pos, J, ENTRY_CHUNK):
+            keep = base[rows] & (arm_of[rows] >= 0)
+            owner, rows, x = owner[keep], rows[keep], x[keep]
+            nc = len(c)
+            arm = arm_of[rows]
+            key = 2 * owner + arm
+            # per (candidate, arm): x̃ = (x - m0, a x - m1) with D_iπ_j = π_j,0 + a π_j,1 (= (m0, m1)) on these rows;
+            # each entry's a_i, h_i, e_i are polynomials in its x with these coefficients
+            ak = np.tile([0.0, 1.0], nc)
+            m0 = (pi[c, 0, 0][:, None] + np.array([0.0, 1.0]) * pi[c, 1, 0][:, None]).ravel()
+            m1 = (pi[c, 0, 1][:, None] + np.array([0.0, 1.0]) * pi[c, 1, 1][:, None]).ravel()
+            br = np.repeat(bread[c], 2, axis=0)
+            bt = np.repeat(beta[c], 2, axis=0)
+            b00, b01, b10, b11 = br[:, 0, 0], br[:, 0, 1], br[:, 1, 0], br[:, 1, 1]
+            ka, kb = b10 + ak * b11, -(m0 * b10 + m1 * b11)                   # a_i = ka x + kb
+            # h_i = h_D + b00 A1² + 2 b01 A1 B1 + b11 B1²  =  h2 x² + h1 x + h0
+            h2 = b00 + 2 * ak * b01 + ak * ak * b11
+            h1 = -2 * (b00 * m0 + b01 * (m1 + ak * m0) + b11 * ak * m1)
+            h0 = np.tile(hD0, nc) + b00 * m0 * m0 + 2 * b01 * m0 * m1 + b11 * m1 * m1
+            e1, e0 = bt[:, 0] + ak * bt[:, 1], -(m0 * bt[:, 0] + m1 * bt[:, 1])  # e_i = ỹ_i - (e1 x + e0)
+            yr = yres[rows]
+            aa = ka[key] * x + kb[key]
+            h = (h2[key] * x + h1[key]) * x + h0[key]
+            bad = h > 1.0 - LEVERAGE_TOL
+            with np.errstate(divide="ignore", invalid="ignore"):
+                A = np.where(bad, 0.0, aa * aa / (1.0 - h))
+            E = yr - (e1[key] * x + e0[key])
+            nk = 2 * nc
+
+            def bc(wt=None):
+                return np.bincount(key, weights=wt, minlength=nk)
+            Ax = A * x
+            sA, sAx, sAx2 = bc(A), bc(Ax), bc(Ax * x)
+            ent = {"meat": bc(A * E * E), "a2h": bc(A * A * (1.0 - 2.0 * h)),
+                   "bad": bc(bad.astype(float)) if bad.any() else np.zeros(nk)}
+            # Σ A x̃ x̃', Σ A x̃ from Σ A, Σ A x, Σ A x² (x̃ affine in x)
+            ent["sA"] = sA
+            ent["sA1"] = sAx - m0 * sA
+            ent["sB1"] = ak * sAx - m1 * sA
+            ent["xax0"] = sAx2 - 2 * m0 * sAx + m0 * m0 * sA
+            ent["xax1"] = ak * sAx2 - (m1 + ak * m0) * sAx + m0 * m1 * sA
+            ent["xax2"] = ak * ak * sAx2 - 2 * ak * m1 * sAx + m1 * m1 * sA
+            cnt_a, sy_a, syy_a = bc().astype(float), bc(yr), bc(yr * yr)
+            # the constant rows: x_j = 0, per (candidate, arm)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bad0 = h0 > 1.0 - LEVERAGE_TOL
+                A0 = np.where(bad0, 0.0, kb * kb / (1.0 - h0))
+            N, Sy, Syy = np.tile(N0, nc) - cnt_a, np.tile(Sy0, nc) - sy_a, np.tile(Syy0, nc) - syy_a
+            ce = -e0                                                           # e_i = ỹ_i + ce on these rows
+            tot = {"meat": A0 * (Syy + 2.0 * ce * Sy + ce * ce * N), "a2h": N * A0 * A0 * (1.0 - 2.0 * h0),
+                   "bad": N * bad0, "sA": N * A0, "sA1": -N * A0 * m0, "sB1": -N * A0 * m1,
+                   "xax0": N * A0 * m0 * m0, "xax1": N * A0 * m0 * m1, "xax2": N * A0 * m1 * m1}
+            tot = {name: (tot[name] + ent[name]).reshape(nc, 2) for name in tot}
+            out["meat"][c] += tot["meat"].sum(1)
+            out["a2h"][c] += tot["a2h"].sum(1)
+            out["n_lev"][c] += tot["bad"].sum(1)
+            out["XAX"][c] += np.stack([tot["xax0"].sum(1), tot["xax1"].sum(1), tot["xax2"].sum(1)], 1)
+            for a in (0, 1):
+                out["XAV"][c, 0, a] += tot["sA1"][:, a, None] * v0[a]
+                out["XAV"][c, 1, a] += tot["sB1"][:, a, None] * v0[a]
+                out["VAV"][c, a] += tot["sA"][:, a, None] * np.outer(v0[a], v0[a]).ravel()
 
     # ------------------------------------------------------------------ GCM statistics
     def cross_hist(self, S, lo, hi):
