@@ -661,6 +661,7 @@ class Block:
                     res[gi] = Va[lo:hi].T @ DR[lo:hi]
             for b, lo, wb in zip(bs, offs, widths):
                 out[(a, b)] = res[:, :, lo:lo + wb]
+            out[a] = res  # the strip: (a, b) for its b side by side
         return out
 
     def _group_sums(self, part, V, step):
@@ -686,14 +687,16 @@ class Block:
             G[:, 0, 0] = np.bincount(self.folds, weights=w, minlength=K)[:K]
             for a, part in enumerate(P.parts):
                 G[:, 0, P.cols[a]] = G[:, P.cols[a], 0] = self._group_sums(part, w[part.rows, None], 2)[:, :, 0]
-            return self._fill(P, G, pairs)
+            return self._fill(P, G, pairs, strips=True)
         arms = [(float(c0), float(c1)) for c0, c1 in arms]
         cache = self.__dict__.setdefault("_gcm_entries", OrderedDict())
         key = lambda a, b, c: ("pair", P.parts[a].key, P.parts[b].key, K, c)  # noqa: E731
         missing = {ab for ab in all_pairs if any(key(*ab, c) not in cache for c in arms)}
         vals = {(ab, c): self._gcm_cached(key(*ab, c), None)[0] for ab in all_pairs if ab not in missing
                 for c in arms}  # read before anything new is kept (which may drop the oldest entries)
-        for ab, raw in self._pair_sums(P, sorted(missing)).items():  # (fold, arm) group sums, per arm weights
+        new = self._pair_sums(P, sorted(missing))
+        for ab in missing:  # (fold, arm) group sums, combined per arm weights
+            raw = new[ab]
             for c in arms:
                 vals[(ab, c)] = self._gcm_cached(key(*ab, c), lambda raw=raw, c=c: (
                     c[0] * raw[0::2] + c[1] * raw[1::2],))[0]
@@ -714,11 +717,26 @@ class Block:
         return out
 
     @staticmethod
-    def _fill(P, G, pairs):
-        for (a, b), val in pairs.items():  # every pair once (a part's own block whole), and its mirror
-            G[P.cell(a, b)] = val
-            if a != b:
-                G[P.cell(b, a)] = val.transpose(0, 2, 1)
+    def _fill(P, G, pairs, strips=False):
+        """Put the part-pair blocks ``pairs`` {(a, b), a <= b} into G and mirror them. Spline parts lie side by
+        side in part order, so part a's blocks with b >= a form one strip of columns (``strips``: ``pairs[a]``
+        holds it, as ``_pair_sums`` returns it for all b >= a in order)."""
+        n = len(P.parts)
+        if all(isinstance(c, slice) for c in P.cols):
+            for a in range(n):
+                ca = P.cols[a]
+                wa = ca.stop - ca.start
+                strip = pairs[a] if strips else (pairs[(a, a)] if a == n - 1 else np.concatenate(
+                    [pairs[(a, b)] for b in range(a, n)], axis=2))
+                G[:, ca, ca.start:] = strip
+                G[:, ca.stop:, ca] = strip[:, :, wa:].transpose(0, 2, 1)
+            return G
+        for a in range(n):  # every pair once (a part's own block whole), and its mirror
+            for b in range(a, n):
+                val = pairs[(a, b)]
+                G[P.cell(a, b)] = val
+                if a != b:
+                    G[P.cell(b, a)] = val.transpose(0, 2, 1)
         return G
 
     def basis_sums(self, P, V):
@@ -758,6 +776,7 @@ class Block:
         P = self.basis_blocks(S, spec, n_folds)
         c0, c1 = (0.0 - e) / (e * (1.0 - e)), (1.0 - e) / (e * (1.0 - e))
         (A, b), (Ac, bc) = self.basis_grams(P, arms=((1.0, 1.0), (c0, c1)))
+        self._gcm_cached(("gram", P.uids), lambda: (A,))  # gcm_sums on the same basis (the default) reuses it
         return {"A": A, "b": b, "Ac": Ac, "bc": bc}
 
     def pseudo_outcome(self, P, coef_m, e):
@@ -823,7 +842,8 @@ class Block:
                     rows, V = part.rows[lo:hi], part.V[lo:hi]
                     got = fv(np.hstack([V, f2[rows, None] * V]), rows=rows)
                     SB[:, k, c], SfB[:, k, c] = got[:, :w], got[:, w:]
-        out.update(SB=SB, SfB=SfB, A=self.basis_grams(P)[0][0], Bf=self.basis_sums(P, f)[:, :, 0],
+        A = self._gcm_cached(("gram", P.uids), lambda: (self.basis_grams(P)[0][0],))[0]
+        out.update(SB=SB, SfB=SfB, A=A, Bf=self.basis_sums(P, f)[:, :, 0],
                    Bf2B=self.basis_grams(P, f2))
         return out
 
@@ -861,6 +881,7 @@ class BasisBlocks:
 
     def __init__(self, q, parts, cols, n_folds):
         self.q, self.parts, self.cols, self.K = q, parts, cols, n_folds
+        self.uids = (n_folds,) + tuple(p.key for p in parts)  # names this basis among the kept parts
 
     def cell(self, a, b):
         """Index of the (part a, part b) block of a stack of q x q matrices."""
