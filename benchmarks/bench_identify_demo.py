@@ -9,7 +9,8 @@ Block spec and the identify parameters — in a local .npz, so that timing needs
 
 ``time`` runs the stage's search call (``identify.job._search``: the NEXIS search and the marginal screen, the
 engine's in-memory Tester) on those rows and prints one JSON line: seconds (median of ``--repeats``), the
-selections, the trace's decisions, the passes, the load average, and, against a reference run (``--ref``, written
+selections, the trace's decisions, the process CPU seconds (``cpu_seconds``: on a shared machine the wall time
+follows the CPU share the process gets, which the load average does not tell), the passes, the load average, and, against a reference run (``--ref``, written
 by ``--save-ref``), whether the selections and decisions are the same and the largest relative difference of any
 p-value (final and in the trace). ``--lib`` times another copy of the library (the code before a change):
 
@@ -91,11 +92,11 @@ def time_search(args):
     Z = sp.csr_matrix((d["z_data"], d["z_indices"], d["z_indptr"]), shape=tuple(d["z_shape"]))
     W = d["W"] if d["W"].shape[1] else None
     load0 = os.getloadavg()[0]
-    times, res = [], None
+    times, cpu, res = [], [], None
     for _ in range(args.repeats):
         block = Block(d["y"], d["t"], W, Z.copy(), None, d["folds"])  # a fresh Block: no state from a prior run
         src = Source([block])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.profile:
             import cProfile
 
@@ -105,8 +106,10 @@ def time_search(args):
         else:
             res, mg = job._search(src, job.Tester, spec, ic, int(d["seed"]), None)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     out = {"lib": os.path.dirname(os.path.dirname(job.__file__)), "n": int(len(d["y"])), "m": int(Z.shape[1]),
            "nnz": int(Z.nnz), "seconds": round(float(np.median(times)), 3), "runs": [round(t, 3) for t in times],
+           "cpu_seconds": round(float(np.median(cpu)), 3),
            "selected": res.selected.tolist(), "selected_w": res.selected_w.tolist(),
            "decisions": len(res.trace), "passes": res.passes.get("passes"),
            "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
