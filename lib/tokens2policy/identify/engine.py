@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import scipy.sparse as sp
 from scipy import stats as sstats
+from scipy.linalg import lu_solve
 
-from .nuisance import lgbm_crossfit, ridge_from_grams
+from .nuisance import fold_factors, lgbm_crossfit, ridge_from_grams
 from . import stats as _stats
 from .stats import LEVERAGE_TOL, Block, basis_penalty, combine, spline_knots
 
@@ -155,8 +156,12 @@ class Tester:
         if kind == "poly2":
             return ("poly2",)
         cap = max(0, min(_stats.SPLINE_KNOTS, (_stats.SPLINE_BUDGET // max(1, len(S)) - 2) // 2))
-        return ("spline", tuple((bool(self.hist[s].sum() < self.n),
-                                 tuple(spline_knots(self.hist[s], self.lo[s], self.hi[s], cap))) for s in S))
+        specs = self.__dict__.setdefault("_feature_specs", {})  # per (feature, cap): a function of its histogram
+        for s in S:
+            if (s, cap) not in specs:
+                specs[(s, cap)] = (bool(self.hist[s].sum() < self.n),
+                                   tuple(spline_knots(self.hist[s], self.lo[s], self.hi[s], cap)))
+        return ("spline", tuple(specs[(s, cap)] for s in S))
 
     def constant_columns(self):
         """Boolean mask of columns constant within an arm (overall for GCM), incl. all-zero columns."""
@@ -388,12 +393,25 @@ class Tester:
         grams = self.src.reduce("many", [("fold_grams_both", S, self.K, spec, self.e)
                                          for S, spec in zip(sets, specs)])
         out = []
-        for spec, g in zip(specs, grams):
+        self._factors = {}  # this batch's ridge factors: the candidates' ridge on the same basis reuses them
+        for S, spec, g in zip(sets, specs, grams):
             pen = basis_penalty(spec, g["A"].sum(0))
-            cm = ridge_from_grams(g["A"], g["b"], pen)
+            lu = self._fold_factors(S, spec, g["A"], pen)
+            cm = ridge_from_grams(g["A"], g["b"], pen, lu)
             b_phi = g["bc"] - np.einsum("kqr,kr->kq", g["Ac"], cm)  # fold k's P_k'φ (Block.fold_grams_both)
-            out.append(("basis", spec, cm, ridge_from_grams(g["A"], b_phi, pen)))
+            out.append(("basis", spec, cm, ridge_from_grams(g["A"], b_phi, pen, lu)))
         return out
+
+    def _fold_factors(self, S, spec, A, pen):
+        """``nuisance.fold_factors`` of the per-fold Grams A of S's basis ``spec``, kept for the batch of sets of
+        the latest :meth:`_basis_residuals`: the ridge of every candidate on that basis (``_gcm_from_sums``) solves
+        with the same matrices (kept only when the Grams and penalty are equal)."""
+        key = (tuple(int(s) for s in S), spec)
+        cache = self.__dict__.setdefault("_factors", {})
+        hit = cache.get(key)
+        if hit is None or not (np.array_equal(hit[0], A) and np.array_equal(hit[1], pen)):
+            hit = cache[key] = (A, pen, fold_factors(A, pen))
+        return hit[2]
 
     def _gcm_many(self, sets, Js):
         """[(t, p, ok, reasons)] of the candidates Js[i] given sets[i], additive-ridge nuisances: two passes for
@@ -449,12 +467,13 @@ class Tester:
             At, SBt = A.sum(0), SB.sum(1)
             pen = basis_penalty(zs, At)
             zz, sR, sR2 = xx.copy(), sums["Sf"][at].copy(), sums["Sf2x2"][at].copy()
+            lu = self._fold_factors(S, zs, A, pen)
             for kf in range(self.K):
-                Pi = np.linalg.solve(At - A[kf] + pen, (SBt - SB[:, kf]).T)   # q x |J|
+                Pi = lu_solve(lu[kf], (SBt - SB[:, kf]).T)                      # q x |J|
                 c = SB[:, kf].T                                                  # B_k'x_j: q x |J|
-                zz += np.einsum("qj,qr,rj->j", Pi, A[kf], Pi) - 2 * np.einsum("qj,qj->j", c, Pi)
+                zz += np.einsum("qj,qj->j", A[kf] @ Pi, Pi) - 2 * np.einsum("qj,qj->j", c, Pi)
                 sR -= sums["Bf"][kf] @ Pi
-                sR2 += np.einsum("qj,qr,rj->j", Pi, sums["Bf2B"][kf], Pi) \
+                sR2 += np.einsum("qj,qj->j", sums["Bf2B"][kf] @ Pi, Pi) \
                     - 2 * np.einsum("qj,qj->j", SfB[:, kf].T, Pi)
         return self._gcm_stat(J, sR, sR2, np.minimum(zz, zz_lin), xx)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import numpy as np
+from scipy.linalg import lu_factor, lu_solve
 
 LGBM_PARAMS = dict(n_estimators=100, learning_rate=0.1, num_leaves=15, min_child_samples=20,
                    subsample=1.0, colsample_bytree=1.0, n_jobs=1, deterministic=True, force_row_wise=True,
@@ -24,12 +25,20 @@ LGBM_PARAMS = dict(n_estimators=100, learning_rate=0.1, num_leaves=15, min_child
 FoldModel = Union[str, float]  # a LightGBM model string, or the training mean when there are no features
 
 
-def ridge_from_grams(A, b, penalty):
-    """Out-of-fold ridge coefficients, one row per fold, from per-fold Grams A (K x q x q) and b (K x q): fold k's
-    fit solves (Σ_l A_l - A_k + penalty) c_k = Σ_l b_l - b_k (``stats.basis_penalty``: intercept unpenalized)."""
-    K = A.shape[0]
-    At, bt = A.sum(0), b.sum(0)
-    return np.stack([np.linalg.solve(At - A[k] + penalty, bt - b[k]) for k in range(K)])
+def fold_factors(A, penalty):
+    """The LU factors of fold k's ridge matrix Σ_l A_l - A_k + penalty, for each fold k (per-fold Grams A,
+    K x q x q): what :func:`ridge_from_grams` solves with, kept when several right-hand sides share the matrices."""
+    At = A.sum(0)
+    return [lu_factor(At - A[k] + penalty) for k in range(A.shape[0])]
+
+
+def ridge_from_grams(A, b, penalty, factors=None):
+    """Out-of-fold ridge coefficients, one row per fold, from per-fold Grams A (K x q x q) and b (K x q, or
+    K x q x r for r right-hand sides): fold k's fit solves (Σ_l A_l - A_k + penalty) c_k = Σ_l b_l - b_k
+    (``stats.basis_penalty``: intercept unpenalized); ``factors``: :func:`fold_factors` of A and penalty."""
+    factors = fold_factors(A, penalty) if factors is None else factors
+    bt = b.sum(0)
+    return np.stack([lu_solve(f, bt - b[k]) for k, f in enumerate(factors)])
 
 
 def _lightgbm():

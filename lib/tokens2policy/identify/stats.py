@@ -24,6 +24,9 @@ is read in cache-sized row blocks (``dense_row_pass``).
 """
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -57,6 +60,8 @@ SPLINE_BUDGET = 256
 KNOT_SPACING = 25
 SPLINE_RIDGE = 1e-3
 RIDGE = 1.0  # the poly2 basis' penalty (raw scale)
+# bytes of GCM basis parts, shared rows and pair Grams a Block keeps across passes (oldest dropped first)
+GCM_CACHE_BYTES = 1 << 28
 
 
 def poly2(XS):
@@ -893,58 +898,269 @@ class Block:
             hist[c] = np.histogram(v[v != 0], bins=HIST_BINS, range=(lo[c], hi[c]))[0]
         return {"cross": self.cross(S), "hist": hist}
 
-    def basis(self, S, spec):
-        """The nuisance basis of X_S named by ``spec`` (``basis_matrix``); the latest one is kept (the passes of
-        one conditioning set reuse it)."""
-        key = (tuple(int(s) for s in S), spec)
-        if getattr(self, "_basis_key", None) != key:
-            self._basis_key, self._basis = key, basis_matrix(self.columns(S), spec)
-        return self._basis
+    # The GCM nuisance basis P = [1, B_1, ..., B_b] of X_S (``basis_matrix``) is held in column blocks with their
+    # supports (``BasisBlocks``): an SAE neuron is 0 on most rows, and there its spline columns are exactly 0
+    # (every knot lies above its smallest non-zero value), so the per-fold Grams P_k'diag(w)P_k, the sums P_k'v
+    # and the row products P_i'c read each block's own rows, and a pair of blocks the rows where both can be
+    # non-zero. Blocks, the rows two blocks share and the unweighted Gram blocks of a pair are kept across passes
+    # (``GCM_CACHE_BYTES``): the backward step's conditioning sets S∖{j} share all their blocks with each other.
+    def _gcm_cached(self, key, make):
+        cache = self.__dict__.setdefault("_gcm_entries", OrderedDict())
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+        hit = cache[key] = make()
+        self._gcm_bytes = getattr(self, "_gcm_bytes", 0) + _nbytes(hit)
+        while self._gcm_bytes > GCM_CACHE_BYTES and len(cache) > 1:
+            self._gcm_bytes -= _nbytes(cache.popitem(last=False)[1])
+        return hit
+
+    def _groups(self, n_folds):
+        """(group of every row: 2·fold + t; each group's row count): the Grams' row groups (fold, arm)."""
+        def make():
+            grp = 2 * self.folds + (self.t > 0.5)
+            return grp, np.bincount(grp, minlength=2 * n_folds)[:2 * n_folds].astype(float)
+        return self._gcm_cached(("groups", n_folds), make)
+
+    def _support(self, rkey, n_folds):
+        """(rows in group order — group by group, ascending within a group —, group boundaries seg (2K + 1), the
+        rows' sort keys group·n + row, their values): ``rkey`` ("x", g) the non-zero rows of global column g and
+        its values there, ("all", g) every row and column g, ("xx", a, b) the rows where columns a and b are both
+        non-zero and x_a x_b there."""
+        def make():
+            grp = self._groups(n_folds)[0]
+            if rkey[0] == "xx":
+                ra, _, _, xa = self._support(("x", rkey[1]), n_folds)
+                rb, _, _, xb = self._support(("x", rkey[2]), n_folds)
+                rows, ia, ib = np.intersect1d(ra, rb, assume_unique=True, return_indices=True)
+                x = xa[ia] * xb[ib]
+            else:
+                x = self.columns([rkey[1]])[:, 0]
+                rows = np.flatnonzero(x) if rkey[0] == "x" else np.arange(self.n)
+                x = x[rows]
+            keys = grp[rows] * self.n + rows
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            seg = np.searchsorted(keys, np.arange(2 * n_folds + 1) * self.n)
+            return rows[order], seg, keys, x[order]
+        if rkey[0] == "xx":  # the same pair of rows whatever the order of a and b
+            rkey = ("xx",) + tuple(sorted(rkey[1:]))
+        return self._gcm_cached(("support", rkey, n_folds), make)
+
+    def _spline_part(self, g, feature_spec, n_folds):
+        """One feature's spline columns (``basis_matrix`` without the intercept) on its non-zero rows — all rows when
+        a knot lies at or below 0, where the basis is not 0 at x = 0."""
+        def make():
+            one = ("spline", (feature_spec,))
+            zero_at_0 = not basis_matrix(np.zeros((1, 1)), one)[0, 1:].any()
+            rkey = ("x" if zero_at_0 else "all", int(g))
+            rows, seg, keys, x = self._support(rkey, n_folds)
+            return _Part(next(_PART_IDS), rkey, rows, seg, keys, basis_matrix(x[:, None], one)[:, 1:])
+        return self._gcm_cached(("spline", int(g), feature_spec, n_folds), make)
+
+    def _poly2_part(self, a, b, n_folds):
+        """poly2's [x_a, x_a²] (b None) or x_a x_b, on the rows where they can be non-zero."""
+        def make():
+            rkey = ("x", int(a)) if b is None else ("xx", int(a), int(b))
+            rows, seg, keys, x = self._support(rkey, n_folds)
+            V = np.column_stack([x, x * x]) if b is None else x[:, None]
+            return _Part(next(_PART_IDS), rkey, rows, seg, keys, V)
+        return self._gcm_cached(("poly2", int(a), None if b is None else int(b), n_folds), make)
+
+    def basis_blocks(self, S, spec, n_folds):
+        """The nuisance basis of X_S named by ``spec`` (``basis_matrix``: the same columns in the same order) as a
+        :class:`BasisBlocks` of this partition's rows."""
+        S = [int(s) for s in S]
+        parts, cols = [], []
+        if spec[0] == "poly2":
+            s = len(S)
+            pos = {ab: 1 + s + i for i, ab in enumerate(zip(*np.triu_indices(s)))}
+            for a in range(s):
+                parts.append(self._poly2_part(S[a], None, n_folds))
+                cols.append(np.array([1 + a, pos[(a, a)]]))
+                for b in range(a + 1, s):
+                    parts.append(self._poly2_part(S[a], S[b], n_folds))
+                    cols.append(np.array([pos[(a, b)]]))
+            q = 1 + s + s * (s + 1) // 2
+        else:
+            q = 1
+            for g, fs in zip(S, spec[1]):
+                parts.append(self._spline_part(g, (bool(fs[0]), tuple(float(k) for k in fs[1])), n_folds))
+                w = parts[-1].V.shape[1]
+                cols.append(slice(q, q + w))
+                q += w
+        return BasisBlocks(q, parts, cols, n_folds)
+
+    def _meet(self, pa, pb, n_folds):
+        """(positions ia in pa's rows, ib in pb's rows of the rows the two parts share, in group order; group
+        boundaries of the shared rows)."""
+        if pa.rkey == pb.rkey:
+            idx = np.arange(len(pa.rows))
+            return idx, idx, pa.seg
+
+        def make():
+            _, ia, ib = np.intersect1d(pa.keys, pb.keys, assume_unique=True, return_indices=True)
+            return ia, ib, np.searchsorted(pa.keys[ia], np.arange(2 * n_folds + 1) * self.n)
+        return self._gcm_cached(("meet", pa.rkey, pb.rkey, n_folds), make)
+
+    def _pair_sums(self, P, pairs, w=None):
+        """{(a, b): Σ_{i in group} w_i V_a,i V_b,i'} over the rows parts a and b share, per row group (the 2K
+        (fold, arm) groups unweighted; the K folds with ``w``), for the part pairs ``pairs`` (a <= b). Part a's
+        rows are read once for all its b: the shared rows of every b gathered side by side, one product per
+        group."""
+        K = P.K
+        ng = K if w is not None else 2 * K
+        out = {}
+        by_a = {}
+        for a, b in pairs:
+            by_a.setdefault(a, []).append(b)
+        for a, bs in by_a.items():
+            pa = P.parts[a]
+            wa = pa.V.shape[1]
+            widths = [P.parts[b].V.shape[1] for b in bs]
+            offs = np.concatenate([[0], np.cumsum(widths)])
+            DR = np.zeros((len(pa.rows), offs[-1]))
+            for b, lo in zip(bs, offs):
+                ia, ib, _ = self._meet(pa, P.parts[b], K)
+                DR[ia, lo:lo + P.parts[b].V.shape[1]] = P.parts[b].V[ib]
+            Va = pa.V if w is None else pa.V * w[pa.rows, None]
+            res = np.zeros((ng, wa, offs[-1]))
+            step = 1 if w is None else 2
+            for gi in range(ng):
+                lo, hi = pa.seg[gi * step], pa.seg[gi * step + step]
+                if lo < hi:
+                    res[gi] = Va[lo:hi].T @ DR[lo:hi]
+            for b, lo, wb in zip(bs, offs, widths):
+                out[(a, b)] = res[:, :, lo:lo + wb]
+            out[a] = res  # the strip: (a, b) for its b side by side
+        return out
+
+    def _group_sums(self, part, V, step):
+        """Σ over each row group of V_i ⊗ part's row (V: |rows| x r, in the part's row order): groups x w x r."""
+        ng = (len(part.seg) - 1) // step
+        out = np.zeros((ng, part.V.shape[1], V.shape[1]))
+        for gi in range(ng):
+            lo, hi = part.seg[gi * step], part.seg[gi * step + step]
+            if lo < hi:
+                out[gi] = part.V[lo:hi].T @ V[lo:hi]
+        return out
+
+    def basis_grams(self, P, w=None, arms=((1.0, 1.0),)):
+        """Per fold k, Grams of the basis (K x q x q each): with a row weight ``w``, Σ_{i in k} w_i P_i P_i'; else one
+        per (c0, c1) in ``arms``, Σ_{i in k} c_{t_i} P_i P_i' — a weight constant within each arm (1: the plain
+        Gram P_k'P_k), from each (fold, arm) group's Gram, whose part-pair blocks are kept for later sets (the
+        backward step's S∖{j} share them). With ``arms``, also the sums Σ_{i in k} c_{t_i} y_i P_i (K x q each)."""
+        K, q, n = P.K, P.q, len(P.parts)
+        all_pairs = [(a, b) for a in range(n) for b in range(a, n)]
+        if w is not None:
+            pairs = self._pair_sums(P, all_pairs, w)
+            G = np.zeros((K, q, q))
+            G[:, 0, 0] = np.bincount(self.folds, weights=w, minlength=K)[:K]
+            for a, part in enumerate(P.parts):
+                G[:, 0, P.cols[a]] = G[:, P.cols[a], 0] = self._group_sums(part, w[part.rows, None], 2)[:, :, 0]
+            return self._fill(P, G, pairs, strips=True)
+        arms = [(float(c0), float(c1)) for c0, c1 in arms]
+        cache = self.__dict__.setdefault("_gcm_entries", OrderedDict())
+        key = lambda a, b, c: ("pair", P.parts[a].key, P.parts[b].key, K, c)  # noqa: E731
+        missing = {ab for ab in all_pairs if any(key(*ab, c) not in cache for c in arms)}
+        vals = {(ab, c): self._gcm_cached(key(*ab, c), None)[0] for ab in all_pairs if ab not in missing
+                for c in arms}  # read before anything new is kept (which may drop the oldest entries)
+        new = self._pair_sums(P, sorted(missing))
+        for ab in missing:  # (fold, arm) group sums, combined per arm weights
+            raw = new[ab]
+            for c in arms:
+                vals[(ab, c)] = self._gcm_cached(key(*ab, c), lambda raw=raw, c=c: (
+                    c[0] * raw[0::2] + c[1] * raw[1::2],))[0]
+        grp, counts = self._groups(K)
+        ysum = np.bincount(grp, weights=self.y, minlength=2 * K)[:2 * K]
+        out = []
+        for c in arms:
+            G = np.zeros((K, q, q))
+            v = np.zeros((K, q))
+            G[:, 0, 0] = c[0] * counts[0::2] + c[1] * counts[1::2]
+            v[:, 0] = c[0] * ysum[0::2] + c[1] * ysum[1::2]
+            for a, part in enumerate(P.parts):
+                one = self._gcm_cached(("p1", part.key, K), lambda part=part: (self._group_sums(
+                    part, np.column_stack([np.ones(len(part.rows)), self.y[part.rows]]), 1),))[0]
+                G[:, 0, P.cols[a]] = G[:, P.cols[a], 0] = c[0] * one[0::2, :, 0] + c[1] * one[1::2, :, 0]
+                v[:, P.cols[a]] = c[0] * one[0::2, :, 1] + c[1] * one[1::2, :, 1]
+            out.append((self._fill(P, G, {ab: vals[(ab, c)] for ab in all_pairs}), v))
+        return out
+
+    @staticmethod
+    def _fill(P, G, pairs, strips=False):
+        """Put the part-pair blocks ``pairs`` {(a, b), a <= b} into G and mirror them. Spline parts lie side by
+        side in part order, so part a's blocks with b >= a form one strip of columns (``strips``: ``pairs[a]``
+        holds it, as ``_pair_sums`` returns it for all b >= a in order)."""
+        n = len(P.parts)
+        if all(isinstance(c, slice) for c in P.cols):
+            for a in range(n):
+                ca = P.cols[a]
+                wa = ca.stop - ca.start
+                strip = pairs[a] if strips else (pairs[(a, a)] if a == n - 1 else np.concatenate(
+                    [pairs[(a, b)] for b in range(a, n)], axis=2))
+                G[:, ca, ca.start:] = strip
+                G[:, ca.stop:, ca] = strip[:, :, wa:].transpose(0, 2, 1)
+            return G
+        for a in range(n):  # every pair once (a part's own block whole), and its mirror
+            for b in range(a, n):
+                val = pairs[(a, b)]
+                G[P.cell(a, b)] = val
+                if a != b:
+                    G[P.cell(b, a)] = val.transpose(0, 2, 1)
+        return G
+
+    def basis_sums(self, P, V):
+        """Per fold k, P_k'V_k for an n x r V: K x q x r."""
+        V = np.asarray(V, dtype=float).reshape(self.n, -1)
+        r, K = V.shape[1], P.K
+        out = np.zeros((K, P.q, r))
+        for j in range(r):
+            out[:, 0, j] = np.bincount(self.folds, weights=V[:, j], minlength=K)[:K]
+        for part, cols in zip(P.parts, P.cols):
+            out[:, cols, :] = self._group_sums(part, V[part.rows], 2)
+        return out
+
+    def basis_dot(self, P, coef):
+        """P_i'coef[k_i] for every row i, with coef one row per fold (K x q) and k_i the row's fold."""
+        out = coef[self.folds, 0].astype(float)
+        for part, cols in zip(P.parts, P.cols):
+            for k in range(P.K):
+                lo, hi = part.seg[2 * k], part.seg[2 * k + 2]
+                if lo < hi:
+                    out[part.rows[lo:hi]] += part.V[lo:hi] @ coef[k, cols]
+        return out
 
     def fold_grams(self, S, n_folds, spec, coef_m=None, e=None):
         """Per-fold Gram P_k'P_k and P_k'target of the basis ``spec`` of X_S. target = y, or the pseudo-outcome φ
         when the (cross-fitted) outcome-model coefficients coef_m are given."""
-        P = self.basis(S, spec)
+        P = self.basis_blocks(S, spec, n_folds)
         target = self.y if coef_m is None else self.pseudo_outcome(P, coef_m, e)
-        q = P.shape[1]
-        A = np.zeros((n_folds, q, q))
-        b = np.zeros((n_folds, q))
-        for k in range(n_folds):
-            rows = self.folds == k
-            Pk = P[rows]
-            A[k] = Pk.T @ Pk
-            b[k] = Pk.T @ target[rows]
-        return {"A": A, "b": b}
+        return {"A": self.basis_grams(P)[0][0], "b": self.basis_sums(P, target)[:, :, 0]}
 
     def fold_grams_both(self, S, n_folds, spec, e):
         """``fold_grams`` of y and, in the same pass, what the pseudo-outcome's Grams need once the outcome model is
         fit: per fold ``Ac`` Σ c_i P_i P_i' and ``bc`` Σ c_i y_i P_i with c_i = (t_i - e)/(e(1 - e)). Since φ_i =
         c_i (y_i - P_i'coef_m[k]) on fold k's rows, fold k's P_k'φ = bc_k - Ac_k coef_m[k] (``phi_grams``): both
-        nuisances of a conditioning set from one pass over the rows instead of two."""
-        P = self.basis(S, spec)
-        c = (self.t - e) / (e * (1.0 - e))
-        q = P.shape[1]
-        A, Ac = np.zeros((n_folds, q, q)), np.zeros((n_folds, q, q))
-        b, bc = np.zeros((n_folds, q)), np.zeros((n_folds, q))
-        for k in range(n_folds):
-            rows = self.folds == k
-            Pk = P[rows]
-            A[k] = Pk.T @ Pk
-            b[k] = Pk.T @ self.y[rows]
-            cP = c[rows, None] * Pk
-            Ac[k] = cP.T @ Pk
-            bc[k] = cP.T @ self.y[rows]
+        nuisances of a conditioning set from one pass over the rows instead of two. c takes one value per arm:
+        both come from each (fold, arm) group's Gram (``basis_grams``)."""
+        P = self.basis_blocks(S, spec, n_folds)
+        c0, c1 = (0.0 - e) / (e * (1.0 - e)), (1.0 - e) / (e * (1.0 - e))
+        (A, b), (Ac, bc) = self.basis_grams(P, arms=((1.0, 1.0), (c0, c1)))
+        self._gcm_cached(("gram", P.uids), lambda: (A,))  # gcm_sums on the same basis (the default) reuses it
         return {"A": A, "b": b, "Ac": Ac, "bc": bc}
 
     def pseudo_outcome(self, P, coef_m, e):
-        m_hat = _rowdot(P, coef_m[self.folds])
+        """φ = (y - m̂)(t - e)/(e(1 - e)), m̂_i = P_i'coef_m[k_i] (``P`` a :class:`BasisBlocks`)."""
+        m_hat = self.basis_dot(P, coef_m)
         return (self.y - m_hat) * (self.t - e) / (e * (1.0 - e))
 
     def gcm_residual(self, S, spec, coef_m, coef_g, e):
         """φ_res = φ - ĝ(X_S), both nuisances cross-fitted ridges on the basis ``spec`` (row i uses its fold's
         out-of-fold coefficients)."""
-        P = self.basis(S, spec)
-        return self.pseudo_outcome(P, coef_m, e) - _rowdot(P, coef_g[self.folds])
+        P = self.basis_blocks(S, spec, len(coef_m))
+        return self.pseudo_outcome(P, coef_m, e) - self.basis_dot(P, coef_g)
 
     def gcm_sums(self, S, f, zspec=("linear",), n_folds=0, cols=None):
         """Sums that give, for every candidate j, Σ R_ij and Σ R_ij² with R = f · Z_res,j.
@@ -954,15 +1170,19 @@ class Block:
         * zspec = a basis spec (``basis_matrix``): Z_res,j = x_j - B Π_j^(k) on the rows of fold k, Π_j^(k) the ridge
           of x_j on the basis B fit on the other folds (cross-fitted, like the nuisances of f). Per fold k:
           ``SB`` F'B_k and ``SfB`` F'(f² B_k) (M x K x q: the per-fold cross-moments of every column with the basis),
-          ``A`` B_k'B_k, ``Bf`` B_k'f, ``Bf2B`` B_k'diag(f²)B_k; and F'f, (F∘F)'f². One pass over Z for all
-          candidates at once, O(nnz(Z) · 2q) (each fold's rows against its own basis block).
+          ``A`` B_k'B_k, ``Bf`` B_k'f, ``Bf2B`` B_k'diag(f²)B_k; and F'f, (F∘F)'f². F'B_k reads each basis part's
+          own rows of F (O(nnz(F on those rows) · w) per part) and the folds' column sums for the intercept.
 
         ``cols``: only these global columns (first axis len(cols) instead of M, in that order) — the backward step
         tests one column per conditioning set, so its sums are computed and shipped for that column alone."""
         f2 = f * f
         if cols is None:
-            def fv(V, square=False, rows=None):  # F'V over all columns (rows: a subset of the rows)
-                return (self if rows is None else self.rows(rows)).rmatvec(V, square)
+            def fv(V, square=False, rows=None):  # F'V over all columns (rows: a subset of the rows, any order)
+                if rows is None:
+                    return self.rmatvec(V, square)
+                V = np.asarray(V, dtype=float).reshape(len(rows), -1)
+                Zr = (self._zr if self.sparse else self._zd)[rows]
+                return np.vstack([self.W[rows].T @ V, np.asarray(Zr.T @ V)])
         else:
             X = self.columns(cols)
 
@@ -975,24 +1195,77 @@ class Block:
             C = np.column_stack([np.ones(self.n), self.columns(S)])
             out.update(Sf2xC=fv(f2[:, None] * C), Cf=C.T @ f, Cf2C=C.T @ (f2[:, None] * C))
             return out
-        B = self.basis(S, zspec)
-        q = B.shape[1]
+        K = n_folds
+        P = self.basis_blocks(S, zspec, K)
+        q = P.q
         width = self.M if cols is None else len(cols)
-        SB = np.zeros((width, n_folds, q))
-        SfB = np.zeros((width, n_folds, q))
-        A = np.zeros((n_folds, q, q))
-        Bf = np.zeros((n_folds, q))
-        Bf2B = np.zeros((n_folds, q, q))
-        for k in range(n_folds):
-            # fold k's rows only: the other rows' terms are exact zeros (B on fold k's rows, zeros elsewhere), so
-            # this is the sum over all rows at 1/K of the multiply-adds, one pass over Z in all
-            rows = np.nonzero(self.folds == k)[0]
-            Bk = B[rows]
-            fk = f[rows]
-            R = fv(np.hstack([Bk, f2[rows, None] * Bk]), rows=rows)
-            SB[:, k], SfB[:, k] = R[:, :q], R[:, q:]
-            A[k] = Bk.T @ Bk
-            Bf[k] = Bk.T @ fk
-            Bf2B[k] = Bk.T @ (fk[:, None] ** 2 * Bk)
-        out.update(SB=SB, SfB=SfB, A=A, Bf=Bf, Bf2B=Bf2B)
+        SB = np.zeros((width, K, q))
+        SfB = np.zeros((width, K, q))
+        onehot = np.zeros((self.n, 2, K))  # the intercept's columns: fold k's sums of F and of f² F
+        onehot[np.arange(self.n), 0, self.folds] = 1.0
+        onehot[np.arange(self.n), 1, self.folds] = f2
+        R0 = fv(onehot.reshape(self.n, 2 * K)).reshape(width, 2, K)
+        SB[:, :, 0], SfB[:, :, 0] = R0[:, 0], R0[:, 1]
+        for part, c in zip(P.parts, P.cols):
+            w = part.V.shape[1]
+            for k in range(K):  # F's rows of the part in fold k against [V, f² V] there
+                lo, hi = part.seg[2 * k], part.seg[2 * k + 2]
+                if lo < hi:
+                    rows, V = part.rows[lo:hi], part.V[lo:hi]
+                    got = fv(np.hstack([V, f2[rows, None] * V]), rows=rows)
+                    SB[:, k, c], SfB[:, k, c] = got[:, :w], got[:, w:]
+        A = self._gcm_cached(("gram", P.uids), lambda: (self.basis_grams(P)[0][0],))[0]
+        out.update(SB=SB, SfB=SfB, A=A, Bf=self.basis_sums(P, f)[:, :, 0],
+                   Bf2B=self.basis_grams(P, f2))
+        return out
+
+
+def _nbytes(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, tuple):
+        return sum(_nbytes(x) for x in obj)
+    return 0
+
+
+_PART_IDS = itertools.count()
+
+
+class _Part(tuple):
+    """One column block of a GCM basis: ``key`` (a number naming it among the kept parts), ``rkey`` (its rows' name: parts with the same rkey
+    share their rows), ``rows`` (group by group, ``seg`` the 2K + 1 group boundaries, ``keys`` their sort keys
+    group·n + row) and ``V`` (|rows| x w, the block's values there; 0 on every other row)."""
+
+    def __new__(cls, key, rkey, rows, seg, keys, V):
+        return super().__new__(cls, (key, rkey, rows, seg, keys, V))
+
+    key, rkey, rows, seg, keys, V = (property(lambda self, i=i: self[i]) for i in range(6))
+
+
+class BasisBlocks:
+    """The GCM nuisance basis P (n x q, the columns of ``basis_matrix``) of one partition's rows: its intercept
+    (column 0) and parts; part a covers the columns ``cols[a]`` of P (a slice, or an index array for poly2), equals ``parts[a].V`` on its rows and is
+    exactly 0 on the other rows. A spline part is one feature's columns (zero indicator, x, hinges, steps) on its
+    non-zero rows, or on all rows when a knot lies at or below 0; a poly2 part x_a with x_a² on x_a's non-zero rows,
+    or x_a x_b on the rows where both are non-zero. Rows are stored by (fold, arm) group, so every per-fold sum
+    reads each part's own rows once: a weighted Gram costs O(Σ_{a<=b} |R_a ∩ R_b| w_a w_b) instead of the dense
+    O(n q²)."""
+
+    def __init__(self, q, parts, cols, n_folds):
+        self.q, self.parts, self.cols, self.K = q, parts, cols, n_folds
+        self.uids = (n_folds,) + tuple(p.key for p in parts)  # names this basis among the kept parts
+
+    def cell(self, a, b):
+        """Index of the (part a, part b) block of a stack of q x q matrices."""
+        ca, cb = self.cols[a], self.cols[b]
+        if isinstance(ca, slice) and isinstance(cb, slice):
+            return (slice(None), ca, cb)
+        return (slice(None),) + np.ix_(np.arange(self.q)[ca], np.arange(self.q)[cb])
+
+    def dense(self, n):
+        """P as a dense n x q array (tests)."""
+        out = np.zeros((n, self.q))
+        out[:, 0] = 1.0
+        for part, cols in zip(self.parts, self.cols):
+            out[np.ix_(part.rows, np.arange(self.q)[cols])] = part.V
         return out
