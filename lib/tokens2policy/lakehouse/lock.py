@@ -2,10 +2,11 @@
 
 The table holds one row per lock (created holding the first taker's lease, never deleted). A pipeline takes the
 lease with one Delta UPDATE whose condition is "the row is free, or still exactly the stale lease I saw": Delta's
-optimistic concurrency lets only one of two concurrent takers commit (the other's commit conflicts and it reads again), and a taker whose UPDATE
-matched nothing reads back who won. A background thread renews the lease every third of ``runner.lease_seconds``;
-a pipeline that stops renewing (killed, hung, cut off) loses it when ``expires_at`` passes, and a lease held by a
-process that no longer exists on this host is stale at once. Release frees the row (owner null).
+optimistic concurrency lets only one of two concurrent takers commit (the other's commit conflicts and it reads
+again), and a taker whose UPDATE matched nothing reads back who won. A background thread renews the lease every
+third of ``runner.lease_seconds``; a pipeline that stops renewing (killed, hung, cut off) loses it when
+``expires_at`` passes, and a lease held by a process that no longer exists on this host is stale at once. Release
+frees the row (owner null).
 
 Every check compares instants (epoch seconds), so the hosts' clocks must roughly agree (well within the lease).
 """
