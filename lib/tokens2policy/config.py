@@ -265,8 +265,8 @@ class EmbedConfig(Section):
     # forward pass: torch, or ONNX Runtime (exported once per machine into cache_dir); auto: docs/embed.md
     runtime: Literal["auto", "torch", "onnx"] = "auto"
     quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime dynamic quantization (a new model_hash)
-    # torch arithmetic: auto = fp16 on a GPU, bf16 autocast on a CPU with bf16 matrix units (AMX / AVX512-BF16),
-    # else fp32 (docs/embed.md, "Precision")
+    # torch arithmetic: auto = fp16 on a GPU, fp32 on a CPU; bf16 = bf16 autocast (fast on CPUs with AMX /
+    # AVX512-BF16; a new model_hash: docs/embed.md, "Precision")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     cache_dir: Optional[str] = None  # local ONNX export cache; None: $T2P_CACHE_DIR or ~/.cache/tokens2policy
 

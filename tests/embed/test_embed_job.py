@@ -114,7 +114,7 @@ def test_resume_after_failure_mid_write_and_incremental_run(spark, make_cfg, enc
 
 def test_token_states_sampling_rate_and_values(spark, make_cfg, st_model):
     rate, n = 0.25, 200
-    # fp32: the states are compared with the fp32 reference at 1e-4 (bf16 autocast: tests/embed/test_precision.py)
+    # fp32 (the default; explicit here): the states are compared with the fp32 reference at 1e-4
     cfg = make_cfg(f"embed.token_sample_rate={rate}", "embed.token_states_per_unit=16", "embed.precision=fp32")
     texts = bbc_paragraphs(n)
     write_units(spark, cfg, texts)
