@@ -22,12 +22,12 @@ def test_lakehouse_fingerprint_and_report_upload_on_hdfs(spark, hdfs, tmp_path):
     assert merge_table(spark, cfg, "units", df, keys=["experiment_id", "unit_id"])["inserted"] == 4
     assert merge_table(spark, cfg, "units", df, keys=["experiment_id", "unit_id"])["inserted"] == 0
     assert table_exists(spark, cfg, "units") and table_version(spark, cfg, "units") is not None
+    assert read_table(spark, cfg, "units").count() == 4
     # the version read off HDFS's listing of the log is Delta's own latest version
     loc = table_location(cfg, "units")
     df.write.format("delta").mode("append").save(loc)
     assert table_version(spark, cfg, "units") == DeltaTable.forPath(spark, loc).history(1).first()["version"] >= 1
     assert storage.delta_version(f"{root}/no-such-table", spark) is None
-    assert read_table(spark, cfg, "units").count() == 4
     # a parquet source on HDFS: the fingerprint is HDFS's listing and changes with a new file
     df.write.parquet(f"{root}/logs/a")
     src = load_config(None, [f"data_dir={root}/data", "source.kind=parquet", f"source.path={root}/logs/*"])
