@@ -166,6 +166,9 @@ def delta_version(location: str, spark=None) -> Optional[int]:
     becomes visible atomically when its commit succeeds, and Delta's log clean-up never removes the newest one, so
     the largest name is the latest version — what ``DeltaTable.history(1)`` returns, without planning and running a
     Spark job (≈ 20 ms instead of 0.3–4 s; the stage runner asks this for every input and output of every stage).
+    Path tables only, written by Delta's file-system commit protocol as this package writes them: a table with
+    coordinated (catalog-owned) commits keeps its newest commits elsewhere until they are backfilled, so catalog
+    tables are asked of Delta itself (``lakehouse.tables.table_version``).
     """
     jfs = _via_jvm(spark, location)
     if jfs is not None:
