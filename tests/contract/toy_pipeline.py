@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     while go and not os.path.exists(go):
         time.sleep(0.02)
     try:
-        run_stages(spark, cfg, ["a", "b"], force=args.force, stages=STAGES, resolve=JOBS.__getitem__)
+        # progress lines on stdout, flushed, as `t2p run` shows them (run_stages' default echo is the logger)
+        run_stages(spark, cfg, ["a", "b"], force=args.force, stages=STAGES, resolve=JOBS.__getitem__,
+                   echo=lambda line: print(line, flush=True))
     except (ConfigError, LockHeldError) as exc:
         print(f"t2p: error: {exc}", file=sys.stderr)
         return 2
