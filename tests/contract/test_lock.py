@@ -210,7 +210,7 @@ def test_two_runner_processes_race_one_wins_and_a_killed_holder_is_taken_over(sp
     assert RunLock(spark, cfg).holder().pid == killed.pid
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
-    # lock_wait_seconds=0: the dead holder's lease (120 s, renewed until the kill) is taken over at once, not after
+    # lock_wait_seconds=0: the dead holder's lease (300 s by default, renewed until the kill) is taken over at once, not after
     taker = _toy(cfg.data_path, "--force", "b", "--set", "runner.lock_wait_seconds=0")
     out, err = taker.communicate(timeout=900)
     assert taker.returncode == 0, (out, err)
