@@ -10,9 +10,9 @@ input versions once and hands the job a context that does the plumbing:
 * ``ctx.read(name)`` — an input table as of its pinned Delta version (reading an undeclared table raises);
   ``ctx.exists``/``ctx.version`` likewise. The stage's own output tables can be read too (their latest version:
   a stage sees its own writes);
-* ``ctx.write``/``ctx.write_experiments``/``ctx.merge``/``ctx.delta_table`` — writes to declared output tables
-  only, each frame checked against the table's registered columns and types; ``ctx.frame(name, rows)`` builds a
-  Spark frame with the table's registered schema from pandas or tuples;
+* ``ctx.write``/``ctx.write_experiments``/``ctx.write_experiment_tables``/``ctx.merge``/``ctx.delta_table`` —
+  writes to declared output tables only, each frame checked against the table's registered columns and types;
+  ``ctx.frame(name, rows)`` builds a Spark frame with the table's registered schema from pandas or tuples;
 * ``ctx.units`` — the unit column contract: which ``units`` columns are outcomes, covariates, the cluster, and
   the key types;
 * ``ctx.clock`` (and ``ctx.new_clock(scope)``) — step timings, logged to MLflow as ``seconds.*`` metrics and
@@ -488,6 +488,43 @@ class StageContext:
             self.write(name, df, mode="overwrite", replace_where=pred)
         else:
             self.write(name, df, mode="overwrite")
+
+    def write_experiment_tables(self, frames: Sequence[Tuple[str, Any]], experiment_ids: Iterable) -> None:
+        """:meth:`write_experiments` for several tables: one commit per table, the first alone, the others at once.
+
+        Why: each commit of a small table is a few Spark jobs of pure latency (Delta's snapshot of the table, the
+        write, the commit; a ``replaceWhere`` overwrite also lists the table's files), so on a few cores two to
+        four of them overlap well (4 small tables: 5.9 s one after another vs 3.6 s at once, 15 vs 10 s as
+        ``replaceWhere`` overwrites; docs/benchmarks.md). The first table is written alone so that a stage
+        killed "between two of its commits" (the fault injection above, and a real crash) still stops with one
+        table committed and the others not; the remaining writes run in threads that inherit this thread's
+        Spark local properties (job group, scheduler pool), and every one of them finishes before the first
+        error, if any, is raised — no write is abandoned half-way by this method.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pyspark.util import inheritable_thread_target
+
+        ids = sorted({str(e) for e in experiment_ids})
+        frames = list(frames)
+        if not frames:
+            return
+        for name, df in frames:  # every frame checked before the first commit
+            self._check_writable(name)
+            self._check_schema(name, df)
+        first, rest = frames[0], frames[1:]
+        self.write_experiments(first[0], first[1], ids)
+        for name, _ in rest:
+            self._before_commit(name)
+        if not rest:
+            return
+        # the session given: its tags and local properties follow (and a Spark Connect session is the child's)
+        write = inheritable_thread_target(self.spark)(lambda item: self.write_experiments(item[0], item[1], ids))
+        with ThreadPoolExecutor(max_workers=min(4, len(rest)), thread_name_prefix="t2p-write") as pool:
+            futures = [pool.submit(write, item) for item in rest]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
 
     def merge(self, name: str, df, keys: Iterable[str], **kwargs) -> Dict[str, int]:
         """:func:`tokens2policy.lakehouse.merge_table` into an output table (creates it on first use)."""

@@ -118,6 +118,61 @@ def test_write_experiments_replaces_only_those_experiments_rows(spark, make_cfg)
     assert got == [("a", 9), ("b", 3), ("o'x", 7), (hostile, 6)]
 
 
+
+def test_write_experiment_tables_equals_one_write_after_another_and_raises_after_every_write_ended(spark, make_cfg):
+    """The concurrent writes of several tables give the tables of sequential write_experiments calls; a failing
+    write (here: a row the Python worker refuses while the frame is written) is raised once the others have
+    committed — none is abandoned, and the failed table is untouched."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import IntegerType
+
+    names = ("t_w1", "t_w2", "t_w3", "t_w4")
+    hostile = "o'x\\"
+    stage = Stage("t", (), names, (), tracked=False)
+    schema = "experiment_id string, v int"
+    seeds = {n: [("a", i), ("b", 10 + i), (hostile, 20 + i)] for i, n in enumerate(names)}
+    updates = {n: [("a", 100 + i), (hostile, 200 + i), (hostile, 300 + i)] for i, n in enumerate(names)}
+
+    def run(cfg, how, rows, exps):
+        def job(ctx):
+            frames = [(n, ctx.spark.createDataFrame(rows[n], schema)) for n in names]
+            if how == "together":
+                ctx.write_experiment_tables(frames, exps)
+            else:
+                for n, df in frames:
+                    ctx.write_experiments(n, df, exps)
+        run_stage_job(spark, cfg, stage, job)
+
+    together, apart = make_cfg(), make_cfg()
+    for cfg, how in ((together, "together"), (apart, "apart")):
+        run(cfg, how, seeds, ["a", "b", hostile])
+        run(cfg, how, updates, ["a", hostile])  # b's rows stay
+    for n in names:
+        got = sorted(tuple(r) for r in read_table(spark, together, n).collect())
+        assert got == sorted(tuple(r) for r in read_table(spark, apart, n).collect())
+        i = names.index(n)
+        assert got == sorted([("a", 100 + i), ("b", 10 + i), (hostile, 200 + i), (hostile, 300 + i)])
+
+    @F.udf(IntegerType())
+    def refuse(v):
+        if v == 13:
+            raise ValueError("row 13 refused")
+        return v
+
+    before = {n: table_version(spark, together, n) for n in names}
+
+    def failing(ctx):
+        frames = [(n, ctx.spark.createDataFrame([("a", 13 if n == "t_w3" else 1)], schema)
+                   .withColumn("v", refuse("v"))) for n in names]
+        ctx.write_experiment_tables(frames, ["a"])
+
+    with pytest.raises(Exception, match="row 13 refused"):
+        run_stage_job(spark, together, stage, failing)
+    after = {n: table_version(spark, together, n) for n in names}
+    assert after == {n: before[n] + (n != "t_w3") for n in names}, "the other three committed, t_w3 did not"
+    assert sorted(tuple(r) for r in read_table(spark, together, "t_w3").collect()) == \
+        sorted([("a", 102), ("b", 12), (hostile, 202), (hostile, 302)])
+
 def test_unit_columns_contract():
     from pyspark.sql import types as T
 

@@ -492,9 +492,10 @@ def main(ctx) -> dict:
             ctx.log_metrics({f"{exp}.{k}": v for k, v in res["metrics"].items()})
             clock.lap("analysis")
             gates, eff, cal, curves_all = res["gates"], res["effects"], res["calibration"], res["curves"]
-            for name, frame in (("gates", gates), ("effects", eff), ("calibration", cal),
-                                ("cate_final_stages", res["final_stages"])):
-                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
+            ctx.write_experiment_tables(
+                [(name, ctx.frame(name, frame)) for name, frame in (
+                    ("gates", gates), ("effects", eff), ("calibration", cal),
+                    ("cate_final_stages", res["final_stages"]))], [exp])
             with tempfile.TemporaryDirectory() as tmp:
                 gates.to_csv(Path(tmp) / f"gates_{exp}.csv", index=False)
                 cal[cal.q.isna()].to_csv(Path(tmp) / f"calibration_{exp}.csv", index=False)

@@ -413,9 +413,9 @@ def main(ctx) -> dict:
                 passes_total.append(res.passes)
         ctx.log_dict(summary, "identify/summary.json")
         mod_rows = with_neuron_labels(spark, cfg, mod_rows)
-        for name, rows in (("modifiers", mod_rows), ("selection_trace", trace_rows), ("marginal_screen", marg_rows)):
-            ctx.write_experiments(name, ctx.frame(name, rows), experiments)
-            summary[f"{name}_rows"] = len(rows)
+        tables = (("modifiers", mod_rows), ("selection_trace", trace_rows), ("marginal_screen", marg_rows))
+        ctx.write_experiment_tables([(name, ctx.frame(name, rows)) for name, rows in tables], experiments)
+        summary.update({f"{name}_rows": len(rows) for name, rows in tables})
     return {"experiments": len(experiments), "outcomes": len(outcomes), "modifiers": len(mod_rows),
             "trace_rows": len(trace_rows), "marginal_rows": len(marg_rows), "execution": summary["execution"],
             "passes": sum(p["passes"] for p in passes_total),

@@ -310,8 +310,9 @@ def main(ctx) -> dict:
             rules = pd.concat(rules_all, ignore_index=True)
             values = pd.concat(values_all, ignore_index=True)
             assigns = pd.concat(assign_all, ignore_index=True)
-            for name, frame in (("policy_rules", rules), ("policy_value", values), ("assignments", assigns)):
-                ctx.write_experiments(name, ctx.frame(name, frame), [exp])
+            ctx.write_experiment_tables(
+                [(name, ctx.frame(name, frame)) for name, frame in (
+                    ("policy_rules", rules), ("policy_value", values), ("assignments", assigns))], [exp])
             ctx.log_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / f"rules_{exp}.txt").write_text("\n".join(rules["outcome"] + ": " + rules["rule"]) + "\n")
