@@ -229,8 +229,10 @@ def _pick_model_hash(emb, wanted):
     job, whose counts also size the execution choice."""
     from pyspark.sql import functions as F
 
-    rows = (emb.groupBy("model_hash").agg(F.count("*").alias("n"), F.max("dim").alias("dim"))
-            .orderBy(F.desc("n"), "model_hash").collect())
+    # one row per model version: sorted here (most vectors first, then by name: Spark's orderBy(desc(n), model_hash),
+    # strings by code point), not by Spark's global sort, which samples its input in an extra job
+    rows = sorted(emb.groupBy("model_hash").agg(F.count("*").alias("n"), F.max("dim").alias("dim")).collect(),
+                  key=lambda r: (-r["n"], r["model_hash"] is not None, r["model_hash"] or ""))
     if wanted:
         row = next((r for r in rows if r["model_hash"] == wanted), None)
         return wanted, int(row["n"]) if row else 0, int(row["dim"] or 0) if row else 0
