@@ -7,7 +7,9 @@ with the fitted representation logged (and registered) as a pyfunc model plus it
 Data flow: with a distributed backend the training view (filtered to one model version) is written once by
 Spark to the staging table ``represent_training``; training workers read their own parquet shards of that
 snapshot (the driver only lists files). The local backend and the baselines train in the driver process, so
-they collect the view through Arrow instead. Encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
+they collect the view through Arrow instead. In memory (``execution`` scope ``represent``, :func:`execution_choice`:
+the default while the document vectors fit the driver bounds) the keys and vectors are collected once and encoding,
+the quality sums, ``neuron_stats`` and the labelling sample run on the driver (docs/represent.md). On Spark, encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
 per Python worker; with ``represent.encode=tokens_maxpool`` the token states are encoded the same way and max-pooled
 per unit (:func:`pool_token_codes`; units without sampled token states keep their document code). Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
 units (texts from ``units``) and ``represent.label_max_tokens`` token states.
