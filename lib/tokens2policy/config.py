@@ -465,8 +465,9 @@ class ExecutionConfig(Section):
     its config hash (a change alone does not rerun a stage; tokens2policy/stages.py)."""
 
     mode: Literal["auto", "memory", "spark"] = "auto"
-    # per stage, overriding ``mode`` (identify, effects): e.g. {identify: spark}
-    stages: Dict[Literal["identify", "effects"], Literal["auto", "memory", "spark"]] = Field(default_factory=dict)
+    # per stage, overriding ``mode`` (identify, effects, represent): e.g. {identify: spark}
+    stages: Dict[Literal["identify", "effects", "represent"], Literal["auto", "memory", "spark"]] = Field(
+        default_factory=dict)
     # auto: in memory while (rows x columns + stored non-zeros) <= max_entries and the estimated driver frame
     # <= max_bytes (20,000 units with 8 active neurons each: 0.5M entries, ~10 MB)
     max_entries: int = Field(50_000_000, ge=0)

@@ -80,7 +80,7 @@ STAGES: Tuple[Stage, ...] = (
     Stage("embed", ("units",), tables_of("embed"), ("embed", *MODEL_STORE)),
     Stage("represent", ("units", "embeddings", "token_states"), tables_of("represent"),
           ("represent", *MODEL_STORE, *MODEL_REGISTRATION, "tracking.represent_model_name"),
-          requires=("embeddings", "token_states")),
+          requires=("embeddings", "token_states"), runtime=EXECUTION),
     Stage("identify", ("units", "neurons", "neuron_labels"), tables_of("identify"), ("identify", "honesty", *UNIT_COLUMNS),
           requires=("units", "neurons"), runtime=EXECUTION),
     # effects: neuron_labels name the neurons of the coverage line; identify.min_active its residual screen

@@ -33,7 +33,7 @@ def test_forced_modes_and_per_stage_override():
         load_config(None, ["execution.stages={policy: spark}"])  # policy has one (in-memory) core
 
 
-@pytest.mark.parametrize("stage", ["identify", "effects"])
+@pytest.mark.parametrize("stage", ["identify", "effects", "represent"])
 def test_execution_settings_do_not_make_a_stage_stale_but_its_sections_do(stage):
     """Same tables either way, so how a stage runs is not in its config hash (Stage.runtime); what it computes is."""
     base = load_config(None, [])
@@ -43,7 +43,7 @@ def test_execution_settings_do_not_make_a_stage_stale_but_its_sections_do(stage)
     for override in ("execution.mode=spark", "execution.mode=memory", "execution.max_entries=7",
                      f"execution.stages={{{stage}: spark}}"):
         assert config_fingerprint(load_config(None, [override]), st) == same, override
-    other = "identify.alpha=0.01" if stage == "identify" else "effects.n_bootstrap=7"
+    other = {"identify": "identify.alpha=0.01", "effects": "effects.n_bootstrap=7", "represent": "represent.k=7"}[stage]
     assert config_fingerprint(load_config(None, [other]), st) != same
 
 
@@ -53,4 +53,4 @@ def test_a_stage_reads_execution_only_where_it_declares_it():
     cfg = load_config(None, [])
     assert ConfigView(cfg, get_stage("identify").readable, "identify").execution.mode == "auto"
     with pytest.raises(UndeclaredAccessError):
-        ConfigView(cfg, get_stage("represent").readable, "represent").execution
+        ConfigView(cfg, get_stage("report").readable, "report").execution
