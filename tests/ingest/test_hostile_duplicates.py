@@ -175,3 +175,12 @@ def test_ingest_job_on_hostile_rows_keeps_every_row(spark, tmp_path, classified)
     again = job.run(spark, cfg)
     assert again["inserted"] == 0 and again["unchanged"] == len(kept) and again["quarantined"] == run["quarantined"]
     assert len(read_table(spark, cfg, "quarantine").collect()) == len(quarantine)
+
+
+def test_duplicates_are_resolved_with_one_shuffle(spark, tmp_path, capsys):
+    """The keep rule's two window functions share one partitioning: the rows are shuffled once (main 7d1f51e
+    shuffled and sorted every wide row twice: its partition flag was an expression, planned once per function)."""
+    df = spark.createDataFrame(hostile_rows(), SCHEMA)
+    classify_rows(df, map_columns(df.schema, config(tmp_path / "data"), "test")).explain()
+    plan = capsys.readouterr().out
+    assert plan.count("Exchange hashpartitioning(") == 1, plan
