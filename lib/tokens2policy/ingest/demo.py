@@ -200,6 +200,21 @@ def drivers_frame(demo: DemoConfig) -> pd.DataFrame:
     return df
 
 
+def log_schema():
+    """The Spark schema of ``demo_source`` (the demo's raw logs), known without generating them: ingest's preflight
+    maps its columns before anything is written."""
+    from pyspark.sql import types as T
+
+    return T.StructType([
+        T.StructField("experiment_id", T.StringType()), T.StructField("unit_id", T.StringType()),
+        T.StructField("treatment", T.IntegerType()), T.StructField("engagement", T.DoubleType()),
+        T.StructField("text", T.StringType()), T.StructField("tenure_days", T.DoubleType()),
+        T.StructField("prior_sessions", T.LongType()), T.StructField("community", T.StringType()),
+        T.StructField("article_id", T.StringType()), T.StructField("assigned_at", T.TimestampType()),
+        T.StructField("measured_at", T.TimestampType()),
+    ])
+
+
 def write_demo(spark, cfg: Config) -> Dict[str, int]:
     """Simulate the demo from ``cfg.demo`` and write ``demo_source`` (the raw logs), ``demo_truth``, ``demo_drivers``.
 

@@ -52,9 +52,9 @@ def read_source(spark: SparkSession, cfg: Config) -> Tuple[DataFrame, str]:
     """
     src = cfg.source
     if src.kind == "demo":
-        from tokens2policy.ingest.demo import SOURCE_TABLE, ensure_demo
+        from tokens2policy.ingest.demo import ensure_demo
 
-        return ensure_demo(spark, cfg), f"demo:{cfg.demo.experiment_id} (table {SOURCE_TABLE})"
+        return ensure_demo(spark, cfg), _demo_where(cfg)
     key = src.location_key
     location = getattr(src, key)
     if not location:
@@ -102,6 +102,12 @@ def read_source(spark: SparkSession, cfg: Config) -> Tuple[DataFrame, str]:
     return df, where
 
 
+def _demo_where(cfg: Config) -> str:
+    from tokens2policy.ingest.demo import SOURCE_TABLE
+
+    return f"demo:{cfg.demo.experiment_id} (table {SOURCE_TABLE})"
+
+
 def _expected_share(cfg: Config) -> Optional[float]:
     if cfg.ingest.expected_treated_share is not None:
         return cfg.ingest.expected_treated_share
@@ -132,7 +138,13 @@ def run(spark: SparkSession, cfg: Config) -> dict:
 
 def preflight(spark: SparkSession, cfg: Config) -> None:
     """Map the source's columns before anything starts (no MLflow run, no table): an unmappable schema is the
-    same one-line ConfigError :func:`main` would raise, with nothing written."""
+    same one-line ConfigError :func:`main` would raise, with nothing written. The demo's logs are mapped by their
+    schema alone (:func:`tokens2policy.ingest.demo.log_schema`): generating them is :func:`main`'s work, done once."""
+    if cfg.source.kind == "demo":
+        from tokens2policy.ingest.demo import log_schema
+
+        map_columns(log_schema(), cfg, _demo_where(cfg))
+        return
     raw, where = read_source(spark, cfg)
     map_columns(raw.schema, cfg, where)
 
@@ -176,6 +188,9 @@ def main(ctx) -> dict:
                                    .otherwise(F.col("message")))
             rows = rows.withColumn("reason", F.when(conflict, "conflicts_with_stored").otherwise(F.col("reason")))
             rows = rows.withColumn("status", F.when(conflict, None).otherwise(F.col("status")))
+        # the original row (raw_json, as wide as the row) is kept for the quarantine only: the cache holds it for the
+        # rejected rows, not a second copy of every accepted row's text
+        rows = rows.withColumn("raw_json", F.when(F.col("reason").isNotNull(), F.col("raw_json")))
         rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             summary = _write_and_check(spark, cfg, cmap, raw, rows, stored_counts, where, compare_cols,

@@ -227,9 +227,9 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
     wrong = [(c, ~_blank(c, d[c]) & v.isNull()) for c, v in typed.items()]
 
     texts = [_col(c).cast("string") for c in cmap.text_cols]
-    # blank fields are skipped in the join; "empty" means nothing but whitespace (any kind, not just spaces)
-    text = F.concat_ws(cmap.text_separator, *[F.when(F.regexp_replace(s, r"(?U)[\s\x{200B}\x{FEFF}]+", "") != "", s)
-                                              for s in texts])
+    # blank fields are skipped in the join; "empty" means nothing but whitespace (any kind, not just spaces): a
+    # field is kept when it holds one character outside that set (a search that stops there, not a rewrite)
+    text = F.concat_ws(cmap.text_separator, *[F.when(s.rlike(r"(?U)[^\s\x{200B}\x{FEFF}]"), s) for s in texts])
     undecodable = [(c, s.isNotNull() & (~F.is_valid_utf8(s) | s.contains("\ufffd"))) for c, s in
                    zip(cmap.text_cols, texts)]
     out_missing = [(c, v.isNull()) for c, v in outcomes.items()]
@@ -269,39 +269,57 @@ def classify_rows(df: DataFrame, cmap: ColumnMap) -> DataFrame:
         checks.append(("post_treatment_covariate", m > a, F.concat(
             F.lit(f"covariates measured at '{cmap.measured_at_col}' = "), m.cast("string"),
             F.lit(f" after assignment '{cmap.assigned_at_col}' = "), a.cast("string"))))
-    reason = F.coalesce(*[F.when(F.coalesce(cond, F.lit(False)), F.lit(code)) for code, cond, _ in checks])
-    message = F.coalesce(*[F.when(F.coalesce(cond, F.lit(False)), msg) for _, cond, msg in checks])
-
     cluster = (F.when(~_blank(cmap.cluster_col, d[cmap.cluster_col]),
                       unicode_trim(_col(cmap.cluster_col).cast("string")))
                if cmap.cluster_col else F.lit(None).cast("string"))
-    rows = df.select(
-        exp.alias("experiment_id"),
-        uid.alias("unit_id"),
-        treatment.cast("int").alias("treatment"),
-        *[v.alias(f"__o{i}") for i, v in enumerate(outcomes.values())],
-        text.alias("text"),
-        *[v.alias(f"__w{i}") for i, v in enumerate(covariates.values())],
-        cluster.alias("cluster"),
-        (stamps[cmap.assigned_at_col] if stamps else F.lit(None).cast("timestamp")).alias("assigned_at"),
+    # Two projections: the typed values and one boolean per check first, then reason/message/raw_json from them. In
+    # one projection Spark evaluated a check's condition again in `message` (and the text's whitespace scan in every
+    # check using it): conditions after the first of a coalesce are not shared by subexpression elimination. Spark
+    # keeps the two projections apart because the flags are used twice (spark.sql.optimizer.collapseProjectAlwaysInline
+    # is false by default). The messages are built from the source columns, only for the rejected rows.
+    tag = "__t2p_"
+    while any(c.startswith(tag) for c in df.columns):
+        tag += "_"
+    values = {
+        "experiment_id": exp,
+        "unit_id": uid,
+        "treatment": treatment.cast("int"),
+        **{f"o{i}": v for i, v in enumerate(outcomes.values())},
+        "text": text,
+        **{f"w{i}": v for i, v in enumerate(covariates.values())},
+        "cluster": cluster,
+        "assigned_at": stamps[cmap.assigned_at_col] if stamps else F.lit(None).cast("timestamp"),
+    }
+    staged = df.select(
+        *[_col(c) for c in df.columns],
+        *[v.alias(f"{tag}v_{k}") for k, v in values.items()],
+        *[F.coalesce(cond, F.lit(False)).alias(f"{tag}f{i}") for i, (_, cond, _) in enumerate(checks)],
+    )
+    flag = [F.col(f"{tag}f{i}") for i in range(len(checks))]
+    reason = F.coalesce(*[F.when(f, F.lit(code)) for f, (code, _, _) in zip(flag, checks)])
+    message = F.coalesce(*[F.when(f, msg) for f, (_, _, msg) in zip(flag, checks)])
+    rows = staged.select(
+        F.col(f"{tag}v_experiment_id").alias("experiment_id"),
+        F.col(f"{tag}v_unit_id").alias("unit_id"),
+        F.col(f"{tag}v_treatment").alias("treatment"),
+        *[F.col(f"{tag}v_o{i}").alias(c) for i, c in enumerate(cmap.outcome_cols)],
+        F.col(f"{tag}v_text").alias("text"),
+        *[F.col(f"{tag}v_w{i}").alias(c) for i, c in enumerate(cmap.covariate_cols)],
+        F.col(f"{tag}v_cluster").alias("cluster"),
+        F.col(f"{tag}v_assigned_at").alias("assigned_at"),
         raw_json.alias("raw_json"),
         reason.alias("reason"),
         message.alias("message"),
-    )
-    rows = rows.select(
-        *KEYS, "treatment",
-        *[F.col(f"__o{i}").alias(c) for i, c in enumerate(cmap.outcome_cols)],
-        "text",
-        *[F.col(f"__w{i}").alias(c) for i, c in enumerate(cmap.covariate_cols)],
-        "cluster", "assigned_at", "raw_json", "reason", "message",
     )
     return _mark_duplicates(rows)
 
 
 def _mark_duplicates(rows: DataFrame) -> DataFrame:
-    valid = F.col("reason").isNull()
-    w = Window.partitionBy(valid, *KEYS).orderBy(F.col("assigned_at").asc_nulls_last(), "raw_json")
-    marked = rows.withColumn("__rank", F.row_number().over(w)).withColumn("__kept", F.first("raw_json").over(w))
+    # the partition flag is a column, so both window functions share one partitioning: one shuffle and one sort of
+    # the rows (with the expression in the spec, Spark planned two, each of every wide row)
+    w = Window.partitionBy("__valid", *KEYS).orderBy(F.col("assigned_at").asc_nulls_last(), "raw_json")
+    marked = (rows.withColumn("__valid", F.col("reason").isNull())
+              .select("*", F.row_number().over(w).alias("__rank"), F.first("raw_json").over(w).alias("__kept")))
     dup = F.col("reason").isNull() & (F.col("__rank") > 1)
     message = F.concat(
         F.lit("duplicate of unit_id '"), F.col("unit_id"), F.lit("' in experiment '"), F.col("experiment_id"),

@@ -164,8 +164,9 @@ def merge_table(
     keys = list(keys)
     if not table_exists(spark, config, name):
         write_table(df, config, name, mode="overwrite", partition_by=partition_by)
-        n = read_table(spark, config, name).count()
-        return {"inserted": n, "updated": 0, "unchanged_or_kept": 0}
+        # the write's own commit counted its rows (operationMetrics.numOutputRows); re-read the table only when that
+        # commit is not the latest one (another writer committed since) or carries no row count
+        return {"inserted": _written_rows(spark, config, name), "updated": 0, "unchanged_or_kept": 0}
     target = delta_table(spark, config, name)
     before = table_version(spark, config, name)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
@@ -183,6 +184,20 @@ def merge_table(
     # the MERGE already counted its source rows; recount (recomputing df) only when it made no commit
     n_source = int(metrics["numSourceRows"]) if "numSourceRows" in metrics else df.count()
     return {"inserted": inserted, "updated": updated, "unchanged_or_kept": n_source - inserted - updated}
+
+
+_CREATING_WRITES = ("WRITE", "CREATE TABLE AS SELECT", "CREATE OR REPLACE TABLE AS SELECT",
+                    "REPLACE TABLE AS SELECT")
+
+
+def _written_rows(spark: SparkSession, config: Config, name: str) -> int:
+    """Rows in a table just created by one write: the first commit's ``numOutputRows``; a ``count()`` of the table
+    when the latest commit is not that first write (a concurrent writer) or has no row count (metrics disabled)."""
+    last = delta_table(spark, config, name).history(1).select("version", "operation", "operationMetrics").first()
+    metrics = (last[2] or {}) if last is not None else {}
+    if last is not None and last[0] == 0 and last[1] in _CREATING_WRITES and "numOutputRows" in metrics:
+        return int(metrics["numOutputRows"])
+    return read_table(spark, config, name).count()
 
 
 def table_version(spark: SparkSession, config: Config, name: str) -> Optional[int]:
