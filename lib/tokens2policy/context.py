@@ -494,8 +494,8 @@ class StageContext:
 
         Why: each commit of a small table is a few Spark jobs of pure latency (Delta's snapshot of the table, the
         write, the commit; a ``replaceWhere`` overwrite also lists the table's files), so on a few cores two to
-        four of them overlap well (4 small tables: 5.9 s one after another vs 3.6 s at once, 15 vs 10 s as
-        ``replaceWhere`` overwrites; docs/benchmarks.md). The first table is written alone so that a stage
+        four of them overlap (4 small tables: 7.9 s one after another vs 4.0 s first-then-together, 11.8 vs 7.4 s as
+        ``replaceWhere`` overwrites: benchmarks/bench_delta_commits.py, docs/benchmarks.md). The first table is written alone so that a stage
         killed "between two of its commits" (the fault injection above, and a real crash) still stops with one
         table committed and the others not; the remaining writes run in threads that inherit this thread's
         Spark local properties (job group, scheduler pool), and every one of them finishes before the first
