@@ -153,6 +153,7 @@ def test_kept_rows_are_the_known_ones(classified):
     assert dups == Counter({True: 3})
 
 
+@pytest.mark.slow  # the whole job twice (~40 s): the classification of the same rows is checked above by default
 def test_ingest_job_on_hostile_rows_keeps_every_row(spark, tmp_path, classified):
     """The whole job: every input row is in `units` or `quarantine` (k identical broken rows as k rows), the kept
     rows are the classified ones, and the counts add up."""
