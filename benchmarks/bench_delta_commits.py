@@ -3,10 +3,10 @@
 Three measurements in one warm Spark session (the project's session: ``conf/local.yaml``'s ``local[2]``), printed
 as one JSON line:
 
-* ``tables``: writing ``--tables`` small tables (``--rows`` rows each, partitioned by ``experiment_id`` like the
-  stage outputs) one after another vs with :meth:`StageContext.write_experiment_tables`' scheme (the first alone,
+* ``tables``: writing ``--tables`` small tables (``--rows`` rows each) in one untracked stage, one
+  ``StageContext.write_experiments`` after another vs one ``StageContext.write_experiment_tables`` (the first alone,
   the rest at once in threads) — once as first writes (the table created) and once as ``replaceWhere`` overwrites
-  of an existing table, each ``--repeats`` times (the median is printed);
+  of the existing tables, each ``--repeats`` times (the median is printed);
 * ``jobs``: the Spark jobs one write of each kind starts (a job group per write);
 * ``lock``: the run lock's acquire on a fresh lakehouse (the process's first Delta commit), one renewal (a Delta
   UPDATE and a read of ``run_lock``) and the release.
@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
@@ -42,11 +41,11 @@ def main(argv=None) -> dict:
 
     import numpy as np
     import pandas as pd
-    from pyspark.util import inheritable_thread_target
-
     from tokens2policy.config import load_config
+    from tokens2policy.context import run_stage_job
     from tokens2policy.lakehouse.lock import RunLock
     from tokens2policy.lakehouse.session import get_spark
+    from tokens2policy.stages import Stage
 
     shutil.rmtree(args.data_dir, ignore_errors=True)
     cfg = load_config(os.path.join(ROOT, "conf", "local.yaml"), [f"data_dir={args.data_dir}"])
@@ -69,7 +68,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     pdf = pd.DataFrame({"experiment_id": ["e"] * args.rows, "k": np.arange(args.rows),
                         "x": rng.random(args.rows)})
-    root = os.path.join(args.data_dir, "tables")
+    root = os.path.join(args.data_dir, "tables")  # the probes' tables (outside the lakehouse)
 
     def write(name, replace):
         w = spark.createDataFrame(pdf).write.format("delta").mode("overwrite").partitionBy("experiment_id")
@@ -77,27 +76,32 @@ def main(argv=None) -> dict:
             w = w.option("replaceWhere", "experiment_id = 'e'")
         w.save(os.path.join(root, name))
 
-    def one_by_one(prefix, replace):
-        for i in range(args.tables):
-            write(f"{prefix}{i}", replace)
+    def in_stage(names, job):
+        """Run ``job(ctx, frames)`` as an untracked stage writing ``names``: the stage context's own writes (a
+        ``replaceWhere`` overwrite when the table exists, a create otherwise), as identify/effects/policy do."""
+        stage = Stage("bench", (), tuple(names), (), tracked=False)
+        run_stage_job(spark, cfg, stage, lambda ctx: job(ctx, [(n, ctx.spark.createDataFrame(pdf)) for n in names]))
 
-    def first_then_together(prefix, replace):
-        write(f"{prefix}0", replace)
-        run = inheritable_thread_target(spark)(lambda i: write(f"{prefix}{i}", replace))
-        with ThreadPoolExecutor(max_workers=min(4, args.tables - 1)) as pool:
-            list(pool.map(run, range(1, args.tables)))
+    def one_by_one(prefix):
+        def job(ctx, frames):
+            for name, df in frames:
+                ctx.write_experiments(name, df, ["e"])
+        in_stage([f"{prefix}{i}" for i in range(args.tables)], job)
+
+    def first_then_together(prefix):
+        in_stage([f"{prefix}{i}" for i in range(args.tables)],
+                 lambda ctx, frames: ctx.write_experiment_tables(frames, ["e"]))
 
     for i in range(3):  # warm-up: the first Delta writes of a JVM pay class loading and JIT
         write(f"warm{i}", False)
     seconds = {k: [] for k in ("create_one_by_one", "create_first_then_together", "replace_one_by_one",
                                "replace_first_then_together")}
     for r in range(args.repeats):
-        for replace, kind in ((False, "create"), (True, "replace")):
+        for kind in ("create", "replace"):  # the same tables twice: created, then overwritten (replaceWhere)
             for how, fn in (("one_by_one", one_by_one), ("first_then_together", first_then_together)):
-                # a create needs fresh tables; a replace rewrites the ones the create made
                 prefix = f"r{r}_{how}_"
                 t = time.time()
-                fn(prefix, replace)
+                fn(prefix)
                 seconds[f"{kind}_{how}"].append(time.time() - t)
 
     jobs = {}

@@ -483,8 +483,8 @@ class RunnerConfig(Section):
     lock_wait_seconds: float = Field(0.0, ge=0)  # a second pipeline waits this long for the lock (0: exits at once)
     # a holder that stops renewing loses the lock after this long; renewed every third of it. Each renewal is a
     # Delta UPDATE plus a read of the lock table (Spark jobs beside the stage's, 3-10 s on the 2-core dev VM:
-    # docs/benchmarks.md), so 300 s renews every 100 s; a crashed holder on this host is taken over at once (its pid is gone),
-    # one on another host after at most this long (or at once with runner.break_lock=true)
+    # docs/benchmarks.md), so 300 s renews every 100 s; a crashed holder on this host is taken over at once (its
+    # pid is gone), one on another host after at most this long (or at once with runner.break_lock=true)
     lease_seconds: float = Field(300.0, ge=3)
     # take the lock over from a live-looking holder (one on another host whose lease has not expired yet) when the
     # operator knows it is gone: --set runner.break_lock=true

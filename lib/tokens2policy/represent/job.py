@@ -9,10 +9,12 @@ Spark to the staging table ``represent_training``; training workers read their o
 snapshot (the driver only lists files). The local backend and the baselines train in the driver process, so
 they collect the view through Arrow instead. In memory (``execution`` scope ``represent``, :func:`execution_choice`:
 the default while the document vectors fit the driver bounds) the keys and vectors are collected once and encoding,
-the quality sums, ``neuron_stats`` and the labelling sample run on the driver (docs/represent.md). On Spark, encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once
-per Python worker; with ``represent.encode=tokens_maxpool`` the token states are encoded the same way and max-pooled
-per unit (:func:`pool_token_codes`; units without sampled token states keep their document code). Labelling runs on the driver on a deterministic sample of at most ``represent.label_max_docs``
-units (texts from ``units``) and ``represent.label_max_tokens`` token states.
+the quality sums, ``neuron_stats`` and the labelling sample run on the driver (docs/represent.md). On Spark,
+encoding is a ``mapInPandas`` over ``embeddings`` with the fitted model broadcast once and loaded once per Python
+worker; with ``represent.encode=tokens_maxpool`` the token states are encoded the same way and max-pooled per unit
+(:func:`pool_token_codes`; units without sampled token states keep their document code). Labelling runs on the
+driver on a deterministic sample of at most ``represent.label_max_docs`` units (texts from ``units``) and
+``represent.label_max_tokens`` token states.
 """
 from __future__ import annotations
 
@@ -646,7 +648,8 @@ def main(ctx) -> dict:
         clock.lap("labels")
     summary = {"model_hash": model_hash, "kind": rep.kind, "n_units": n_units, "n_latents": n_latents,
                "model_uri": model_uri, "seconds": dict(clock.laps), "execution": choice.as_dict(),
-               "registered_version": int(info.registered_model_version) if getattr(info, "registered_model_version", None) else None,
+               "registered_version": (int(info.registered_model_version)
+                                      if getattr(info, "registered_model_version", None) else None),
                "encode": rc.encode, "units_document_code": int(metrics["units_document_code"]),
                **{k: metrics[k] for k in ("normalized_mse", "fraction_variance_explained", "dead_fraction", "mean_l0")}}
     return summary
