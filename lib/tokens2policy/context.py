@@ -624,8 +624,9 @@ class StageContext:
             mlflow.log_dict(timings, "timings.json")
             self.log_metrics({("seconds." + (f"{scope}." if scope else "") + step): s
                               for scope, laps in timings.items() for step, s in laps.items()})
-        for table, version in outputs.items():
-            mlflow.set_tag(f"output_version.{table}", "none" if version is None else str(version))
+        if outputs:  # one store call for all of them
+            mlflow.set_tags({f"output_version.{table}": "none" if version is None else str(version)
+                             for table, version in outputs.items()})
 
 
 def _tracked(stage, config: Config) -> bool:

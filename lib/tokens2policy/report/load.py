@@ -328,4 +328,7 @@ def _assignment_counts(df) -> pd.DataFrame:
                         "assign") if c in df.columns]
     if not keys:
         return pd.DataFrame({"n": [df.count()]})
-    return df.groupBy(*keys).count().orderBy(*keys).toPandas()
+    # one row per group, few groups: sorted here (Spark's ascending order, nulls first), not by a global sort, which
+    # samples its input in an extra Spark job
+    counts = df.groupBy(*keys).count().toPandas()
+    return counts.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
