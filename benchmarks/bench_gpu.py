@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as the stage's worke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # noqa: E402
 
@@ -158,19 +159,19 @@ def measure_embedding(prepared: str, device: str, n_docs: int) -> dict:
 
 def measure_sae(device: str, n_rows: int, epochs: int, demo: bool) -> list:
     """SAE training rows/s: the generic shape (384-d, expansion 8 → 3,072 latents, k = 32) and the demo's."""
+    from bench_represent import DEMO_SAE, demo_sae_rows  # this folder (put on sys.path above)
     from tokens2policy.represent.sae import SparseAutoencoder
 
+    # generic rows: correlated Gaussian 384-d vectors (planted_sparse's n x atoms draw does not scale to 10^6 rows)
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(384, 384)).astype(np.float32) / 20
     x = (rng.normal(size=(n_rows, 384)).astype(np.float32) @ basis).astype(np.float32)
-    cases = [("generic", x, dict(expansion=8, k=32, epochs=epochs, batch_size=4096))]
+    cases = [("generic", x, dict(expansion=8, k=32, epochs=epochs, batch_size=4096, seed=0))]
     if demo:
-        base = (rng.normal(size=(2225, 384)) @ rng.normal(size=(384, 384)) / 20).astype(np.float32)
-        cases.append(("demo", base[rng.integers(0, 2225, 20000)],
-                      dict(n_latents=128, k=8, epochs=20, batch_size=512, aux_k=64)))
+        cases.append(("demo", demo_sae_rows(), dict(DEMO_SAE)))
     out = []
     for name, data, params in cases:
-        sae = SparseAutoencoder(device=device, seed=0, lr=1e-3, **params)
+        sae = SparseAutoencoder(device=device, **params)
         t = time.perf_counter()
         sae.fit(data)
         _sync(device)

@@ -42,17 +42,26 @@ def case_train(n=20000, d=384, expansion=8, k=32, epochs=2, threads=None):
             "encode_rows_per_s": round(n / enc_s), **{k_: round(v, 4) for k_, v in m.items()}}
 
 
+# the demo's SAE settings (conf/local.yaml's represent section)
+DEMO_SAE = dict(n_latents=128, k=8, epochs=20, batch_size=512, seed=0, aux_k=64)
+
+
+def demo_sae_rows(seed=0):
+    """The demo's SAE training shape: 20,000 rows of 384 dims drawn from 2,225 distinct vectors (the articles)."""
+    rng = np.random.default_rng(seed)
+    base = (rng.normal(size=(2225, 384)) @ rng.normal(size=(384, 384)) / 20).astype(np.float32)
+    return base[rng.integers(0, 2225, 20000)]
+
+
 def case_demo_threads(threads):
-    """The demo's SAE training shape (20,000 x 384 rows of 2,225 distinct vectors, 128 latents, k = 8, 20 epochs,
-    batch 512) on each thread count (0: represent's default, num_threads=None), with the load average."""
+    """The demo's SAE training (:func:`demo_sae_rows`, :data:`DEMO_SAE`) on each thread count (0: represent's
+    default, num_threads=None), with the load average."""
     from tokens2policy.represent.sae import SAEParams, train_loop
 
-    rng = np.random.default_rng(0)
-    base = (rng.normal(size=(2225, 384)) @ rng.normal(size=(384, 384)) / 20).astype(np.float32)
-    x = base[rng.integers(0, 2225, 20000)]
+    x = demo_sae_rows()
     out = []
     for th in threads:
-        p = SAEParams(n_latents=128, k=8, epochs=20, batch_size=512, seed=0, aux_k=64, num_threads=th or None)
+        p = SAEParams(**DEMO_SAE, num_threads=th or None)
         load = os.getloadavg()[0]
         t = time.perf_counter()
         train_loop(x, p)
