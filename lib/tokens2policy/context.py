@@ -496,8 +496,8 @@ class StageContext:
         write, the commit; a ``replaceWhere`` overwrite also lists the table's files), so on a few cores two to
         four of them overlap (4 small tables, idle: created 3.0 s one after another vs 2.3 s this way, 12.1 vs
         6.8 s as ``replaceWhere`` overwrites; benchmarks/bench_delta_commits.py, docs/benchmarks.md). The first
-        table is written alone so that a stage killed "between two of its commits" (the fault injection above, and a real crash) still stops with one
-        table committed and the others not; the remaining writes run in threads that inherit this thread's
+        table is written alone so that a stage killed "between two of its commits" (the fault injection above, and
+        a real crash) still stops with one table committed and the others not; the remaining writes run in threads that inherit this thread's
         Spark local properties (job group, scheduler pool), and every one of them finishes before the first
         error, if any, is raised — no write is abandoned half-way by this method.
         """

@@ -29,7 +29,7 @@ from tokens2policy.config import Config
 from tokens2policy.context import Clock
 from tokens2policy.embed.models import ModelSpec, resolve_model
 from tokens2policy.embed.udf import make_embed_udf
-from tokens2policy.lakehouse import delta_table, read_table, sql_string_literal, table_exists, write_table
+from tokens2policy.lakehouse import delta_table, last_commit, read_table, sql_string_literal, table_exists, write_table
 from tokens2policy.lakehouse.schemas import table_spec
 from tokens2policy.progress import spark_progress
 from tokens2policy.tracking import tracking_uri
@@ -51,8 +51,7 @@ def _empty(spark: SparkSession, schema) -> DataFrame:
 
 
 def _rows_written(spark, cfg, name: str) -> int:
-    metrics = delta_table(spark, cfg, name).history(1).select("operationMetrics").first()[0] or {}
-    return int(metrics.get("numOutputRows", 0))
+    return int(last_commit(spark, cfg, name)[2].get("numOutputRows", 0))
 
 
 def _key_match(h: str) -> str:
@@ -190,7 +189,7 @@ def embed_units(spark: SparkSession, cfg: Config, spec: ModelSpec, units: DataFr
         )
         if n_changed:  # replace the changed units' rows and add the new ones in one MERGE commit
             _upsert(spark, cfg, "embeddings", emb_rows, h)
-            metrics = delta_table(spark, cfg, "embeddings").history(1).select("operationMetrics").first()[0]
+            metrics = last_commit(spark, cfg, "embeddings")[2]
             n_written = int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
         else:
             write_table(emb_rows, cfg, "embeddings", mode="append", partition_by=["experiment_id"])

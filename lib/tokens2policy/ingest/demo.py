@@ -242,12 +242,10 @@ def write_demo(spark, cfg: Config) -> Dict[str, int]:
     bad = broken_rows(demo, units, articles) if demo.bad_rows else []
     bad_schema = T.StructType(list(schema.fields) + [T.StructField("text", T.StringType())])
     bad_df = spark.createDataFrame([tuple(r[f.name] for f in bad_schema.fields) for r, _ in bad], bad_schema)
+    # the logs' columns in the order and types of log_schema() (the one place they are listed)
+    stamps = {"assigned_at": F.timestamp_seconds("assigned_ts"), "measured_at": F.timestamp_seconds("measured_ts")}
     logs = clean.unionByName(bad_df).select(
-        "experiment_id", "unit_id", "treatment", "engagement", "text", "tenure_days", "prior_sessions",
-        "community", "article_id",
-        F.timestamp_seconds("assigned_ts").alias("assigned_at"),
-        F.timestamp_seconds("measured_ts").alias("measured_at"),
-    )
+        *[stamps.get(f.name, F.col(f.name)).cast(f.dataType).alias(f.name) for f in log_schema().fields])
     write_table(logs, cfg, SOURCE_TABLE, mode="overwrite", overwrite_schema=True)
     truth = units[["experiment_id", "unit_id", "article_id", "topic", "treatment", "true_cate", "mu0"]]
     write_table(spark.createDataFrame(truth), cfg, TRUTH_TABLE, mode="overwrite", overwrite_schema=True)

@@ -13,7 +13,7 @@ Spark's backslash escapes, and the per-experiment predicates (:func:`experiment_
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -190,12 +190,19 @@ _CREATING_WRITES = ("WRITE", "CREATE TABLE AS SELECT", "CREATE OR REPLACE TABLE 
                     "REPLACE TABLE AS SELECT")
 
 
+def last_commit(spark: SparkSession, config: Config, name: str) -> Tuple[Optional[int], Optional[str], Dict[str, str]]:
+    """(version, operation, operationMetrics) of the table's latest Delta commit — what a write just committed
+    (``numOutputRows`` of a write, ``numTargetRowsInserted``/``Updated`` of a MERGE) without reading the data;
+    (None, None, {}) for a table without history."""
+    row = delta_table(spark, config, name).history(1).select("version", "operation", "operationMetrics").first()
+    return (None, None, {}) if row is None else (int(row[0]), row[1], dict(row[2] or {}))
+
+
 def _written_rows(spark: SparkSession, config: Config, name: str) -> int:
     """Rows in a table just created by one write: the first commit's ``numOutputRows``; a ``count()`` of the table
     when the latest commit is not that first write (a concurrent writer) or has no row count (metrics disabled)."""
-    last = delta_table(spark, config, name).history(1).select("version", "operation", "operationMetrics").first()
-    metrics = (last[2] or {}) if last is not None else {}
-    if last is not None and last[0] == 0 and last[1] in _CREATING_WRITES and "numOutputRows" in metrics:
+    version, operation, metrics = last_commit(spark, config, name)
+    if version == 0 and operation in _CREATING_WRITES and "numOutputRows" in metrics:
         return int(metrics["numOutputRows"])
     return read_table(spark, config, name).count()
 

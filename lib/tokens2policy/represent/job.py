@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from tokens2policy.config import Config, ConfigError
+from tokens2policy.lakehouse.schemas import table_spec
 
 from .baselines import load_representation, make_representation
 from .distributed import BackendUnavailableError, delta_source, horovod_available, train_distributed
@@ -389,7 +390,7 @@ def _labels_in_memory(spark, cfg: Config, rep, codes, x: np.ndarray, model_hash:
 
     from tokens2policy.lakehouse import read_table
 
-    keys = ["experiment_id", "unit_id"]
+    keys = list(KEYS)
     frac = _sample_fraction(len(codes), cfg.represent.label_max_docs)
     units = read_table(spark, cfg, "units")
     if cfg.represent.experiment_id:
@@ -454,7 +455,7 @@ def preflight(spark, cfg) -> None:
         require_gpu(spark, f"represent.use_gpu=true (backend {rc.backend})", "--set represent.use_gpu=false")
 
 
-KEYS = ("experiment_id", "unit_id")
+KEYS = table_spec("neurons").keys  # a unit: the key of the table this stage writes (lakehouse/schemas.py)
 
 
 def execution_choice(cfg: Config, n_vectors: int, dim: int):
